@@ -1,0 +1,10 @@
+"""Glass Brain kernels: Triton kernels, autograd Functions and their PyTorch references.
+
+Imports nothing else of ours. Every public name is importable from here
+(`from kernels import hebbian_attention`).
+"""
+from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
+                      hebbian_recurrent, hebbian_step)
+
+__all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
+           "hebbian_recurrent", "chunk_hebbian_torch"]

@@ -1,0 +1,72 @@
+"""Public entry points: `hebbian_attention` (training / prefill) and `hebbian_step` (decoding).
+
+Backends:
+  "auto"      Triton on CUDA, the chunked PyTorch path on the CPU.
+  "triton"    the Triton kernels; on the CPU only under TRITON_INTERPRET=1 (how CI tests them).
+  "torch"     the chunked PyTorch path (cuBLAS on a GPU).
+  "reference" the token-by-token recurrence (slow; an oracle).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference, torch_chunk
+from .validate import check_attention_inputs, check_step_inputs
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend: 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
+                         f"import to run on the CPU; got tensors on {device}")
+    return backend
+
+
+def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_state=None,
+                      output_final_state=False, chunk_size=None, backend="auto"):
+    """Causal Hebbian (linear) attention with a float32 state S ∈ R^{K×V} per batch and head.
+
+    strict:     o_t = scale · q_t S_{t-1},  S_t = γ S_{t-1} + k_tᵀ v_t   (BDH)
+    inclusive:  o_t = scale · q_t S_t
+
+    q, k [B,H,T,K]; v [B,H,T,V] or [B,1,T,V] (shared by all heads, never copied);
+    decay None or [H] in (0, 1]; initial_state None or [B,H,K,V] float32.
+    Returns (o [B,H,T,V] in v's dtype, S_final [B,H,K,V] float32 or None).
+    Differentiable in q, k, v and initial_state.
+    """
+    B, H, T, K, V = check_attention_inputs(q, k, v, decay, initial_state, chunk_size)
+    kind = _resolve_backend(backend, q.device)
+    if kind == "triton":
+        from .function import hebbian_attention_triton
+        o, S = hebbian_attention_triton(q, k, v, scale=scale, strict=strict, decay=decay,
+                                        initial_state=initial_state,
+                                        output_final_state=output_final_state,
+                                        chunk_size=chunk_size)
+        return o, S
+    if kind == "torch":
+        o, S = torch_chunk.chunk_hebbian_torch(q, k, v, scale=scale, strict=strict, decay=decay,
+                                               initial_state=initial_state,
+                                               chunk_size=chunk_size or 64)
+    else:
+        o, S = reference.hebbian_recurrent(q, k, v, scale=scale, strict=strict, decay=decay,
+                                           initial_state=initial_state)
+    return o, (S.float() if output_final_state else None)
+
+
+def hebbian_step(q, k, v, state, *, scale=1.0, strict=True, decay=None, backend="auto"):
+    """One decoding step. q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32, updated
+    in place (and returned). Returns (o [B,H,V] in v's dtype, state). Not differentiable: use
+    `hebbian_attention` for training."""
+    check_step_inputs(q, k, v, state, decay)
+    kind = _resolve_backend(backend, q.device)
+    if kind == "triton":
+        from .step import hebbian_step_triton
+        return hebbian_step_triton(q, k, v, state, scale=scale, strict=strict, decay=decay)
+    return torch_chunk.step_hebbian_torch(q, k, v, state, scale=scale, strict=strict, decay=decay)

@@ -1,0 +1,29 @@
+"""Glass Brain: recurrent linear-attention kernels and the models built on them."""
+from setuptools import setup
+
+setup(
+    name="glassbrain",
+    version="0.1.0",
+    description="Triton chunked recurrent linear-attention kernels (BDH Hebbian state, BSBR), "
+    "drop-in attention modules, and reproducible memory/sparsity experiments.",
+    python_requires=">=3.10",
+    # The design card fixes these top-level names. `kernels` is generic and could clash with
+    # another distribution that installs a module of the same name: see README.
+    packages=[
+        "kernels",
+        "kernels.hebbian",
+        "bdh",
+        "bsbr",
+        "baselines",
+        "experiments",
+    ],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "matplotlib",
+        "transformers>=4.40",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest>=7"]},
+)
