@@ -1,0 +1,140 @@
+"""GPT-2 baseline: `transformers.GPT2LMHeadModel` behind Glass Brain's model protocol.
+
+No pretrained weights can be downloaded here, so the model is built from a `GPT2Config`, randomly
+initialised (or trained by us), with a byte vocabulary. Sizes are matched to a target parameter
+count (usually BDH's) by `match_gpt2_config`.
+
+Protocol (the same as `bdh.BDH`):
+    logits, loss  = model(idx, targets=None)
+    logits, state = model(idx, state=None, return_state=True)   # state: the KV cache
+    model.generate(idx, max_new_tokens, temperature=1.0, top_k=None, generator=None)
+The state of a softmax transformer is its KV cache, and it grows with the context: `nbytes()`
+says by how much. GPT-2's learned position table (n_positions × n_embd) is also part of its cost:
+it must be at least as long as the longest context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def gpt2_config(n_layer: int, n_embd: int, n_head: int, *, vocab_size: int = 256,
+                n_positions: int = 1024, dropout: float = 0.1,
+                attn_implementation: str = "sdpa") -> GPT2Config:
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation: expected 'sdpa' or 'eager', "
+                         f"got {attn_implementation!r}")
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
+                      n_layer=n_layer, n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout,
+                      attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
+                      attn_implementation=attn_implementation)
+
+
+def gpt2_param_count(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
+    """Parameters of GPT2LMHeadModel (lm_head tied to wte): embeddings + 12d²+13d per block + final LN."""
+    d = n_embd
+    return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def match_gpt2_config(target_params: int, *, n_layer: int = 6, head_dim: int = 64,
+                      vocab_size: int = 256, n_positions: int = 1024, **kw) -> GPT2Config:
+    """The GPT-2 config with ``n_layer`` blocks whose width (a multiple of ``head_dim``) brings
+    its parameter count closest to ``target_params``."""
+    if target_params <= 0:
+        raise ValueError(f"target_params must be positive, got {target_params}")
+    best = min(range(head_dim, 64 * head_dim + 1, head_dim),
+               key=lambda d: abs(gpt2_param_count(n_layer, d, vocab_size, n_positions)
+                                 - target_params))
+    return gpt2_config(n_layer, best, best // head_dim, vocab_size=vocab_size,
+                       n_positions=n_positions, **kw)
+
+
+@dataclass
+class GPT2State:
+    """A GPT-2 stream's state: the transformers KV cache and the number of tokens consumed."""
+    cache: object = None
+    position: int = 0
+
+    def nbytes(self) -> int:
+        if self.cache is None:
+            return 0
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class GPT2LM(nn.Module):
+    """`GPT2LMHeadModel` speaking the streaming protocol. ``targets`` are already shifted (the
+    token after each input), as in `bdh.BDH`; the loss is plain cross-entropy over them."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.hf = GPT2LMHeadModel(config)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_idx(self, idx, position: int) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise TypeError(f"idx: expected a 2-D torch.long tensor [B,T], got "
+                            f"{getattr(idx, 'dtype', type(idx).__name__)} "
+                            f"{list(getattr(idx, 'shape', []))}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise ValueError(f"idx: token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        end = position + idx.shape[1]
+        if end > self.config.n_positions:
+            raise ValueError(f"idx: context of {end} tokens exceeds n_positions = "
+                             f"{self.config.n_positions} (GPT-2's position table)")
+
+    def forward(self, idx, targets=None, state: GPT2State | None = None, return_state=False):
+        position = 0 if state is None else state.position
+        self._check_idx(idx, position)
+        if return_state:
+            out = self.hf(input_ids=idx, past_key_values=None if state is None else state.cache,
+                          use_cache=True)
+            return out.logits, GPT2State(out.past_key_values, position + idx.shape[1])
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                   targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 generator: torch.Generator | None = None):
+        """Prompt + ``max_new_tokens`` sampled tokens, decoding through the KV cache."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits, state = self(idx, return_state=True)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+            out.append(nxt)
+            logits, state = self(nxt, state=state, return_state=True)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k, generator=None) -> torch.Tensor:
+    """One token per row from the last-position logits [B, vocab]; top_k=1 is greedy."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+        if top_k == 1:
+            return logits.argmax(dim=-1, keepdim=True)
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
