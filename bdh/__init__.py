@@ -1,0 +1,16 @@
+"""BDH ("Dragon Hatchling"): config, model, drop-in attention module, streaming state, probes.
+
+    from bdh import BDH, BDHConfig
+    model = BDH(BDHConfig())                             # the official architecture
+    logits, loss = model(idx, targets)
+    logits, state = model(idx, state=state, return_state=True)
+    out = model.generate(idx, 100, top_k=1)
+"""
+from .attention import BDHAttention
+from .config import BDHConfig
+from .model import BDH
+from .probes import SparsityProbe
+from .state import BDHState, load_state, save_state
+
+__all__ = ["BDHConfig", "BDH", "BDHAttention", "BDHState", "save_state", "load_state",
+           "SparsityProbe"]

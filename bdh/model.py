@@ -1,0 +1,263 @@
+"""BDH ("Dragon Hatchling"), the official pathwaycom/bdh architecture on Glass Brain's kernels.
+
+    x  = LN(embed(idx))                                  [B,1,T,D]   LN: no affine, no bias
+    repeat n_layer times, one shared weight set:
+      xs = relu(x @ encoder)                             [B,nh,T,N]
+      a  = hebbian(RoPE(xs), RoPE(xs), v = x, strict)    [B,nh,T,D]
+      ys = relu(LN(a) @ encoder_v)                       [B,nh,T,N]
+      xy = dropout(xs * ys)
+      x  = LN(x + LN(xy as [B,1,T,nh·N] @ decoder))      neuron h·N + n is row h·N + n of decoder
+    logits = x @ lm_head
+
+Parameter and buffer names/shapes equal the official ones, so an official state_dict loads as
+is. Differences from the official code, none of which changes the function:
+  * attention runs through `kernels.hebbian_attention` (chunked, O(T)) instead of a dense T×T
+    score matrix, and decoding through `kernels.hebbian_step`;
+  * RoPE phases are exact at any position (see `bdh.rope`), and positions continue across calls
+    when a state is passed (streaming);
+  * the decoder product is taken per head and summed (xy @ decoder.view(nh,N,D)), which avoids
+    copying xy into the [B,T,nh·N] layout;
+  * `generate` prefills once and then decodes from the state; it never re-runs the prefix.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import HebbianRoPE
+from .config import BDHConfig
+from .state import BDHState
+
+PREFILL_CHUNK = 4096   # generate() consumes a long prompt in pieces of this many tokens
+
+
+def check_token_ids(idx, vocab_size: int, name: str = "idx") -> torch.Tensor:
+    """Validate a [B,T] tensor of token ids (int64 or int32, in [0, vocab)); returns int64."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids [B,T], "
+                        f"got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected token ids of dtype torch.long (int64), got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{name}: expected 2 dims [B,T], got shape {list(idx.shape)}")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"{name}: expected B >= 1 and T >= 1, got shape {list(idx.shape)}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
+                         f"got values in [{lo}, {hi}]")
+    return idx.long()
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits [B,V] → [B,1]. top_k=1 is greedy (argmax, no randomness)."""
+    if top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class BDH(nn.Module):
+    def __init__(self, config: BDHConfig):
+        super().__init__()
+        if not isinstance(config, BDHConfig):
+            raise TypeError(f"config: expected a BDHConfig, got {type(config).__name__}")
+        self.config = config
+        nh, D, N = config.n_head, config.n_embd, config.N
+        self.decoder = nn.Parameter(torch.zeros((nh * N, D)).normal_(std=0.02))
+        self.encoder = nn.Parameter(torch.zeros((nh, D, N)).normal_(std=0.02))
+        self.attn = HebbianRoPE(N)
+        self.ln = nn.LayerNorm(D, elementwise_affine=False, bias=False)
+        self.embed = nn.Embedding(config.vocab_size, D)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=0.02)
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder_v = nn.Parameter(torch.zeros((nh, D, N)).normal_(std=0.02))
+        self.lm_head = nn.Parameter(torch.zeros((D, config.vocab_size)).normal_(std=0.02))
+        # Hook point for bdh.probes.SparsityProbe: when set, each layer hands it xs, ys, xy.
+        self._probe = None
+
+    # ----------------------------------------------------------------- state
+
+    def state_config(self) -> dict:
+        return {"model": "BDH", **self.config.shape_dict()}
+
+    def init_state(self, batch_size: int, device=None) -> BDHState:
+        """An empty history: zeros [B, nh, N, D] float32 per layer, position 0."""
+        C = self.config
+        device = self.encoder.device if device is None else device
+        return BDHState.zeros(C.n_layer, batch_size, C.n_head, C.N, C.n_embd, device=device,
+                              config=self.state_config())
+
+    def check_state(self, state, batch_size: int | None = None) -> None:
+        """Raise a clear error unless ``state`` was made by a model of this configuration (and
+        has ``batch_size`` rows, when given) and lives on this model's device."""
+        if not isinstance(state, BDHState):
+            raise TypeError(f"state: expected a BDHState or None, got {type(state).__name__}")
+        C = self.config
+        state.check(self.state_config(), C.n_layer, (batch_size, C.n_head, C.N, C.n_embd),
+                    self.encoder.device, owner="BDH model")
+
+    # ----------------------------------------------------------------- forward
+
+    def _layer(self, x, S, position: int, step: bool, want_state: bool, layer: int):
+        """One BDH layer. x [B,1,T,D]; S None or [B,nh,N,D]. Returns (x, S_final or None)."""
+        C = self.config
+        B, _, T, D = x.shape
+        xs = (x @ self.encoder).relu_()                                  # [B,nh,T,N]
+        a, S = self.attn(xs, x, position=position, state=S, output_final_state=want_state,
+                         step=step, backend=C.backend, chunk_size=C.chunk_size)
+        ys = (self.ln(a) @ self.encoder_v).relu_()                       # [B,nh,T,N]
+        xy = xs * ys
+        if self._probe is not None:
+            self._probe._record(layer, xs, ys, xy)
+        xy = self.drop(xy)
+        # Σ_h xy_h @ decoder_h  ==  xy.transpose(1,2).reshape(B,1,T,nh·N) @ decoder
+        y = (xy @ self.decoder.view(C.n_head, C.N, D)).sum(dim=1, keepdim=True)   # [B,1,T,D]
+        x = self.ln(x + self.ln(y))
+        return x, S
+
+    def _run(self, idx, states, position: int, want_state: bool, inplace: bool,
+             last_only: bool = False):
+        """The layer stack on validated ids. states: None or a list of [B,nh,N,D] float32.
+        inplace: the decoding step may update ``states`` in place (only generate, which owns
+        them). Returns (logits, list of final states or None)."""
+        C = self.config
+        B, T = idx.shape
+        x = self.ln(self.embed(idx).unsqueeze(1))                        # [B,1,T,D]
+        step = T == 1 and states is not None and not torch.is_grad_enabled()
+        ckpt = (C.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                and self._probe is None)
+        new_states = []
+        for layer in range(C.n_layer):
+            S = None if states is None else states[layer]
+            if step and not inplace:
+                S = S.clone()
+            if ckpt:
+                x, S = checkpoint(self._layer, x, S, position, step, want_state, layer,
+                                  use_reentrant=False)
+            else:
+                x, S = self._layer(x, S, position, step, want_state, layer)
+            new_states.append(S)
+        if last_only:
+            x = x[:, :, -1:]
+        logits = x.view(B, x.shape[2], C.n_embd) @ self.lm_head
+        return logits, (new_states if want_state else None)
+
+    def forward(self, idx, targets=None, *, state: BDHState | None = None,
+                return_state: bool = False):
+        """idx [B,T] token ids.
+
+        `logits, loss = model(idx, targets=None)` as the official model (loss None without
+        targets). With `state=` the sequence continues from that state (RoPE positions from
+        `state.position`); `return_state=True` returns `(logits, state)` instead, or
+        `(logits, loss, state)` when targets are given too. The state passed in is not
+        modified. T == 1 under `torch.no_grad()` uses the decoding kernel `hebbian_step`.
+        """
+        C = self.config
+        idx = check_token_ids(idx, C.vocab_size)
+        B, T = idx.shape
+        states, position = None, 0
+        if state is not None:
+            self.check_state(state, B)
+            states, position = state.layers, state.position
+        elif return_state and T == 1:
+            states = self.init_state(B).layers
+        logits, new_states = self._run(idx, states, position, return_state, inplace=False)
+        loss = None
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
+                raise ValueError(f"targets: expected a tensor of shape [B,T] = [{B}, {T}], "
+                                 f"got {getattr(targets, 'shape', type(targets).__name__)}")
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if not return_state:
+            return logits, loss
+        new_state = BDHState(new_states, position + T, self.state_config())
+        return (logits, new_state) if targets is None else (logits, loss, new_state)
+
+    # ----------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None, *,
+                 seed: int | None = None, state: BDHState | None = None,
+                 return_state: bool = False, prefill_chunk: int = PREFILL_CHUNK):
+        """Returns idx followed by ``max_new_tokens`` sampled tokens, [B, T0 + max_new_tokens].
+
+        The prompt is consumed once by the chunked kernel (in pieces of ``prefill_chunk``
+        tokens), then each new token is decoded from the fixed-size state (`hebbian_step`):
+        the prefix is never re-run and memory does not grow with the tokens generated.
+        top_k=1 is greedy. ``generator`` (or ``seed``) makes sampling reproducible.
+
+        Continuing: with `state=`, idx holds the tokens that follow the state. With
+        `return_state=True` it returns `(tokens, state)`, where the state has consumed every
+        returned token but the last, so `model.generate(tokens[:, -1:], n, state=state)`
+        continues the same sequence (also after `save_state` / `load_state` in a new process).
+        The model's train/eval mode is left as it is (call `model.eval()` to turn off dropout).
+        """
+        C = self.config
+        idx = check_token_ids(idx, C.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not temperature > 0:
+            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
+                or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: expected an int >= 1, got {prefill_chunk!r}")
+        device = self.encoder.device
+        if idx.device != device:
+            raise ValueError(f"idx: expected device {device} (the model's), got {idx.device}")
+        if generator is not None and seed is not None:
+            raise ValueError("generator, seed: pass at most one of them")
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        if generator is not None and top_k != 1 and generator.device.type != device.type:
+            raise ValueError(f"generator: expected a torch.Generator on {device.type} (the "
+                             f"model's device), got one on {generator.device}")
+
+        B, T0 = idx.shape
+        if state is None:
+            st = self.init_state(B)
+        else:
+            self.check_state(state, B)
+            st = state.clone()        # decoding updates it in place; the caller's stays intact
+        states, position = st.layers, st.position
+
+        def consume(tokens):
+            nonlocal states, position
+            logits = None
+            for s in range(0, tokens.shape[1], prefill_chunk):
+                piece = tokens[:, s:s + prefill_chunk]
+                logits, states = self._run(piece, states, position, want_state=True,
+                                           inplace=True, last_only=True)
+                position += piece.shape[1]
+            return logits
+
+        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
+        out[:, :T0] = idx
+        if max_new_tokens == 0:
+            if return_state and T0 > 1:
+                consume(idx[:, :-1])
+        else:
+            logits = consume(idx)
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+                out[:, T0 + i:T0 + i + 1] = nxt
+                if i + 1 < max_new_tokens:
+                    logits, states = self._run(nxt, states, position, want_state=True,
+                                               inplace=True, last_only=True)
+                    position += 1
+        if not return_state:
+            return out
+        return out, BDHState(states, position, self.state_config())
