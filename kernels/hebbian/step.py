@@ -1,0 +1,86 @@
+"""One decoding step of Hebbian attention in Triton, the state updated in place (float32).
+
+    strict (BDH):  o = scale · q S        then  S ← γ S + kᵀ v
+    inclusive:     S ← γ S + kᵀ v        then  o = scale · q S
+
+The step is bound by memory: it must read and write the whole float32 state (B·H·K·V·8 bytes)
+and does 4 flops per element. The grid tiles the state in [BK, BV] blocks across the whole chip
+(grid (cdiv(K, BK), cdiv(V, BV), B·H)); each program reads its tile once, writes it once, and
+leaves its share of q S (a [BV] partial sum over its BK rows) in a float32 buffer that a
+second, tiny kernel sums over the K tiles, scales and casts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk import INTERPRET
+
+
+@triton.jit
+def fused_recurrent_hebbian_step_kernel(q, k, v, state, part, log2g, scale, H, HV, K, V,
+                                        BK: tl.constexpr, BV: tl.constexpr,
+                                        HAS_DECAY: tl.constexpr, STRICT: tl.constexpr):
+    i_k, i_v = tl.program_id(0), tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = state + i_bh * K * V + (o_k[:, None] * V + o_v[None, :])
+    b_s = tl.load(p_s, mask=m_kv, other=0.)
+    b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_v = tl.load(v + (i_b * HV + i_h % HV) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    if STRICT:
+        b_o = tl.sum(b_q[:, None] * b_s, axis=0)
+    if HAS_DECAY:
+        b_s *= tl.exp2(tl.load(log2g + i_h).to(tl.float32))
+    b_s += b_k[:, None] * b_v[None, :]
+    if not STRICT:
+        b_o = tl.sum(b_q[:, None] * b_s, axis=0)
+    tl.store(p_s, b_s, mask=m_kv)
+    n_k = tl.num_programs(0)
+    tl.store(part + (i_bh * n_k + i_k) * V + o_v, b_o, mask=m_v)
+
+
+@triton.jit
+def fused_recurrent_hebbian_reduce_kernel(part, o, NK, V, BV: tl.constexpr):
+    """o[bh, v] = Σ_k part[bh, k, v], cast to o's dtype. grid (cdiv(V, BV), B·H)."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_o = tl.zeros([BV], dtype=tl.float32)
+    for i_k in range(NK):
+        b_o += tl.load(part + (i_bh * NK + i_k) * V + o_v, mask=m_v, other=0.)
+    tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
+    """q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32 (validated by the caller),
+    updated in place. Returns (o [B,H,V] in v's dtype, state)."""
+    B, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    if not state.is_contiguous():
+        raise ValueError("state: expected a contiguous tensor (it is updated in place), got "
+                         f"strides {tuple(state.stride())}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    log2g = None if decay is None else torch.log2(decay.float()).contiguous()
+    # 64×128 float32 tiles (32 KiB): enough programs to fill the chip at the BDH state
+    # (B1 H4 K8192 V256 → 1024 programs), 16-byte loads along V; 8 warps: 4 warps need 255
+    # registers and spill (cuobjdump on the sm_90 cubin).
+    BV = max(16, min(128, triton.next_power_of_2(V)))
+    BK = max(16, min(64 if not INTERPRET else 32, triton.next_power_of_2(K)))
+    n_k = triton.cdiv(K, BK)
+    part = torch.empty(B * H, n_k, V, dtype=torch.float32, device=q.device)
+    fused_recurrent_hebbian_step_kernel[(n_k, triton.cdiv(V, BV), B * H)](
+        q, k, v, state, part, log2g if log2g is not None else q, float(scale), H, HV, K, V,
+        BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=bool(strict), num_warps=8)
+    o = torch.empty(B, H, V, dtype=v.dtype, device=q.device)
+    RB = max(16, min(1024, triton.next_power_of_2(V)))
+    fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), B * H)](part, o, n_k, V, BV=RB,
+                                                                      num_warps=4)
+    return o, state
