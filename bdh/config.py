@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION_BACKENDS = ("auto", "triton", "torch", "reference")
+from kernels import BACKENDS as ATTENTION_BACKENDS   # one list of backends for both
 
 # The fields that fix the shapes of the weights and of the streaming state. A state or a
 # checkpoint is compatible with a model exactly when these agree.

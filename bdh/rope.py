@@ -84,15 +84,24 @@ def _rotate(x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
     return out
 
 
+def _rotate_any(x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+    """The Triton pass on CUDA (one read, one write: `bdh.rope_kernel`), else `_rotate`."""
+    if x.is_cuda and x.dtype != torch.float64:
+        from .rope_kernel import rope_rotate_triton
+        return rope_rotate_triton(x, start, inverse, pair_freqs64(x.shape[-1] // 2 * 2,
+                                                                  x.device))
+    return _rotate(x, start, inverse)
+
+
 class _RotateNeurons(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, start):
         ctx.start = start
-        return _rotate(x, start, inverse=False)
+        return _rotate_any(x, start, inverse=False)
 
     @staticmethod
     def backward(ctx, grad):
-        return _rotate(grad.contiguous(), ctx.start, inverse=True), None
+        return _rotate_any(grad.contiguous(), ctx.start, inverse=True), None
 
 
 def rotate_neurons(x: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -81,6 +81,12 @@ def bench(fn, rep_ms, grad_to_none=None):
                                    grad_to_none=grad_to_none, return_mode="median")
 
 
+def bench_graph(fn, rep_ms):
+    """Median ms of ``fn`` captured once in a CUDA graph and replayed (no launch overhead)."""
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
 def load_fla():
     try:
         from fla.ops.linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
@@ -193,7 +199,14 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     err_dec = max(rel_err(o1, o1_t), rel_err(st, st_ref))
     ms = bench(lambda: hebbian_step(q1, k1, v1, st, scale=scale, strict=False,
                                     backend="triton"), rep_ms)
-    rows.append(row(s, "decode", "ours", ms, state_bytes=sb, err=err_dec))
+    rows.append(row(s, "decode", "ours", ms, state_bytes=sb, err=err_dec,
+                    note="per call: Python + 2 launches"))
+    # The same step replayed from a CUDA graph: the GPU time of the kernels without the host's
+    # launch overhead (what a graph-captured decode loop pays).
+    ms = bench_graph(lambda: hebbian_step(q1, k1, v1, st, scale=scale, strict=False,
+                                          backend="triton"), rep_ms)
+    rows.append(row(s, "decode", "ours (CUDA graph)", ms, state_bytes=sb, err=err_dec,
+                    note="graph replay"))
     ms = bench(lambda: step_hebbian_torch(q1, k1, v1, st_ref, scale=scale, strict=False), rep_ms)
     rows.append(row(s, "decode", "torch", ms, state_bytes=sb, err=0.0))
     if fla is not None:
@@ -210,6 +223,10 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
                                      output_final_state=True, normalize=False), rep_ms)
         rows.append(row(s, "decode", "fla fused_recurrent_linear_attn", ms, state_bytes=sb,
                         err=err_fd, note="writes a new state"))
+        ms = bench_graph(lambda: fused_rec(qd, kd, vd, scale=scale, initial_state=S_in,
+                                           output_final_state=True, normalize=False), rep_ms)
+        rows.append(row(s, "decode", "fla fused_recurrent (CUDA graph)", ms, state_bytes=sb,
+                        err=err_fd, note="graph replay"))
     add_ratios(rows)
     print(markdown_table(rows, ["pass", "impl", "ms", "TFLOP/s", "GB/s", "peer/ours",
                                 "err vs torch"]), flush=True)

@@ -4,6 +4,8 @@ Backends:
   "auto"      Triton on CUDA, the chunked PyTorch path on the CPU.
   "triton"    the Triton kernels; on the CPU only under TRITON_INTERPRET=1 (how CI tests them).
   "torch"     the chunked PyTorch path (cuBLAS on a GPU).
+  "dense"     the masked quadratic form on cuBLAS: O(T²) but fast while T is small next to K
+              (BDH training at T = 512); holds a [B,H,T,T] score matrix.
   "reference" the token-by-token recurrence (slow; an oracle).
 """
 from __future__ import annotations
@@ -12,10 +14,10 @@ import os
 
 import torch
 
-from . import reference, torch_chunk
+from . import dense, reference, torch_chunk
 from .validate import check_attention_inputs, check_step_inputs
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "torch", "dense", "reference")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,6 +52,10 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
                                         output_final_state=output_final_state,
                                         chunk_size=chunk_size)
         return o, S
+    if kind == "dense":
+        return dense.dense_hebbian(q, k, v, scale=scale, strict=strict, decay=decay,
+                                   initial_state=initial_state,
+                                   output_final_state=output_final_state)
     if kind == "torch":
         o, S = torch_chunk.chunk_hebbian_torch(q, k, v, scale=scale, strict=strict, decay=decay,
                                                initial_state=initial_state,
@@ -63,7 +69,8 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
 def hebbian_step(q, k, v, state, *, scale=1.0, strict=True, decay=None, backend="auto"):
     """One decoding step. q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32, updated
     in place (and returned). Returns (o [B,H,V] in v's dtype, state). Not differentiable: use
-    `hebbian_attention` for training."""
+    `hebbian_attention` for training. "triton" (and "auto" on CUDA) runs the Triton step; every
+    other backend runs the same PyTorch step (one token has no chunked or dense form)."""
     check_step_inputs(q, k, v, state, decay)
     kind = _resolve_backend(backend, q.device)
     if kind == "triton":

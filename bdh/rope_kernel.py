@@ -1,0 +1,67 @@
+"""RoPE on the neuron axis as one Triton pass: read x once, write the rotation once.
+
+The readable reference is `bdh.rope._rotate` (PyTorch, row blocks); this kernel computes the
+same function. Each program owns a block of BT positions × BP neuron pairs: it forms the exact
+phases of that block once — t·f_j in float64 (t < 2^53 is exact), reduced mod 1, then cast to
+float32 and scaled by 2π, so the angle is good to ~1e-6 rad at any position — and reuses the
+cos/sin tile for every batch·head row that shares those positions. No cos/sin table is
+materialised in memory and no float32 copy of a bf16 input is made.
+
+inverse=True rotates by −φ: the transpose of the rotation, i.e. its gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+TWO_PI = 2 * math.pi
+
+
+@triton.jit
+def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
+                       BT: tl.constexpr, BP: tl.constexpr):
+    i_t, i_p = tl.program_id(0), tl.program_id(1)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m_t, m_p = o_t < T, o_p < NP
+    m = m_t[:, None] & m_p[None, :]
+    # Exact phase: (start + t)·f in float64, reduced mod 1 before the cast to float32.
+    b_f = tl.load(freqs + o_p, mask=m_p, other=0.)                         # float64 [BP]
+    b_pos = (start + o_t).to(tl.float64)
+    b_cyc = b_pos[:, None] * b_f[None, :]
+    b_frac = (b_cyc - b_cyc.to(tl.int64).to(tl.float64)).to(tl.float32)
+    b_ang = b_frac * 6.283185307179586
+    b_c = tl.cos(b_ang)
+    b_s = tl.sin(b_ang) * sign
+    # Pair j of row t sits at columns 2j, 2j+1: address the even and odd members directly.
+    o_e = o_t[:, None].to(tl.int64) * (2 * NP) + 2 * o_p[None, :]
+    # Walk the batch·head rows by advancing the pointers (64-bit), so no index overflows.
+    p_x, p_out = x + o_e, out + o_e
+    for _ in range(BH):
+        b_xe = tl.load(p_x, mask=m, other=0.).to(tl.float32)
+        b_xo = tl.load(p_x + 1, mask=m, other=0.).to(tl.float32)
+        tl.store(p_out, (b_xe * b_c - b_xo * b_s).to(out.dtype.element_ty), mask=m)
+        tl.store(p_out + 1, (b_xo * b_c + b_xe * b_s).to(out.dtype.element_ty), mask=m)
+        p_x += stride_bh
+        p_out += stride_bh
+
+
+def rope_rotate_triton(x: torch.Tensor, start: int, inverse: bool, freqs64: torch.Tensor):
+    """Rotate x [..., T, N] (contiguous) by the angles of positions start…; ``freqs64`` [N/2]
+    float64 pair frequencies on x's device. Returns a new tensor in x's dtype."""
+    x = x.contiguous()
+    T, N = x.shape[-2], x.shape[-1]
+    BH = x.numel() // max(1, T * N)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    NP = N // 2
+    BT = 16
+    BP = min(128, triton.next_power_of_2(NP))
+    grid = (triton.cdiv(T, BT), triton.cdiv(NP, BP))
+    rope_rotate_kernel[grid](x, out, freqs64, int(start), BH, T, NP, T * N,
+                             -1.0 if inverse else 1.0, BT=BT, BP=BP, num_warps=4)
+    return out

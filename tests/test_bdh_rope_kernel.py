@@ -1,0 +1,30 @@
+"""The Triton RoPE pass (bdh.rope_kernel) against the PyTorch rotation (bdh.rope._rotate).
+
+Runs under TRITON_INTERPRET=1 on the CPU (set by conftest), on the GPU where there is one."""
+import pytest
+import torch
+
+from bdh.rope import _rotate, pair_freqs64
+from bdh.rope_kernel import rope_rotate_triton
+from helpers import assert_rel_close
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("start", [0, 5, 1_000_003])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_triton_rope_matches_reference(kernel_device, poison_empty, dtype, tol, start, inverse):
+    B, nh, T, N = 2, 3, 37, 72                     # T, N/2 not multiples of the tiles
+    x = torch.randn(B, nh, T, N, device=kernel_device).to(dtype)
+    out = rope_rotate_triton(x, start, inverse, pair_freqs64(N, x.device))
+    ref = _rotate(x.double(), start, inverse)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_rel_close(out, ref, tol, "rotated")
+
+
+def test_triton_rope_inverse_undoes_rotation(kernel_device):
+    x = torch.randn(1, 2, 19, 40, device=kernel_device)
+    f = pair_freqs64(40, x.device)
+    back = rope_rotate_triton(rope_rotate_triton(x, 123, False, f), 123, True, f)
+    assert_rel_close(back, x, 1e-5, "inverse∘rotate")
+    # and the rotation is not the identity
+    assert (rope_rotate_triton(x, 123, False, f) - x).abs().max() > 0.1
