@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import hebbian_attention, hebbian_step
 
@@ -43,21 +44,32 @@ class HebbianRoPE(nn.Module):
         return rotate_neurons(xs, position)
 
     def forward(self, xs, v, *, position: int = 0, state=None, output_final_state=False,
-                step=False, backend="auto", chunk_size=None):
+                step=False, backend="auto", chunk_size=None, dense_max_tokens=1024,
+                recompute=False):
         """xs [B,nh,T,N], v [B,1,T,D]; state None or [B,nh,N,D] float32.
 
         step=True (T == 1, a state, no autograd) runs `hebbian_step`, which updates ``state``
         in place: callers that must keep their state pass a clone.
         Returns (a [B,nh,T,D] in xs's dtype, final state or None)."""
-        qk = self.rotate(xs, position)
-        v = v.to(qk.dtype)
         if step:
+            qk = self.rotate(xs, position)
+            v = v.to(qk.dtype)
             o, S = hebbian_step(qk[:, :, 0], qk[:, :, 0], v[:, :, 0], state, strict=True,
                                 backend=backend)
             return o.unsqueeze(2), S
-        return hebbian_attention(qk, qk, v, scale=1.0, strict=True, initial_state=state,
-                                 output_final_state=output_final_state, chunk_size=chunk_size,
-                                 backend=backend)
+        if backend == "auto" and xs.is_cuda:
+            backend = "dense" if xs.shape[2] <= dense_max_tokens else "triton"
+
+        def attend(xs, v, state):
+            qk = self.rotate(xs, position)
+            return hebbian_attention(qk, qk, v.to(qk.dtype), scale=1.0, strict=True,
+                                     initial_state=state, output_final_state=output_final_state,
+                                     chunk_size=chunk_size, backend=backend)
+
+        if recompute and torch.is_grad_enabled():
+            # Keep only xs (needed anyway for xy): RoPE and attention run again in the backward.
+            return checkpoint(attend, xs, v, state, use_reentrant=False)
+        return attend(xs, v, state)
 
 
 class BDHAttention(nn.Module):

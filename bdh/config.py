@@ -23,8 +23,15 @@ class BDHConfig:
     """Sizes of a BDH model. Defaults are the official ones (25.3M parameters).
 
     N = mlp_internal_dim_multiplier · n_embd / n_head neurons per head (8192 by default).
-    backend / chunk_size pick the Hebbian attention kernel (see `kernels.hebbian_attention`);
-    gradient_checkpointing recomputes each layer in the backward pass (training only).
+    backend / chunk_size pick the Hebbian attention kernel (see `kernels.hebbian_attention`).
+    "auto" is BDH's own policy: on CUDA the dense cuBLAS form for pieces of at most
+    `dense_max_tokens` tokens (training at T = 512: the chunked kernel must pass B·H per-chunk
+    states of K·V each, 537 MB per chunk at B32, and measured slower and 1.8× the memory), the
+    Triton chunked kernel for longer pieces, `hebbian_step` for single tokens; on the CPU the
+    chunked PyTorch path.
+    recompute_attention (training only): save xs and recompute RoPE + attention in the backward
+    instead of keeping the rotated copy (one [B,nh,T,N] tensor per layer less).
+    gradient_checkpointing recomputes each whole layer in the backward pass (training only).
     """
     n_layer: int = 6
     n_embd: int = 256
@@ -35,6 +42,8 @@ class BDHConfig:
     backend: str = "auto"
     chunk_size: int | None = None
     gradient_checkpointing: bool = False
+    recompute_attention: bool = False
+    dense_max_tokens: int = 1024
 
     def __post_init__(self):
         _check_int("n_layer", self.n_layer, 1)
@@ -57,6 +66,10 @@ class BDHConfig:
         if not isinstance(self.gradient_checkpointing, bool):
             raise TypeError(f"BDHConfig.gradient_checkpointing: expected a bool, "
                             f"got {self.gradient_checkpointing!r}")
+        if not isinstance(self.recompute_attention, bool):
+            raise TypeError(f"BDHConfig.recompute_attention: expected a bool, "
+                            f"got {self.recompute_attention!r}")
+        _check_int("dense_max_tokens", self.dense_max_tokens, 0)
         total = self.mlp_internal_dim_multiplier * self.n_embd
         if total % self.n_head:
             raise ValueError(f"BDHConfig: mlp_internal_dim_multiplier * n_embd = {total} must be "

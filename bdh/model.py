@@ -44,6 +44,8 @@ def check_token_ids(idx, vocab_size: int, name: str = "idx") -> torch.Tensor:
         raise ValueError(f"{name}: expected 2 dims [B,T], got shape {list(idx.shape)}")
     if idx.shape[0] == 0 or idx.shape[1] == 0:
         raise ValueError(f"{name}: expected B >= 1 and T >= 1, got shape {list(idx.shape)}")
+    if torch.compiler.is_compiling():
+        return idx.long()     # the range check syncs with the device: eager calls only
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
@@ -112,7 +114,9 @@ class BDH(nn.Module):
         B, _, T, D = x.shape
         xs = (x @ self.encoder).relu_()                                  # [B,nh,T,N]
         a, S = self.attn(xs, x, position=position, state=S, output_final_state=want_state,
-                         step=step, backend=C.backend, chunk_size=C.chunk_size)
+                         step=step, backend=C.backend, chunk_size=C.chunk_size,
+                         dense_max_tokens=C.dense_max_tokens,
+                         recompute=C.recompute_attention and self.training)
         ys = (self.ln(a) @ self.encoder_v).relu_()                       # [B,nh,T,N]
         xy = xs * ys
         if self._probe is not None:

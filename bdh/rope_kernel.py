@@ -22,12 +22,11 @@ TWO_PI = 2 * math.pi
 
 @triton.jit
 def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
-                       BT: tl.constexpr, BP: tl.constexpr):
-    i_t, i_p = tl.program_id(0), tl.program_id(1)
+                       BT: tl.constexpr, BP: tl.constexpr, G: tl.constexpr):
+    i_t, i_p, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
     o_p = i_p * BP + tl.arange(0, BP)
     m_t, m_p = o_t < T, o_p < NP
-    m = m_t[:, None] & m_p[None, :]
     # Exact phase: (start + t)·f in float64, reduced mod 1 before the cast to float32.
     b_f = tl.load(freqs + o_p, mask=m_p, other=0.)                         # float64 [BP]
     b_pos = (start + o_t).to(tl.float64)
@@ -36,15 +35,21 @@ def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
     b_ang = b_frac * 6.283185307179586
     b_c = tl.cos(b_ang)
     b_s = tl.sin(b_ang) * sign
-    # Pair j of row t sits at columns 2j, 2j+1: address the even and odd members directly.
-    o_e = o_t[:, None].to(tl.int64) * (2 * NP) + 2 * o_p[None, :]
-    # Walk the batch·head rows by advancing the pointers (64-bit), so no index overflows.
-    p_x, p_out = x + o_e, out + o_e
-    for _ in range(BH):
-        b_xe = tl.load(p_x, mask=m, other=0.).to(tl.float32)
-        b_xo = tl.load(p_x + 1, mask=m, other=0.).to(tl.float32)
-        tl.store(p_out, (b_xe * b_c - b_xo * b_s).to(out.dtype.element_ty), mask=m)
-        tl.store(p_out + 1, (b_xo * b_c + b_xe * b_s).to(out.dtype.element_ty), mask=m)
+    # The tile is the contiguous [BT, 2·BP] block of columns 2j, 2j+1 (wide vector loads);
+    # split into the even and odd members of each pair, rotate, and join back.
+    o_n = i_p * (2 * BP) + tl.arange(0, 2 * BP)
+    m = m_t[:, None] & (o_n < 2 * NP)[None, :]
+    o_x = o_t[:, None].to(tl.int64) * (2 * NP) + o_n[None, :]
+    # Walk this program's group of G batch·head rows by advancing the (64-bit) pointers.
+    p_x = x + i_g.to(tl.int64) * G * stride_bh + o_x
+    p_out = out + i_g.to(tl.int64) * G * stride_bh + o_x
+    for _ in range(tl.minimum(G, BH - i_g * G)):
+        b_x = tl.load(p_x, mask=m, other=0.).to(tl.float32)
+        b_xe, b_xo = tl.split(tl.reshape(b_x, (BT, BP, 2)))
+        b_ye = b_xe * b_c - b_xo * b_s
+        b_yo = b_xo * b_c + b_xe * b_s
+        b_y = tl.reshape(tl.join(b_ye, b_yo), (BT, 2 * BP))
+        tl.store(p_out, b_y.to(out.dtype.element_ty), mask=m)
         p_x += stride_bh
         p_out += stride_bh
 
@@ -60,8 +65,11 @@ def rope_rotate_triton(x: torch.Tensor, start: int, inverse: bool, freqs64: torc
         return out
     NP = N // 2
     BT = 16
-    BP = min(128, triton.next_power_of_2(NP))
-    grid = (triton.cdiv(T, BT), triton.cdiv(NP, BP))
+    BP = min(64, triton.next_power_of_2(NP))
+    # Each program reuses its cos/sin tile over G batch·head rows; G trades trig work against
+    # parallelism (enough programs to fill the chip at small T).
+    G = min(16, BH)
+    grid = (triton.cdiv(T, BT), triton.cdiv(NP, BP), triton.cdiv(BH, G))
     rope_rotate_kernel[grid](x, out, freqs64, int(start), BH, T, NP, T * N,
-                             -1.0 if inverse else 1.0, BT=BT, BP=BP, num_warps=4)
+                             -1.0 if inverse else 1.0, BT=BT, BP=BP, G=G, num_warps=4)
     return out

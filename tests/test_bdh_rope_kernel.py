@@ -28,3 +28,10 @@ def test_triton_rope_inverse_undoes_rotation(kernel_device):
     assert_rel_close(back, x, 1e-5, "inverse∘rotate")
     # and the rotation is not the identity
     assert (rope_rotate_triton(x, 123, False, f) - x).abs().max() > 0.1
+
+
+def test_triton_rope_partial_row_group(kernel_device, poison_empty):
+    # 21 batch·head rows: one full group of 16 and a partial group of 5.
+    x = torch.randn(3, 7, 5, 8, device=kernel_device)
+    out = rope_rotate_triton(x, 42, False, pair_freqs64(8, x.device))
+    assert_rel_close(out, _rotate(x.double(), 42, False), 1e-5, "rotated")
