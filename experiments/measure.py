@@ -1,0 +1,82 @@
+"""Peak memory and wall time of a piece of work, on CUDA or on the CPU.
+
+CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats()` (bytes held by
+tensors; the caching allocator's reserve is not counted).
+CPU: the process's resident set size, sampled every millisecond by a thread while the work
+runs (`/proc/self/statm`); the peak is process-wide (Python, torch and the model included), and
+memory the C allocator keeps after a free still counts, which is why callers measure each model
+in a fresh process.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:                     # not Linux: the lifetime peak is the best we have
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: work()`` then ``m.peak`` (bytes) and ``m.seconds``."""
+
+    def __init__(self, device: torch.device | str, interval_s: float = 1e-3):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak = 0
+        self.seconds = 0.0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.seconds = time.perf_counter() - self._t0
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.seconds = time.perf_counter() - self._t0
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+        return False
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error from CUDA or from the host allocator."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
+                                              or "can't allocate memory" in str(exc).lower())
+
+
+def free_memory(device: torch.device | str) -> None:
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
