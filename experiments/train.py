@@ -147,6 +147,8 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
         batches.load_state_dict(saved["batches"])
         _set_rng_state(saved["rng"], device)
         log, step = saved["log"], saved["step"]
+        if log["status"] == "finished":
+            return log                                  # nothing left to do
         log["status"] = "running"
     fwd = torch.compile(model) if cfg.compile else model
 
@@ -185,7 +187,7 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
             with ctx:
                 _, loss = fwd(x, y)
             (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss) / cfg.grad_accum
+            loss_sum += float(loss.detach()) / cfg.grad_accum
         if not math.isfinite(loss_sum):
             save("diverged")
             raise RuntimeError(f"loss is {loss_sum} at step {step}; checkpoint kept")

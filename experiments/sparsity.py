@@ -1,0 +1,284 @@
+"""Emergent sparsity: train BDH and a parameter-matched GPT-2 side by side, watch activations.
+
+    python -m experiments.sparsity [--device cpu|cuda] [--steps N] [--out DIR] [--preset cpu|h100]
+                                   [--record-steps 0,100,500] [--models bdh,gpt2]
+                                   [--resume] [--max-minutes M]
+
+Both models train with `experiments.train` (same data, tokens and optimizer settings). At the
+record steps (default 0, 100, 500 and the final step, clipped to the run) each model is run, in
+eval mode and float32, on one fixed batch of held-out validation text, and we record:
+
+* BDH, every layer: density = fraction of entries > 0 of xs, ys and xy (bdh.SparsityProbe);
+* GPT-2, every layer: "mlp" = fraction of MLP activations (the GELU output) with |a| > 1e-4, and
+  "mlp_exact_zero" = fraction exactly 0 (GELU is almost never exactly 0, so this says how
+  different the two kinds of "sparse" are);
+* heatmaps: tokens × a fixed random sample of 64 neurons of the last layer (BDH xy, GPT-2 MLP),
+  the same text and neurons at every step.
+
+Outputs in DIR: sparsity.json ({"meta", "records", "loss"}), sparsity.md, heatmaps/ (arrays and
+one PNG per step), sparsity_heatmaps.png (steps side by side), sparsity_density.png and
+sparsity_loss.png. Results are written as they are made; with --resume a run that was stopped
+(--max-minutes, or a lost machine) continues from its checkpoints and keeps what it recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import train as tr
+from .data import ByteBatcher, load_corpus
+from .results import markdown_table, run_meta, write_json
+
+N_SAMPLE = 64            # neurons shown in the heatmaps
+SHOW_TOKENS = 128        # tokens shown in the heatmaps
+GELU_EPS = 1e-4
+
+
+def default_record_steps(steps: int) -> list[int]:
+    return sorted({s for s in (0, 100, 500) if s < steps} | {steps})
+
+
+def eval_batch(corpus, block_size: int, device) -> torch.Tensor:
+    """The fixed held-out batch: 4 windows of validation text, the same for both models."""
+    return ByteBatcher(corpus["val"], block_size, 4, seed=4242).next()[0].to(device)
+
+
+def bdh_record(model, x, neurons):
+    from bdh import SparsityProbe
+    last = model.config.n_layer - 1
+    with SparsityProbe(model, keep={"xy": neurons}) as probe:
+        model(x)
+    recs = [{"layer": layer, "name": name, "density": d[name]}
+            for layer, d in enumerate(probe.densities()) for name in ("xs", "ys", "xy")]
+    heat = probe.activations[(last, "xy")][0, :SHOW_TOKENS].float().cpu().numpy()
+    return recs, heat
+
+
+def gpt2_mlp_stats(acts: list[torch.Tensor]) -> list[dict]:
+    """Per layer: fraction with |a| > 1e-4 ("mlp") and fraction exactly 0 ("mlp_exact_zero")."""
+    out = []
+    for layer, a in enumerate(acts):
+        a = a.float()
+        out.append({"layer": layer, "name": "mlp", "density": float((a.abs() > GELU_EPS).float().mean())})
+        out.append({"layer": layer, "name": "mlp_exact_zero", "density": float((a == 0).float().mean())})
+    return out
+
+
+def gpt2_record(model, x, neurons):
+    blocks = model.hf.transformer.h
+    acts = [None] * len(blocks)
+    handles = [b.mlp.act.register_forward_hook(
+        lambda _m, _i, out, i=i: acts.__setitem__(i, out.detach())) for i, b in enumerate(blocks)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    heat = acts[-1][0, :SHOW_TOKENS][:, neurons].float().cpu().numpy()
+    return gpt2_mlp_stats(acts), heat
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_all(out: Path, result: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, losses = result["records"], result["loss"]
+    models = [m for m in ("bdh", "gpt2") if any(r["model"] == m for r in records)]
+    steps = sorted({r["step"] for r in records})
+    heat_name = {"bdh": "BDH xy (last layer)", "gpt2": "GPT-2 MLP GELU (last layer)"}
+
+    def heat(model, step):
+        f = out / "heatmaps" / f"{model}_step{step}.npy"
+        return np.load(f) if f.exists() else None
+
+    # One PNG per step, and all steps side by side.
+    for step in steps:
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+        for ax, m in zip(axes[0], models):
+            h = heat(m, step)
+            if h is not None:
+                im = ax.imshow(h.T, aspect="auto", cmap="magma", interpolation="nearest")
+                fig.colorbar(im, ax=ax, fraction=0.04)
+            ax.set_title(f"{heat_name[m]}, step {step}", fontsize=9)
+            ax.set_xlabel("token")
+            ax.set_ylabel("neuron (fixed sample)")
+        fig.tight_layout()
+        fig.savefig(out / "heatmaps" / f"step{step}.png", dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(len(models), len(steps), figsize=(3.2 * len(steps), 2.8 * len(models)),
+                             squeeze=False)
+    for i, m in enumerate(models):
+        for j, step in enumerate(steps):
+            ax = axes[i][j]
+            h = heat(m, step)
+            if h is not None:
+                ax.imshow(h.T, aspect="auto", cmap="magma", interpolation="nearest")
+            ax.set_title(f"{m} step {step}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("activations on the same held-out text: tokens (x) × sampled neurons (y)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "sparsity_heatmaps.png", dpi=110)
+    plt.close(fig)
+
+    # Density against step, per model / activation / layer.
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        series = sorted({(r["name"], r["layer"]) for r in records if r["model"] == m})
+        for name, layer in series:
+            pts = sorted((r["step"], r["density"]) for r in records
+                         if r["model"] == m and r["name"] == name and r["layer"] == layer)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{name} L{layer}", linestyle="--" if name == "mlp_exact_zero" else "-")
+        ax.set_title(f"{m}: density (fraction active) against step", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("density")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "sparsity_density.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in models:
+        for split, style in (("train", "-"), ("val", "--")):
+            pts = sorted((r["step"], r["loss"]) for r in losses
+                         if r["model"] == m and r["split"] == split)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{m} {split}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "sparsity_loss.png", dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    steps = sorted({r["step"] for r in result["records"]})
+    rows = {}
+    for r in result["records"]:
+        key = (r["model"], r["name"], r["layer"])
+        rows.setdefault(key, {"model": r["model"], "name": r["name"], "layer": r["layer"]})
+        rows[key][f"step {r['step']}"] = r["density"]
+    body = markdown_table(list(rows.values()),
+                          ["model", "name", "layer"] + [f"step {s}" for s in steps])
+    val = [f"{m} final val loss {max((r for r in result['loss'] if r['model'] == m and r['split'] == 'val'), key=lambda r: r['step'])['loss']:.4f}"
+           for m in ("bdh", "gpt2") if any(r["model"] == m and r["split"] == "val"
+                                            for r in result["loss"])]
+    return body + "\n\n" + "; ".join(val)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default="results/sparsity")
+    p.add_argument("--preset", choices=sorted(tr.PRESETS), default="cpu")
+    p.add_argument("--record-steps", default=None, help="comma list (default 0,100,500,final)")
+    p.add_argument("--models", default="bdh,gpt2")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (with checkpoints) after this long; rerun with --resume")
+    p.add_argument("--compile", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
+    a = parse(argv)
+    out = Path(a.out)
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    corpus = corpus if corpus is not None else load_corpus("shakespeare")
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    for m in models:
+        if m not in ("bdh", "gpt2"):
+            raise SystemExit(f"--models: expected bdh and/or gpt2, got {m!r}")
+    base = tr.TrainConfig(preset=a.preset, **tr.PRESETS[a.preset])
+    if a.device:
+        base.device = a.device
+    if a.steps is not None:
+        base.steps = a.steps
+    if bdh_sizes is not None:
+        base.bdh = dict(bdh_sizes)
+    base.compile = a.compile
+    record_steps = (sorted({int(s) for s in a.record_steps.split(",")} | {base.steps})
+                    if a.record_steps else default_record_steps(base.steps))
+    record_steps = [s for s in record_steps if 0 <= s <= base.steps]
+
+    path = out / "sparsity.json"
+    result = (json.loads(path.read_text()) if a.resume and path.exists() else
+              {"meta": run_meta(base.device, preset=a.preset, record_steps=record_steps,
+                                gelu_threshold=GELU_EPS, heatmap_layer="last",
+                                definition="density = fraction of activations > 0 (BDH); "
+                                           "|GELU| > 1e-4 and == 0 (GPT-2); fixed held-out "
+                                           "batch of 4×block_size validation bytes, eval "
+                                           "mode, float32"),
+               "records": [], "loss": []})
+    x = eval_batch(corpus, base.block_size, base.device)
+    deadline = None if a.max_minutes is None else a.max_minutes
+
+    for m in models:
+        cfg = tr.TrainConfig(**{**tr.asdict(base), "model": m,
+                                "ckpt_dir": str(out / "ckpt"), "resume": a.resume,
+                                "out": str(out / f"train_{m}")})
+        if deadline is not None:
+            cfg.max_minutes = deadline
+        done = {r["step"] for r in result["records"] if r["model"] == m}
+
+        def hook(step, model, log, m=m, done=done):
+            if step not in record_steps or step in done:
+                return
+            g = torch.Generator().manual_seed(0)          # the same neurons at every step
+            if m == "bdh":
+                C = model.config
+                ids = torch.randperm(C.n_head * C.N, generator=g)[:N_SAMPLE].sort().values
+                recs, heat = bdh_record(model, x, ids.tolist())
+            else:
+                width = model.hf.config.n_inner or 4 * model.hf.config.n_embd
+                ids = torch.randperm(width, generator=g)[:N_SAMPLE].sort().values
+                recs, heat = gpt2_record(model, x, ids)
+            np.save(out / "heatmaps" / f"{m}_step{step}.npy", heat)
+            result["records"].extend({"model": m, "step": step, **r} for r in recs)
+            done.add(step)
+            write_json(path, result)
+
+        log = tr.train(cfg, corpus, hook=hook)
+        result["meta"][f"{m}_params"] = log["meta"]["params"]
+        result["meta"][f"{m}_status"] = log["status"]
+        result["meta"][f"{m}_config"] = {k: v for k, v in log["meta"].items()
+                                         if k.endswith("_config")}
+        if "peak_memory_bytes" in log["meta"]:
+            result["meta"][f"{m}_peak_memory_bytes"] = log["meta"]["peak_memory_bytes"]
+        result["loss"] = [r for r in result["loss"] if r["model"] != m]
+        result["loss"] += [{"model": m, "step": r["step"], "split": "train", "loss": r["loss"]}
+                           for r in log["train"]]
+        result["loss"] += [{"model": m, "step": r["step"], "split": "val", "loss": r["loss"]}
+                           for r in log["val"]]
+        write_json(path, result)
+        if log["status"] != "finished":
+            print(f"{m} stopped at its time limit; rerun with --resume to continue")
+            return result
+    md = table(result)
+    (out / "sparsity.md").write_text(md + "\n")
+    try:
+        plot_all(out, result)
+    except Exception as exc:                                      # noqa: BLE001
+        print(f"plotting failed ({type(exc).__name__}: {exc}); the JSON is complete")
+    print(md)
+    print(f"wrote {out}/sparsity.json, sparsity.md and the PNGs")
+    return result
+
+
+if __name__ == "__main__":
+    main()
