@@ -14,31 +14,46 @@ For each model, at contexts L = 1024, 2048, … up to --max-tokens (or the first
            and "gpt2-eager") takes them in one forward call (use_cache=False, as a user scoring
            a document would); BDH streams them through its chunked kernel in --bdh-chunk pieces.
 
-Out-of-memory is recorded as a point with "oom": true and ends that model/mode's sweep; a
-per-model/mode time budget (--time-budget-s) also ends a sweep whose next point would not fit
-(recorded in meta.stopped). GPT-2 is built with n_positions ≥ the largest context: its learned
-position table (n_positions × n_embd) is part of its memory and parameter count.
+Out-of-memory (torch.cuda.OutOfMemoryError; on the CPU a MemoryError or a peak RSS above
+--rss-budget-gb) is recorded as a point with "oom": true and ends that model/mode's sweep. A
+per-model/mode time budget (--time-budget-s, shrunk so that all sweeps fit in --deadline-s) also
+ends a sweep whose next point would not fit (recorded in meta.stopped). GPT-2 is built with
+n_positions ≥ the largest context: its learned position table (n_positions × n_embd) is part of
+its memory and parameter count (meta.params gives both). "gpt2-25m" is GPT-2 (sdpa) matched to
+BDH's parameter count without the position table (6 blocks, width a multiple of 64).
 
-Memory: on CUDA, torch.cuda.max_memory_allocated (reset per point); on the CPU, the peak
-resident set size of a fresh process per model/mode (sampled every ms): process-wide, so it
-includes Python and torch themselves. Outputs DIR/memory_wall.json, .png and .md.
+Memory: on CUDA, torch.cuda.max_memory_allocated (reset per point; for decode, reset after the
+context is consumed, so it is the decode phase's peak; the peak while consuming the context is
+in meta.context_peak_bytes); on the CPU, the peak resident set size of a fresh process per
+model/mode, sampled every ms from /proc/self/statm: process-wide, so it includes Python, torch
+and the weights (the worker runs with MALLOC_MMAP_THRESHOLD_=128 KiB so that freed tensors leave
+the RSS). Each point also carries baseline_bytes: what was held with only the model loaded
+(CUDA: weights and buffers; CPU: the worker's RSS); the table shows the peak above it. On the
+CPU a worker killed by a signal (the kernel's OOM killer) is an OOM point too.
+
+Outputs DIR/memory_wall.json ({"meta", "points"}, rewritten atomically after every point),
+DIR/memory_wall.png (peak memory, decode state bytes and ms/token against the context) and
+DIR/memory_wall.md (the table, also printed).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .measure import PeakMemory, free_memory, is_oom
+from .measure import PeakMemory, free_memory, is_oom, rss_bytes
 from .results import markdown_table, run_meta, write_json
 
-GPT2_ATTN = {"gpt2-sdpa": "sdpa", "gpt2-eager": "eager"}
+GPT2_ATTN = {"gpt2-sdpa": "sdpa", "gpt2-eager": "eager", "gpt2-25m": "sdpa"}
 
 
 @dataclass
@@ -50,22 +65,31 @@ class WallConfig:
     preset: str = "cpu"
     dtype: str = "float32"
     decode_steps: int = 8
-    bdh_chunk: int = 2048
+    decode_warmup: int = 2
+    bdh_chunk: int = 4096
+    gpt2_chunk: int = 4096
     time_budget_s: float = 60.0
+    deadline_s: float = 600.0
+    rss_budget_gb: float | None = None
     bdh: dict = field(default_factory=dict)
     gpt2: dict = field(default_factory=dict)
 
 
 PRESETS = {
     # Tiny models: the whole sweep (1k → 8k) runs in about a minute on a laptop CPU.
-    "cpu": dict(max_tokens=8192, dtype="float32", decode_steps=8, bdh_chunk=2048,
-                time_budget_s=30.0,
+    # BDH streams in 1024-token chunks, so its prefill memory is flat from the first context.
+    "cpu": dict(max_tokens=8192, dtype="float32", decode_steps=8, bdh_chunk=1024,
+                time_budget_s=20.0, deadline_s=80.0,
                 bdh=dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16,
                          dropout=0.0),
-                gpt2=dict(n_layer=2, n_embd=64, n_head=2)),
+                # matched to BDH's 0.23M parameters (without the position table): width 96
+                gpt2=dict(match_bdh=True, n_layer=2, head_dim=32)),
     # The real sizes: the official 25M BDH against the GPT-2 124M shape (byte vocabulary).
-    "h100": dict(max_tokens=1 << 20, dtype="bfloat16", decode_steps=16, bdh_chunk=16384,
-                 time_budget_s=100.0,
+    # BDH prefill at 1M tokens streams 64 chunks of 16k. deadline_s keeps the run near 6 min
+    # (a sweep may overrun its share by one point, plus building and warming up the models).
+    "h100": dict(max_tokens=1 << 20, dtype="bfloat16", decode_steps=8, bdh_chunk=16384,
+                 gpt2_chunk=8192, time_budget_s=75.0, deadline_s=330.0,
+                 models=("bdh", "gpt2", "gpt2-25m"),
                  bdh=dict(dropout=0.0),
                  gpt2=dict(n_layer=12, n_embd=768, n_head=12)),
 }
@@ -81,122 +105,209 @@ def contexts(max_tokens: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- models
 
+def n_positions(cfg: WallConfig) -> int:
+    return cfg.max_tokens + cfg.decode_warmup + cfg.decode_steps + 1
+
+
+def bdh_params(cfg: WallConfig) -> int:
+    from bdh import BDH, BDHConfig
+    with torch.device("meta"):
+        return sum(p.numel() for p in BDH(BDHConfig(**cfg.bdh)).parameters())
+
+
+def gpt2_shape(model_name: str, cfg: WallConfig) -> dict:
+    """n_layer / n_embd / n_head of a GPT-2 sweep name. "gpt2-25m", and cfg.gpt2 with
+    match_bdh=True, take the width (a multiple of head_dim) whose parameter count without the
+    position table (n_positions=0) is closest to BDH's: the table grows with the context the
+    model supports, so it is left out of the match and reported on its own."""
+    g = dict(cfg.gpt2)
+    if model_name == "gpt2-25m":
+        g = dict(match_bdh=True, n_layer=6, head_dim=64)
+    if g.pop("match_bdh", False):
+        from baselines import match_gpt2_config
+        c = match_gpt2_config(bdh_params(cfg), n_layer=g["n_layer"], head_dim=g["head_dim"],
+                              n_positions=0)
+        return dict(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head)
+    return g
+
+
 def build(model_name: str, cfg: WallConfig):
-    """The model for a sweep name ('bdh', 'gpt2-sdpa', 'gpt2-eager'), on cfg.device."""
+    """The model for a sweep name ('bdh', 'gpt2-sdpa', 'gpt2-eager', 'gpt2-25m'), on cfg.device
+    (initialised there: a 1M-row position table is slow to initialise on the CPU)."""
     dtype = getattr(torch, cfg.dtype)
-    if model_name == "bdh":
-        from bdh import BDH, BDHConfig
-        model = BDH(BDHConfig(**cfg.bdh))
-    else:
-        from baselines import GPT2LM, gpt2_config
-        g = cfg.gpt2
-        model = GPT2LM(gpt2_config(g["n_layer"], g["n_embd"], g["n_head"], vocab_size=256,
-                                   n_positions=cfg.max_tokens + cfg.decode_steps + 1,
-                                   dropout=0.0, attn_implementation=GPT2_ATTN[model_name]))
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        if model_name == "bdh":
+            from bdh import BDH, BDHConfig
+            model = BDH(BDHConfig(**cfg.bdh))
+        else:
+            from baselines import GPT2LM, gpt2_config
+            g = gpt2_shape(model_name, cfg)
+            model = GPT2LM(gpt2_config(g["n_layer"], g["n_embd"], g["n_head"], vocab_size=256,
+                                       n_positions=n_positions(cfg), dropout=0.0,
+                                       attn_implementation=GPT2_ATTN[model_name]))
     return model.to(cfg.device, dtype).eval()
 
 
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def param_counts(cfg: WallConfig) -> dict:
+    """Parameter counts per model (GPT-2: total at n_positions, and without the position
+    table, which grows with --max-tokens)."""
+    from baselines import gpt2_param_count
+    out = {}
+    names = {n for n, _ in jobs(cfg)}
+    if "bdh" in names:
+        out["bdh"] = bdh_params(cfg)
+    for name in sorted(n for n in names if n.startswith("gpt2")):
+        g = gpt2_shape(name, cfg)
+        total = gpt2_param_count(g["n_layer"], g["n_embd"], 256, n_positions(cfg))
+        out[name] = {**g, "n_positions": n_positions(cfg), "vocab_size": 256, "total": total,
+                     "position_table": n_positions(cfg) * g["n_embd"],
+                     "without_position_table": total - n_positions(cfg) * g["n_embd"]}
+    return out
 
 
 def _feed(model, name, tokens, state, chunk):
     """Consume ``tokens`` [1,n] into the stream ``state``; returns (last logits, state)."""
     logits = None
-    step = chunk if name == "bdh" else 4096
-    for s in range(0, tokens.shape[1], step):
-        logits, state = model(tokens[:, s:s + step], state=state, return_state=True)
+    for s in range(0, tokens.shape[1], chunk):
+        logits, state = model(tokens[:, s:s + chunk], state=state, return_state=True)
     return logits, state
 
 
 # ----------------------------------------------------------------------------- sweeps
 
-def decode(model, name, nxt, state, steps, device):
-    """Greedy-decode ``steps`` tokens after ``nxt`` from ``state``. BDH uses its `generate`
-    (the fixed state updated in place by `hebbian_step`); GPT-2 steps its KV cache. Returns
-    (ms per token, meter) with meter.state / meter.next_token set to continue the stream."""
+def _steps(model, name, nxt, state, n):
+    """Greedy-decode n tokens after nxt. BDH uses its `generate` (the fixed state, updated by
+    `hebbian_step`); GPT-2 steps its KV cache. Returns (next token, state)."""
+    if n == 0:
+        return nxt, state
+    if name == "bdh":
+        out, state = model.generate(nxt, n, top_k=1, state=state, return_state=True)
+        return out[:, -1:], state            # the state has consumed all returned tokens but this
+    for _ in range(n):
+        logits, state = model(nxt, state=state, return_state=True)
+        nxt = logits[:, -1:].argmax(-1)
+    return nxt, state
+
+
+def decode(model, name, nxt, state, cfg, device):
+    """The decode phase at the current context: `decode_warmup` untimed steps, then
+    `decode_steps` timed ones. The peak covers the whole phase (KV cache / state resident), and
+    is reset when the phase starts. Returns (ms per token, peak, seconds, state, next token)."""
     with PeakMemory(device) as m:
-        if name == "bdh":
-            out, state = model.generate(nxt, steps, top_k=1, state=state, return_state=True)
-            nxt = out[:, -1:]           # the state has consumed all returned tokens but this one
-        else:
-            for _ in range(steps):
-                logits, state = model(nxt, state=state, return_state=True)
-                nxt = logits[:, -1:].argmax(-1)
-    return 1e3 * m.seconds / steps, m.peak, m.seconds, state, nxt
+        nxt, state = _steps(model, name, nxt, state, cfg.decode_warmup)
+        sync(device)
+        t0 = time.perf_counter()
+        nxt, state = _steps(model, name, nxt, state, cfg.decode_steps)
+        sync(device)
+        secs = time.perf_counter() - t0
+    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, state, nxt
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def chunk_of(name, cfg):
+    return cfg.bdh_chunk if name == "bdh" else cfg.gpt2_chunk
 
 
 def warm_up(model, name, mode, cfg, device) -> None:
-    """Compile/autotune every kernel the sweep will use (dense and chunked prefill, the decode
-    step), so that no point's time includes it; memory is freed before the sweep starts."""
-    with torch.no_grad():
-        for T in sorted({min(1024, cfg.max_tokens), min(2048, cfg.max_tokens)}):
-            idx = torch.randint(0, 256, (1, T), device=device)
-            if name == "bdh" or mode == "decode":
-                logits, st = _feed(model, name, idx, None, cfg.bdh_chunk)
-                if mode == "decode":
-                    decode(model, name, logits[:, -1:].argmax(-1), st, 2, device)
-            else:
-                model(idx)
-    free_memory(device)
-
-
-def _point(name, mode, L, peak=None, state_bytes=None, ms=None, oom=False):
-    return {"model": name, "mode": mode, "context": L, "peak_bytes": peak,
-            "state_bytes": state_bytes, "ms_per_token": ms, "oom": oom}
-
-
-def sweep(name: str, mode: str, cfg: WallConfig, emit) -> str | None:
-    """Run one model/mode over the contexts, calling emit(point) per point. Returns why it
-    stopped early (or None)."""
-    device = torch.device(cfg.device)
-    gen = torch.Generator().manual_seed(0)
-    model = build(name, cfg)
+    """Compile/autotune every kernel shape the sweep will use (each piece length of a chunked
+    prefill, the first and a stateful piece, the decode step), so that no point's time includes
+    it; memory is freed before the sweep starts."""
+    chunk = chunk_of(name, cfg)
     try:
-        warm_up(model, name, mode, cfg, device)
+        with torch.no_grad():
+            if mode == "decode" or name == "bdh":
+                for T in sorted({min(L, chunk) for L in contexts(cfg.max_tokens)}):
+                    idx = torch.randint(0, 256, (1, T), device=device)
+                    logits, st = _feed(model, name, idx, None, chunk)
+                    # a stateful piece too; T + piece + 1 decode step stays within GPT-2's
+                    # n_positions (max context + decode steps + 1)
+                    piece = max(1, min(T // 2, cfg.max_tokens - T))
+                    logits, st = _feed(model, name, idx[:, :piece], st, chunk)
+                    if mode == "decode":
+                        _steps(model, name, logits[:, -1:].argmax(-1), st, 1)
+                    del idx, logits, st
+            else:
+                model(torch.randint(0, 256, (1, min(1024, cfg.max_tokens)), device=device))
     except Exception as exc:                                        # noqa: BLE001
         if not is_oom(exc):                 # an OOM here is met again, and recorded, below
             raise
-        free_memory(device)
+    free_memory(device)
+
+
+def _point(name, mode, L, peak=None, state_bytes=None, ms=None, oom=False, base=None):
+    """One point: the contract's keys, plus baseline_bytes (memory held before the point's
+    work, see `sweep`)."""
+    return {"model": name, "mode": mode, "context": L, "peak_bytes": peak,
+            "state_bytes": state_bytes, "ms_per_token": ms, "oom": oom, "baseline_bytes": base}
+
+
+def sweep(name: str, mode: str, cfg: WallConfig, emit, budget_s: float | None = None
+          ) -> str | None:
+    """Run one model/mode over the contexts, calling emit(point, context_peak) per point.
+    Returns why it stopped early (or None)."""
+    device = torch.device(cfg.device)
+    budget_s = cfg.time_budget_s if budget_s is None else budget_s
+    rss_budget = None if cfg.rss_budget_gb is None else cfg.rss_budget_gb * 2**30
+    gen = torch.Generator().manual_seed(0)
+    model = build(name, cfg)
+    # What is held with only the model loaded: its weights and buffers on CUDA (tensor bytes);
+    # on the CPU the worker's whole RSS (Python, torch, libraries, weights).
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    warm_up(model, name, mode, cfg, device)
+    chunk = chunk_of(name, cfg)
     spent, state, consumed, nxt = 0.0, None, 0, None
     for L in contexts(cfg.max_tokens):
+        oom, ctx_peak, phase = False, None, "the forward"
         try:
             with torch.no_grad():
                 if mode == "prefill":
                     idx = torch.randint(0, 256, (1, L), generator=gen).to(device)
                     with PeakMemory(device) as m:
-                        if name == "bdh":
-                            _, st = _feed(model, name, idx, None, cfg.bdh_chunk)
+                        if name == "bdh":                       # streamed: flat memory
+                            _, st = _feed(model, name, idx, None, chunk)
                             sb = st.nbytes()
-                        else:
+                            del st
+                        else:                                   # one forward, use_cache=False
                             model(idx)
                             sb = None
-                    emit(_point(name, mode, L, m.peak, sb, 1e3 * m.seconds / L))
-                    secs = m.seconds
+                    point = _point(name, mode, L, m.peak, sb, 1e3 * m.seconds / L)
+                    peak, secs = m.peak, m.seconds
                     del idx
                 else:
                     fill = torch.randint(0, 256, (1, L - consumed), generator=gen).to(device)
+                    phase = "consuming the context"
                     with PeakMemory(device) as pre:
-                        logits, state = _feed(model, name, fill, state, cfg.bdh_chunk)
-                    consumed, sb = L, state.nbytes()          # the state at context L
+                        logits, state = _feed(model, name, fill, state, chunk)
+                    consumed, sb, ctx_peak = L, state.nbytes(), pre.peak   # the state at L
                     nxt = logits[:, -1:].argmax(-1)
                     del fill, logits                  # only the state may be resident now
-                    ms, peak, dsecs, state, nxt = decode(model, name, nxt, state,
-                                                         cfg.decode_steps, device)
-                    consumed += cfg.decode_steps
-                    emit(_point(name, mode, L, peak, sb, ms))
+                    phase = "decoding"
+                    ms, peak, dsecs, state, nxt = decode(model, name, nxt, state, cfg, device)
+                    consumed += cfg.decode_warmup + cfg.decode_steps
+                    point = _point(name, mode, L, peak, sb, ms)
                     secs = pre.seconds + dsecs
         except Exception as exc:                                    # noqa: BLE001
             if not is_oom(exc):
                 raise
-            state = None
+            oom = True              # handled below, once the traceback's tensors are released
+        if not oom and rss_budget is not None and max(peak, ctx_peak or 0) > rss_budget:
+            oom, phase = True, f"peak RSS above --rss-budget-gb {cfg.rss_budget_gb:g}"
+        if oom:
+            state = point = None
             free_memory(device)
-            emit(_point(name, mode, L, oom=True))
-            return f"out of memory at {L} tokens"
+            emit(_point(name, mode, L, oom=True, base=base), None)
+            return f"out of memory at {L} tokens ({phase})"
+        point["baseline_bytes"] = base
+        emit(point, ctx_peak)
         spent += secs
         growth = 4.0 if name.startswith("gpt2") else 2.0          # attention is O(L²)
-        if spent + growth * secs > cfg.time_budget_s and L * 2 <= cfg.max_tokens:
-            return (f"time budget {cfg.time_budget_s:.0f}s: stopped after {L} tokens "
+        if spent + growth * secs > budget_s and L * 2 <= cfg.max_tokens:
+            return (f"time budget {budget_s:.0f}s: stopped after {L} tokens "
                     f"(the next point would take ~{growth * secs:.0f}s more)")
     return None
 
@@ -208,40 +319,61 @@ def jobs(cfg: WallConfig) -> list[tuple[str, str]]:
             out += [("bdh", "decode"), ("bdh", "prefill")]
         elif m == "gpt2":
             out += [("gpt2-sdpa", "decode"), ("gpt2-sdpa", "prefill"), ("gpt2-eager", "prefill")]
+        elif m == "gpt2-eager":                 # eager decode adds nothing over sdpa's
+            out += [(m, "prefill")]
         elif m in GPT2_ATTN:
             out += [(m, "decode"), (m, "prefill")]
         else:
-            raise ValueError(f"--models: unknown model {m!r}; expected bdh, gpt2, gpt2-sdpa "
-                             f"or gpt2-eager")
+            raise ValueError(f"--models: unknown model {m!r}; expected bdh, gpt2, gpt2-sdpa, "
+                             f"gpt2-eager or gpt2-25m")
+    # decode sweeps first: they are the headline, and the deadline may cut the last sweeps
+    out = [j for j in out if j[1] == "decode"] + [j for j in out if j[1] == "prefill"]
     return out
 
 
-def _run_job_in_subprocess(cfg: WallConfig, name: str, mode: str, emit) -> str | None:
+def _run_job_in_subprocess(cfg: WallConfig, name: str, mode: str, emit, budget_s) -> str | None:
     """CPU: one fresh process per model/mode, so its RSS peak is its own."""
     cmd = [sys.executable, "-m", "experiments.memory_wall", "--_worker",
-           json.dumps({"cfg": asdict(cfg), "name": name, "mode": mode})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stopped = None
+           json.dumps({"cfg": asdict(cfg), "name": name, "mode": mode, "budget_s": budget_s})]
+    # A fixed mmap threshold makes glibc serve every block of 128 KiB or more by mmap and give
+    # it back to the OS on free, so the RSS follows the live tensors instead of keeping the
+    # high-water mark of earlier points (the default threshold rises after frees, and freed
+    # heap memory stays resident).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    stopped, last = None, None
     for line in proc.stdout:
         msg = json.loads(line)
         if "point" in msg:
-            emit(msg["point"])
+            emit(msg["point"], msg.get("context_peak"))
+            last = msg["point"]["context"]
         else:
             stopped = msg.get("stopped")
-    if proc.wait() != 0:
+    if proc.wait() < 0:
+        # Killed by a signal: on Linux, running out of host memory usually ends with the
+        # kernel's OOM killer (SIGKILL) rather than a MemoryError. Record it as the OOM of
+        # the point the worker was on.
+        L = 1024 if last is None else 2 * last
+        if L <= cfg.max_tokens:
+            emit(_point(name, mode, L, oom=True), None)
+        return (f"out of memory at {L} tokens (worker killed by signal {-proc.returncode}, "
+                f"presumably the OOM killer)")
+    if proc.returncode != 0:
         raise RuntimeError(f"memory_wall worker for {name}/{mode} failed "
-                           f"(exit {proc.returncode})")
+                           f"(exit {proc.returncode}); the points so far are in the JSON")
     return stopped
 
 
 # ----------------------------------------------------------------------------- output
 
 def plot(points: list[dict], path: Path, meta: dict) -> None:
+    """Three panels against the context (log x): peak memory (x = out of memory, > = stopped
+    by the time budget), the bytes of the KV cache / BDH state, and ms per token."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_m, ax_s, ax_t) = plt.subplots(1, 3, figsize=(18, 5))
     series = sorted({(p["model"], p["mode"]) for p in points})
     for model, mode in series:
         pts = [p for p in points if p["model"] == model and p["mode"] == mode]
@@ -250,37 +382,56 @@ def plot(points: list[dict], path: Path, meta: dict) -> None:
         label = f"{model} {mode}"
         line, = ax_m.plot([p["context"] for p in ok], [p["peak_bytes"] / 2**30 for p in ok],
                           style, marker="o", label=label)
+        color = line.get_color()
         ax_t.plot([p["context"] for p in ok], [p["ms_per_token"] for p in ok], style,
-                  marker="o", color=line.get_color(), label=label)
+                  marker="o", color=color, label=label)
+        if mode == "decode" and any(p["state_bytes"] for p in ok):
+            ax_s.plot([p["context"] for p in ok], [p["state_bytes"] / 2**20 for p in ok],
+                      style, marker="o", color=color, label=f"{model}")
+        level = (ok[-1]["peak_bytes"] if ok else 0) / 2**30
         for p in pts:
             if p["oom"]:
-                top = max([q["peak_bytes"] for q in ok] or [0]) / 2**30
-                ax_m.plot(p["context"], top, "x", color="red", markersize=12, mew=3)
-                ax_m.annotate("OOM", (p["context"], top), color="red",
-                              textcoords="offset points", xytext=(4, 4))
-    for ax in (ax_m, ax_t):
+                ax_m.plot(p["context"], level, "x", color="red", markersize=12, mew=3)
+                ax_m.annotate("OOM", (p["context"], level), color="red",
+                              textcoords="offset points", xytext=(5, 5))
+        if ok and "time budget" in meta.get("stopped", {}).get(f"{model}/{mode}", ""):
+            ax_m.plot(ok[-1]["context"], level, ">", color=color, markersize=9)
+            ax_m.annotate("time cap", (ok[-1]["context"], level), color=color, fontsize=8,
+                          textcoords="offset points", xytext=(6, -10))
+    for ax in (ax_m, ax_s, ax_t):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     ax_m.set_ylabel("peak memory (GiB)")
-    ax_m.set_title("memory against context (x: out of memory)")
+    ax_m.set_title("peak memory (x: out of memory, >: time cap)", fontsize=10)
+    ax_m.legend(fontsize=8)
+    ax_s.set_yscale("log")
+    ax_s.set_ylabel("MiB")
+    ax_s.set_title("decode state: GPT-2 KV cache vs BDH state (state.nbytes())", fontsize=10)
+    ax_s.legend(fontsize=8)
     ax_t.set_yscale("log")
     ax_t.set_ylabel("ms per token")
-    ax_t.set_title("time per token")
-    ax_t.legend(fontsize=8)
-    fig.suptitle(f"memory wall on {meta['device']} ({meta['dtype']}); "
-                 f"BDH {meta['params']['bdh'] / 1e6:.1f}M params"
-                 + (f", GPT-2 {meta['params']['gpt2'] / 1e6:.1f}M" if "gpt2" in meta['params']
-                    else ""), fontsize=10)
+    ax_t.set_title("ms per token (decode: per new token; prefill: time / L)", fontsize=10)
+    counts = [f"{k} {(v if isinstance(v, int) else v['total']) / 1e6:.1f}M"
+              for k, v in meta["params"].items()]
+    fig.suptitle(f"memory wall on {meta['device']} ({meta['dtype']}, commit {meta['commit']}); "
+                 "params: " + ", ".join(counts) + " (GPT-2 incl. its position table)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def table(points: list[dict]) -> str:
+    def mib(b):
+        return None if b is None else b / 2**20
+
     rows = [{"model": p["model"], "mode": p["mode"], "context": p["context"],
-             "peak MiB": None if p["peak_bytes"] is None else p["peak_bytes"] / 2**20,
-             "state MiB": None if p["state_bytes"] is None else p["state_bytes"] / 2**20,
+             "peak MiB": mib(p["peak_bytes"]),
+             "above baseline MiB": (None if p["peak_bytes"] is None
+                                    or p.get("baseline_bytes") is None
+                                    else mib(p["peak_bytes"] - p["baseline_bytes"])),
+             "state MiB": mib(p["state_bytes"]),
              "ms/token": p["ms_per_token"], "oom": "OOM" if p["oom"] else ""}
             for p in points]
     return markdown_table(rows)
@@ -295,91 +446,133 @@ def parse(argv=None) -> WallConfig:
                    help="default: cuda with --preset h100, else cpu")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="largest context (default: 8192 on the cpu preset, 1048576 on h100)")
-    p.add_argument("--models", default="bdh,gpt2",
-                   help="comma list of bdh, gpt2 (= gpt2-sdpa + gpt2-eager), gpt2-sdpa, "
-                        "gpt2-eager")
+    p.add_argument("--models", default=None,
+                   help="comma list of bdh, gpt2 (= gpt2-sdpa decode+prefill and gpt2-eager "
+                        "prefill), gpt2-sdpa, gpt2-eager, gpt2-25m (default: bdh,gpt2; h100 "
+                        "adds gpt2-25m)")
     p.add_argument("--out", default="results/memory_wall")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--decode-steps", type=int, default=None)
+    p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per point")
+    p.add_argument("--bdh-chunk", type=int, default=None, help="BDH streaming chunk (tokens)")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="per model/mode: stop growing the context when the next point would "
                         "exceed it")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="whole run: each sweep's budget is shrunk to its share of what is left")
+    p.add_argument("--rss-budget-gb", type=float, default=None,
+                   help="CPU: a point whose peak RSS exceeds this counts as out of memory "
+                        "(default: 80%% of physical memory)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._worker:
         return a._worker
-    preset = PRESETS[a.preset]
+    preset = dict(PRESETS[a.preset])
+    models = a.models or ",".join(preset.pop("models", ("bdh", "gpt2")))
+    preset.pop("models", None)
     cfg = WallConfig(preset=a.preset, out=a.out,
                      device=a.device or ("cuda" if a.preset == "h100" else "cpu"),
-                     models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
-                     **{k: v for k, v in preset.items()})
-    for flag in ("max_tokens", "decode_steps", "time_budget_s"):
+                     models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                     **preset)
+    for flag in ("max_tokens", "decode_steps", "bdh_chunk", "time_budget_s", "deadline_s",
+                 "rss_budget_gb"):
         if getattr(a, flag) is not None:
             setattr(cfg, flag, getattr(a, flag))
     if cfg.max_tokens < 1024:
         raise SystemExit(f"--max-tokens must be >= 1024 (the first context), got {cfg.max_tokens}")
     if cfg.decode_steps < 1:
         raise SystemExit(f"--decode-steps must be >= 1, got {cfg.decode_steps}")
+    if cfg.bdh_chunk < 1:
+        raise SystemExit(f"--bdh-chunk must be >= 1, got {cfg.bdh_chunk}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if cfg.device == "cpu" and cfg.rss_budget_gb is None:
+        cfg.rss_budget_gb = round(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                  / 2**30, 2)
     jobs(cfg)                                                     # validate --models early
     return cfg
 
 
 def main(argv=None) -> dict:
+    t_start = time.perf_counter()
     cfg = parse(argv)
     if isinstance(cfg, str):                                      # a CPU worker process
         spec = json.loads(cfg)
         wc = WallConfig(**{**spec["cfg"], "models": tuple(spec["cfg"]["models"])})
         why = sweep(spec["name"], spec["mode"], wc,
-                    lambda p: print(json.dumps({"point": p}), flush=True))
+                    lambda p, c: print(json.dumps({"point": p, "context_peak": c}), flush=True),
+                    spec["budget_s"])
         print(json.dumps({"stopped": why}), flush=True)
         return {}
 
     out = Path(cfg.out)
-    params = {}
-    if "bdh" in cfg.models:
-        params["bdh"] = n_params(build("bdh", WallConfig(**{**asdict(cfg), "device": "cpu",
-                                                            "dtype": "float32"})))
-    if any(m.startswith("gpt2") for m in cfg.models):
-        params["gpt2"] = n_params(build("gpt2-sdpa", WallConfig(**{**asdict(cfg),
-                                                                  "device": "cpu",
-                                                                  "dtype": "float32"})))
-        g = cfg.gpt2
-        params["gpt2_position_table"] = (cfg.max_tokens + cfg.decode_steps + 1) * g["n_embd"]
     meta = run_meta(cfg.device, dtype=cfg.dtype, preset=cfg.preset, config=asdict(cfg),
-                    params=params, stopped={},
-                    memory=("torch.cuda.max_memory_allocated per point" if cfg.device == "cuda"
-                            else "peak RSS of a fresh process per model/mode, sampled every ms"),
-                    notes=["decode peak: the decode phase only, with the context's KV cache or "
-                           "state resident", "GPT-2 prefill: one forward, use_cache=False",
+                    params=param_counts(cfg), stopped={}, errors={}, context_peak_bytes={},
+                    memory=("torch.cuda.max_memory_allocated per point (tensor bytes, not the "
+                            "allocator's reserve)" if cfg.device == "cuda"
+                            else "peak RSS of a fresh process per model/mode, sampled every ms "
+                                 "from /proc/self/statm (includes Python, torch and weights)"),
+                    notes=["decode peak: the decode phase only (peak stats reset after the "
+                           "context is consumed), with the context's KV cache or state resident; "
+                           "the peak while consuming the context is meta.context_peak_bytes",
+                           f"decode ms/token: {cfg.decode_steps} timed greedy steps after "
+                           f"{cfg.decode_warmup} warm-up steps, batch 1",
+                           "GPT-2 prefill: one forward of L tokens, use_cache=False",
+                           f"GPT-2 decode: the context is fed in {cfg.gpt2_chunk}-token chunks "
+                           "through the transformers KV cache",
                            "GPT-2 uses a byte vocabulary (256) and n_positions = max context + "
-                           "decode steps + 1: its position table is counted in its parameters",
-                           f"BDH prefill streams in chunks of {cfg.bdh_chunk} tokens"])
+                           "decode steps + 1: its learned position table is part of its memory "
+                           "and of meta.params[...]['total']",
+                           "gpt2-25m (and the cpu preset's GPT-2): sdpa, 6 (cpu: 2) blocks, "
+                           "width matched to BDH's parameter count without the position table "
+                           "(meta.params[...]['without_position_table'])",
+                           "baseline_bytes (extra key): memory held before the point's work, "
+                           "with only the model loaded: on CUDA torch.cuda.memory_allocated "
+                           "(weights and buffers); on the CPU the worker's RSS (Python, torch, "
+                           "libraries, weights); the table's 'above baseline' is peak minus it",
+                           "a decode point's OOM can happen while consuming the context (chunked "
+                           "prefill into the cache) or while decoding: meta.stopped says which",
+                           "CPU: a worker killed by a signal (the kernel's OOM killer) is "
+                           "recorded as an OOM point",
+                           f"BDH prefill streams in chunks of {cfg.bdh_chunk} tokens "
+                           f"({cfg.max_tokens // cfg.bdh_chunk} calls at the largest context)"])
     points: list[dict] = []
     todo = jobs(cfg)
     bar = tqdm(total=len(todo) * len(contexts(cfg.max_tokens)), desc="memory wall",
                unit="point")
 
-    def emit(p):
+    def emit(p, context_peak=None):
         points.append(p)
         bar.update(1)
         bar.set_postfix_str(f"{p['model']} {p['mode']} {p['context']}")
+        if context_peak is not None:
+            meta["context_peak_bytes"].setdefault(p["model"], {})[p["context"]] = context_peak
         write_json(out / "memory_wall.json", {"meta": meta, "points": points})
 
-    for name, mode in todo:
-        if cfg.device == "cpu":
-            why = _run_job_in_subprocess(cfg, name, mode, emit)
-        else:
-            why = sweep(name, mode, cfg, emit)
-            free_memory(cfg.device)
+    for i, (name, mode) in enumerate(todo):
+        left = cfg.deadline_s - (time.perf_counter() - t_start)
+        budget = max(0.0, min(cfg.time_budget_s, left / (len(todo) - i)))
+        try:
+            if cfg.device == "cpu":
+                why = _run_job_in_subprocess(cfg, name, mode, emit, budget)
+            else:
+                why = sweep(name, mode, cfg, emit, budget)
+        except Exception as exc:                                  # noqa: BLE001
+            # Not an OOM (those are points): a bug or a kernel failure. Keep the other sweeps
+            # and the points so far; the error is in meta.errors and printed in full here.
+            traceback.print_exc()
+            meta["errors"][f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"[:500]
+            why = None
+            write_json(out / "memory_wall.json", {"meta": meta, "points": points})
+        free_memory(cfg.device)
         if why:
             meta["stopped"][f"{name}/{mode}"] = why
     bar.close()
+    meta["seconds"] = round(time.perf_counter() - t_start, 1)
     result = {"meta": meta, "points": points}
     write_json(out / "memory_wall.json", result)
     md = table(points)
-    (out / "memory_wall.md").write_text(md + "\n")
+    notes = "\n".join(f"- {n}" for n in meta["notes"])
+    (out / "memory_wall.md").write_text(md + "\n\n" + notes + "\n")
     try:
         plot(points, out / "memory_wall.png", meta)
     except Exception as exc:                                      # noqa: BLE001
@@ -387,7 +580,9 @@ def main(argv=None) -> dict:
     print(md)
     for k, v in meta["stopped"].items():
         print(f"{k}: {v}")
-    print(f"wrote {out}/memory_wall.json, .png, .md")
+    for k, v in meta["errors"].items():
+        print(f"{k}: FAILED: {v}")
+    print(f"wrote {out}/memory_wall.json, .png, .md in {meta['seconds']:.0f}s")
     return result
 
 
