@@ -335,7 +335,9 @@ def main(argv=None) -> list[dict]:
         """The official model with weights in ``dtype``; its RoPE buffer stays float32, as its
         forward asserts (it casts the rotated activations itself)."""
         mo = official().to(dtype).eval()
-        mo.attn.freqs.data = mo.attn.freqs.data.float()
+        freqs = getattr(getattr(mo, "attn", None), "freqs", None)
+        if freqs is not None:
+            freqs.data = freqs.data.float()
         return mo
 
     def official():
