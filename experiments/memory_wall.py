@@ -515,7 +515,10 @@ def main(argv=None) -> dict:
                            "context is consumed), with the context's KV cache or state resident; "
                            "the peak while consuming the context is meta.context_peak_bytes",
                            f"decode ms/token: {cfg.decode_steps} timed greedy steps after "
-                           f"{cfg.decode_warmup} warm-up steps, batch 1",
+                           f"{cfg.decode_warmup} warm-up steps, batch 1, everything included "
+                           "(Python, kernel launches, transformers' per-call logic, BDH's state "
+                           "copy in generate): at batch 1 this is mostly host overhead, so it "
+                           "compares the two decode loops as a user runs them, not the kernels",
                            "GPT-2 prefill: one forward of L tokens, use_cache=False",
                            f"GPT-2 decode: the context is fed in {cfg.gpt2_chunk}-token chunks "
                            "through the transformers KV cache",
