@@ -139,7 +139,9 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
     step = 0
     ckpt = Path(cfg.ckpt_dir) / f"{cfg.model}.pt" if cfg.ckpt_dir else None
     if cfg.resume and ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        # Load on the CPU: RNG states must be restored from CPU tensors (set_rng_state rejects
+        # CUDA ones); load_state_dict moves weights and optimizer state to the model.
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         if saved["config"]["model"] != cfg.model or saved["config"]["bdh"] != cfg.bdh:
             raise SystemExit(f"--resume: {ckpt} was written for another model/config")
         model.load_state_dict(saved["model"])
