@@ -7,7 +7,9 @@ official `freqs` buffer) and by the drop-in module `BDHAttention`:
 
 RoPE is applied once and the same tensor is passed as q and k (no second copy). With a state
 S the sequence continues at RoPE position `position`; a single token with no autograd takes the
-decoding path `kernels.hebbian_step`, everything else the chunked `kernels.hebbian_attention`.
+decoding path `kernels.hebbian_step`; a "dense" piece with no state in or out (training at
+T = 512 on CUDA) the fused q = k Function `bdh.qk_attention.rope_dense_attention`; everything
+else `kernels.hebbian_attention`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from kernels import hebbian_attention, hebbian_step
 
 from .config import ATTENTION_BACKENDS
-from .rope import official_freqs, rotate_neurons
+from .qk_attention import rope_dense_attention
+from .rope import official_freqs, rotate_at, rotate_neurons
 from .state import BDHState
 
 
@@ -40,7 +43,10 @@ class HebbianRoPE(nn.Module):
         self.N = N
         self.freqs = nn.Buffer(official_freqs(N, torch.float32).view(1, 1, 1, N))
 
-    def rotate(self, xs: torch.Tensor, position: int = 0) -> torch.Tensor:
+    def rotate(self, xs: torch.Tensor, position=0) -> torch.Tensor:
+        """RoPE from ``position``: an int, or (decoding under a CUDA graph) an int64 tensor."""
+        if isinstance(position, torch.Tensor):
+            return rotate_at(xs, position)
         return rotate_neurons(xs, position)
 
     def forward(self, xs, v, *, position: int = 0, state=None, output_final_state=False,
@@ -59,6 +65,10 @@ class HebbianRoPE(nn.Module):
             return o.unsqueeze(2), S
         if backend == "auto" and xs.is_cuda:
             backend = "dense" if xs.shape[2] <= dense_max_tokens else "triton"
+        if backend == "dense" and state is None and not output_final_state:
+            # Training / plain forward of a short piece: the fused q = k form (saves xs, not
+            # RoPE(xs); one product for dq + dk). It always recomputes RoPE in the backward.
+            return rope_dense_attention(xs, v, position), None
 
         def attend(xs, v, state):
             qk = self.rotate(xs, position)

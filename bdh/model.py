@@ -15,8 +15,11 @@ is. Differences from the official code, none of which changes the function:
     score matrix, and decoding through `kernels.hebbian_step`;
   * RoPE phases are exact at any position (see `bdh.rope`), and positions continue across calls
     when a state is passed (streaming);
-  * the decoder product is taken per head and summed (xy @ decoder.view(nh,N,D)), which avoids
-    copying xy into the [B,T,nh·N] layout;
+  * the wide tensors are head-major ([nh, B·T, N], one bmm per weight: no broadcast copies of
+    the weights), and the decoder product is taken per head and summed, which avoids copying
+    xy into the [B,T,nh·N] layout; its backward recomputes dropout(xs·ys) instead of keeping it;
+  * dropout draws an explicit keep mask (the same distribution as nn.Dropout, another
+    random stream);
   * `generate` prefills once and then decodes from the state; it never re-runs the prefix.
 """
 from __future__ import annotations
@@ -66,6 +69,60 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def _gate(xs, ys, keep):
+    xy = xs * ys
+    return xy if keep is None else xy.mul_(keep)
+
+
+class _GatedDecode(torch.autograd.Function):
+    """y = Σ_h (xs_h ⊙ ys_h ⊙ keep_h · scale) @ dec_h   for xs, ys [nh,M,N], keep bool or None,
+    dec [nh,N,D] → y [M,D] in xs's dtype.
+
+    Autograd would save the dropped-out product (1 GiB per layer at the preset) for the decoder's
+    weight gradient; this saves only xs, ys and the keep mask, which the layer holds anyway
+    (xs for the attention, ys and keep for the product's own gradient), and recomputes the
+    product in the backward: one elementwise pass instead of 1 GiB per layer kept. The dropout
+    scale 1/(1−p) rides on the small decoder (dec·scale) rather than on the [nh,M,N] product,
+    one pass over it fewer each way."""
+
+    @staticmethod
+    def forward(ctx, xs, ys, keep, scale, dec):
+        cd = xs.dtype
+        decc = (dec if scale == 1.0 else dec * scale).to(cd)
+        y = torch.bmm(_gate(xs, ys.to(cd), keep), decc).sum(0)
+        ctx.save_for_backward(xs, ys, keep, decc)
+        ctx.scale, ctx.ys_dtype, ctx.dec_dtype = scale, ys.dtype, dec.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, ys, keep, decc = ctx.saved_tensors
+        nh, M, _ = xs.shape
+        dy = dy.to(decc.dtype).expand(nh, M, dy.shape[-1])
+        ddec = None
+        if ctx.needs_input_grad[4]:
+            xy = _gate(xs, ys.to(xs.dtype), keep)                        # recomputed
+            ddec = torch.bmm(xy.transpose(1, 2), dy).to(ctx.dec_dtype)
+            if ctx.scale != 1.0:
+                ddec.mul_(ctx.scale)
+            del xy
+        dxs = dys = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            g = torch.bmm(dy, decc.transpose(1, 2))       # dL/dxy, scale included [nh,M,N]
+            if keep is not None:
+                g.mul_(keep)
+            if ctx.needs_input_grad[0]:
+                dxs = g * ys
+            if ctx.needs_input_grad[1]:
+                dys = g.mul_(xs).to(ctx.ys_dtype)
+        return dxs, dys, None, None, ddec
+
+
+def gated_decode(xs, ys, keep, scale: float, dec):
+    """Σ_h dropout(xs_h ⊙ ys_h) @ dec_h with an explicit keep mask (see `_GatedDecode`)."""
+    return _GatedDecode.apply(xs, ys, keep, float(scale), dec)
+
+
 class BDH(nn.Module):
     def __init__(self, config: BDHConfig):
         super().__init__()
@@ -109,22 +166,35 @@ class BDH(nn.Module):
     # ----------------------------------------------------------------- forward
 
     def _layer(self, x, S, position: int, step: bool, want_state: bool, layer: int):
-        """One BDH layer. x [B,1,T,D]; S None or [B,nh,N,D]. Returns (x, S_final or None)."""
+        """One BDH layer. x [B,1,T,D]; S None or [B,nh,N,D]. Returns (x, S_final or None).
+
+        The [.., N]-wide tensors are made head-major, [nh, B·T, N], by one bmm per weight:
+        `x @ encoder` on [B,1,T,D] @ [nh,D,N] would broadcast the weight, and torch.matmul
+        materialises a broadcast operand (a [B,nh,D,N] copy, 537 MB in bf16 at the preset,
+        and as large a weight gradient summed over B in the backward). xs, ys, xy are handed
+        on as [B,nh,T,N] views of that storage."""
         C = self.config
         B, _, T, D = x.shape
-        xs = (x @ self.encoder).relu_()                                  # [B,nh,T,N]
+        nh, N, M = C.n_head, C.N, B * T
+        xh = x.reshape(1, M, D).expand(nh, M, D)                         # no copy
+        xs_h = torch.bmm(xh, self.encoder).relu_()                       # [nh,B·T,N]
+        xs = xs_h.view(nh, B, T, N).transpose(0, 1)                      # [B,nh,T,N] view
         a, S = self.attn(xs, x, position=position, state=S, output_final_state=want_state,
                          step=step, backend=C.backend, chunk_size=C.chunk_size,
                          dense_max_tokens=C.dense_max_tokens,
                          recompute=C.recompute_attention and self.training)
-        ys = (self.ln(a) @ self.encoder_v).relu_()                       # [B,nh,T,N]
-        xy = xs * ys
+        a_h = self.ln(a).transpose(0, 1).reshape(nh, M, D)               # a view when head-major
+        ys_h = torch.bmm(a_h, self.encoder_v).relu_()                    # [nh,B·T,N]
         if self._probe is not None:
-            self._probe._record(layer, xs, ys, xy)
-        xy = self.drop(xy)
-        # Σ_h xy_h @ decoder_h  ==  xy.transpose(1,2).reshape(B,1,T,nh·N) @ decoder
-        y = (xy @ self.decoder.view(C.n_head, C.N, D)).sum(dim=1, keepdim=True)   # [B,1,T,D]
-        x = self.ln(x + self.ln(y))
+            ys = ys_h.view(nh, B, T, N).transpose(0, 1)
+            self._probe._record(layer, xs, ys, xs * ys)
+        p = self.drop.p if self.drop.training else 0.0
+        keep = None
+        if p > 0:
+            keep = torch.empty(xs_h.shape, dtype=torch.bool, device=xs_h.device).bernoulli_(1 - p)
+        # y = Σ_h dropout(xs_h · ys_h) @ decoder_h   (decoder row h·N + n is neuron n of head h)
+        y = gated_decode(xs_h, ys_h, keep, 1.0 / (1.0 - p), self.decoder.view(nh, N, D))
+        x = self.ln(x + self.ln(y.view(B, 1, T, D)))
         return x, S
 
     def _run(self, idx, states, position: int, want_state: bool, inplace: bool,
@@ -191,7 +261,8 @@ class BDH(nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None, *,
                  seed: int | None = None, state: BDHState | None = None,
-                 return_state: bool = False, prefill_chunk: int = PREFILL_CHUNK):
+                 return_state: bool = False, prefill_chunk: int = PREFILL_CHUNK,
+                 cuda_graph: bool | None = None):
         """Returns idx followed by ``max_new_tokens`` sampled tokens, [B, T0 + max_new_tokens].
 
         The prompt is consumed once by the chunked kernel (in pieces of ``prefill_chunk``
@@ -204,6 +275,10 @@ class BDH(nn.Module):
         returned token but the last, so `model.generate(tokens[:, -1:], n, state=state)`
         continues the same sequence (also after `save_state` / `load_state` in a new process).
         The model's train/eval mode is left as it is (call `model.eval()` to turn off dropout).
+
+        cuda_graph: decode through one captured CUDA graph per token (`bdh.decode_graph`)
+        instead of ~90 eager launches. None (default) uses it on CUDA when nothing needs the
+        eager path (eval mode or dropout 0, no probe) and at least 3 tokens are to be decoded.
         """
         C = self.config
         idx = check_token_ids(idx, C.vocab_size)
@@ -226,6 +301,15 @@ class BDH(nn.Module):
             raise ValueError("generator, seed: pass at most one of them")
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
+        if cuda_graph not in (None, True, False):
+            raise ValueError(f"cuda_graph: expected None, True or False, got {cuda_graph!r}")
+        eager_only = (self.training and self.drop.p > 0) or self._probe is not None
+        if cuda_graph and (device.type != "cuda" or eager_only):
+            raise ValueError("cuda_graph=True: needs a CUDA model in eval mode (or dropout 0) "
+                             f"with no probe attached; got device {device}, "
+                             f"training={self.training}, probe={self._probe is not None}")
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and not eager_only and max_new_tokens >= 4
         if generator is not None and top_k != 1 and generator.device.type != device.type:
             raise ValueError(f"generator: expected a torch.Generator on {device.type} (the "
                              f"model's device), got one on {generator.device}")
@@ -255,13 +339,23 @@ class BDH(nn.Module):
                 consume(idx[:, :-1])
         else:
             logits = consume(idx)
+            graph = None
             for i in range(max_new_tokens):
                 nxt = sample_next(logits[:, -1], temperature, top_k, generator)
                 out[:, T0 + i:T0 + i + 1] = nxt
-                if i + 1 < max_new_tokens:
+                if i + 1 == max_new_tokens:
+                    break
+                if graph is not None:
+                    logits = graph.step(nxt)
+                elif cuda_graph:
+                    from .decode_graph import DecodeGraph
+                    graph = DecodeGraph(self, states, position, nxt)  # this step, then capture
+                    logits = graph.logits
+                else:
                     logits, states = self._run(nxt, states, position, want_state=True,
                                                inplace=True, last_only=True)
-                    position += 1
+                position += 1
+            del graph
         if not return_state:
             return out
         return out, BDHState(states, position, self.state_config())

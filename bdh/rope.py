@@ -84,12 +84,16 @@ def _rotate(x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
     return out
 
 
-def _rotate_any(x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
-    """The Triton pass on CUDA (one read, one write: `bdh.rope_kernel`), else `_rotate`."""
+def _rotate_any(x: torch.Tensor, start: int, inverse: bool,
+                inplace: bool = False) -> torch.Tensor:
+    """The Triton pass on CUDA (one read, one write: `bdh.rope_kernel`), else `_rotate`.
+    ``inplace``: a contiguous CUDA x may be overwritten (saves an allocation); elsewhere a new
+    tensor is returned all the same."""
     if x.is_cuda and x.dtype != torch.float64:
         from .rope_kernel import rope_rotate_triton
         return rope_rotate_triton(x, start, inverse, pair_freqs64(x.shape[-1] // 2 * 2,
-                                                                  x.device))
+                                                                  x.device),
+                                  inplace=inplace and x.is_contiguous())
     return _rotate(x, start, inverse)
 
 
@@ -110,3 +114,24 @@ def rotate_neurons(x: torch.Tensor, start: int = 0) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"x: RoPE needs an even last dimension N, got shape {list(x.shape)}")
     return _RotateNeurons.apply(x, int(start))
+
+
+def rotate_at(x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [..., T, N] from a start position held in an int64 tensor [1] (not
+    differentiable: decoding only). On CUDA the Triton kernel reads the position on the device,
+    so a CUDA graph that captured this call rotates by the position current at replay; elsewhere
+    the position is read back and `_rotate` runs."""
+    if not isinstance(position, torch.Tensor) or position.dtype != torch.int64 \
+            or position.numel() != 1:
+        raise TypeError(f"position: expected an int64 tensor with one element, got "
+                        f"{getattr(position, 'dtype', type(position).__name__)} "
+                        f"{list(getattr(position, 'shape', []))}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x: RoPE needs an even last dimension N, got shape {list(x.shape)}")
+    if x.is_cuda and x.dtype != torch.float64:
+        if position.device != x.device:
+            raise ValueError(f"position: expected a tensor on {x.device}, got {position.device}")
+        from .rope_kernel import rope_rotate_triton
+        return rope_rotate_triton(x, position.view(1), False,
+                                  pair_freqs64(x.shape[-1], x.device))
+    return _rotate(x, int(position), inverse=False)

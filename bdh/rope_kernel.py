@@ -22,14 +22,20 @@ TWO_PI = 2 * math.pi
 
 @triton.jit
 def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
-                       BT: tl.constexpr, BP: tl.constexpr, G: tl.constexpr):
+                       BT: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
+                       START_PTR: tl.constexpr):
     i_t, i_p, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
     o_p = i_p * BP + tl.arange(0, BP)
     m_t, m_p = o_t < T, o_p < NP
     # Exact phase: (start + t)·f in float64, reduced mod 1 before the cast to float32.
     b_f = tl.load(freqs + o_p, mask=m_p, other=0.)                         # float64 [BP]
-    b_pos = (start + o_t).to(tl.float64)
+    if START_PTR:
+        # The position lives on the device (int64 [1]): a captured CUDA graph replays the
+        # decode step with whatever position the tensor holds at replay time.
+        b_pos = (tl.load(start) + o_t).to(tl.float64)
+    else:
+        b_pos = (start + o_t).to(tl.float64)
     b_cyc = b_pos[:, None] * b_f[None, :]
     b_frac = (b_cyc - b_cyc.to(tl.int64).to(tl.float64)).to(tl.float32)
     b_ang = b_frac * 6.283185307179586
@@ -54,13 +60,19 @@ def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
         p_out += stride_bh
 
 
-def rope_rotate_triton(x: torch.Tensor, start: int, inverse: bool, freqs64: torch.Tensor):
+def rope_rotate_triton(x: torch.Tensor, start: int, inverse: bool, freqs64: torch.Tensor,
+                       inplace: bool = False):
     """Rotate x [..., T, N] (contiguous) by the angles of positions start…; ``freqs64`` [N/2]
-    float64 pair frequencies on x's device. Returns a new tensor in x's dtype."""
+    float64 pair frequencies on x's device. ``start`` is an int, or an int64 tensor [1] on x's
+    device read by the kernel (CUDA-graph decoding). Returns a new tensor in x's dtype, or x itself
+    rotated in place when ``inplace`` (x contiguous): every program reads its tile before it
+    writes the same tile, and tiles do not overlap, so in place is safe."""
+    if inplace and not x.is_contiguous():
+        raise ValueError("x: an in-place rotation needs a contiguous tensor")
     x = x.contiguous()
     T, N = x.shape[-2], x.shape[-1]
     BH = x.numel() // max(1, T * N)
-    out = torch.empty_like(x)
+    out = x if inplace else torch.empty_like(x)
     if x.numel() == 0:
         return out
     NP = N // 2
@@ -70,6 +82,8 @@ def rope_rotate_triton(x: torch.Tensor, start: int, inverse: bool, freqs64: torc
     # parallelism (enough programs to fill the chip at small T).
     G = min(16, BH)
     grid = (triton.cdiv(T, BT), triton.cdiv(NP, BP), triton.cdiv(BH, G))
-    rope_rotate_kernel[grid](x, out, freqs64, int(start), BH, T, NP, T * N,
-                             -1.0 if inverse else 1.0, BT=BT, BP=BP, G=G, num_warps=4)
+    on_device = isinstance(start, torch.Tensor)
+    rope_rotate_kernel[grid](x, out, freqs64, start if on_device else int(start), BH, T, NP,
+                             T * N, -1.0 if inverse else 1.0, BT=BT, BP=BP, G=G,
+                             START_PTR=on_device, num_warps=4)
     return out

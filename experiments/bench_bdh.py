@@ -71,7 +71,7 @@ class Sizes:
     stream: tuple = (1 << 16, 1 << 18, 1 << 20)
     stream_chunk: int = 16384
     prompts: tuple = (1024, 100_000)
-    new_tokens: int = 64
+    new_tokens: int = 256
     official_new_tokens: int = 4
 
 
@@ -206,20 +206,24 @@ def bench_stream(b: Bench, model, L: int, sz: Sizes) -> None:
                    pm.peak, note=f"state {st.nbytes() / 2**20:.3g} MiB"))
 
 
-def bench_generate_ours(b: Bench, model, P: int, sz: Sizes) -> None:
+def bench_generate_ours(b: Bench, model, P: int, sz: Sizes, cuda_graph: bool = True) -> None:
+    """Greedy decoding after a P-token prompt; the timed call includes the graph capture."""
     dev = b.dev
+    cuda_graph = cuda_graph and dev.type == "cuda"
     prompt = torch.randint(0, 256, (1, P), device=dev)
-    model.generate(prompt[:, :16], 4, top_k=1)                           # warm-up
+    model.generate(prompt[:, :16], 4, top_k=1, cuda_graph=cuda_graph)    # warm-up
     sync(dev)
     t0 = time.perf_counter()
     _, st = model.generate(prompt, 0, return_state=True)   # the state of all but the last token
     sync(dev)
     prefill_s = time.perf_counter() - t0
     with PeakMemory(dev) as pm:
-        model.generate(prompt[:, -1:], sz.new_tokens, top_k=1, state=st)
-    b.add(make_row("generate", "ours", f"prompt {P}, {sz.new_tokens} new", pm.seconds,
+        model.generate(prompt[:, -1:], sz.new_tokens, top_k=1, state=st, cuda_graph=cuda_graph)
+    impl = "ours (eager decode)" if dev.type == "cuda" and not cuda_graph else "ours"
+    b.add(make_row("generate", impl, f"prompt {P}, {sz.new_tokens} new", pm.seconds,
                    sz.new_tokens, pm.peak,
-                   note=f"prompt prefill {1e3 * prefill_s:.0f} ms; "
+                   note=f"{'CUDA-graph' if cuda_graph else 'eager'} decode; prompt prefill "
+                        f"{1e3 * prefill_s:.0f} ms; "
                         f"state {st.nbytes() / 2**20:.3g} MiB"))
 
 
@@ -378,6 +382,9 @@ def main(argv=None) -> list[dict]:
             m = ours(dropout=0.0).to(dt).eval()
             for P in sz.prompts:
                 b.run("generate", "ours", f"prompt {P}", lambda: bench_generate_ours(b, m, P, sz))
+                if gpu:
+                    b.run("generate", "ours (eager decode)", f"prompt {P}",
+                          lambda: bench_generate_ours(b, m, P, sz, cuda_graph=False))
             del m
             free_memory(dev)
             if off is not None:

@@ -1,0 +1,68 @@
+"""One BDH decoding step captured as a CUDA graph, replayed once per generated token.
+
+Why: at batch 1 a decoding step is ~90 small kernels (6 layers of three matvecs, RoPE, the
+Hebbian step and its reduction, LayerNorms). Eagerly each costs a Python dispatch and a launch
+(~30 µs), which is 3–5 ms per token, while the work itself — reading the bf16 weights and
+reading + writing the float32 state — is a few hundred µs. A graph replays all of them with one
+launch.
+
+What a graph needs, and how the step provides it:
+  * fixed addresses: the token id goes into a static [B,1] buffer, the state tensors are the
+    caller's (updated in place), the logits come out in a buffer the graph owns;
+  * no host-side values that change per token: the RoPE position is an int64 tensor on the
+    device that the RoPE kernel reads (`bdh.rope.rotate_at`) and that the graph itself
+    increments after the step;
+  * no synchronisation inside the step: `BDH._run` checks nothing on the device.
+
+`DecodeGraph.step()` is equivalent to `model._run(idx, states, position, want_state=True,
+inplace=True, last_only=True)` followed by `position += 1`; tests/test_bdh_decode_graph.py
+compares the two on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class DecodeGraph:
+    """A captured single-token step of ``model`` on the float32 ``states`` (a list of
+    [B,nh,N,D] tensors, updated in place on every step) starting at RoPE ``position``.
+
+    The first step runs eagerly (it compiles and warms every kernel) on a side stream, as
+    CUDA graph capture requires; the capture happens right after it. Use:
+
+        g = DecodeGraph(model, states, position, first_token)   # runs step 1 eagerly
+        logits = g.logits                                        # [B,1,vocab]
+        g.step(next_token)                                       # steps 2, 3, …
+    """
+
+    def __init__(self, model, states: list, position: int, token: torch.Tensor):
+        if not torch.cuda.is_available() or token.device.type != "cuda":
+            raise ValueError(f"DecodeGraph: CUDA graphs need a CUDA model, got {token.device}")
+        self.model = model
+        self.states = states
+        self.idx = token.detach().clone().view(-1, 1)
+        self.pos = torch.tensor([int(position)], dtype=torch.int64, device=token.device)
+        side = torch.cuda.Stream(device=token.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            self.logits = self._forward()          # the first real step, eager
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self._out = self._forward()            # recorded, not run
+        self.position = int(position) + 1
+
+    def _forward(self) -> torch.Tensor:
+        logits, _ = self.model._run(self.idx, self.states, self.pos, want_state=True,
+                                    inplace=True, last_only=True)
+        self.pos.add_(1)
+        return logits
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` [B] or [B,1]; returns the logits [B,1,vocab] (a buffer overwritten by
+        the next step: copy it to keep it)."""
+        self.idx.copy_(token.view(-1, 1))
+        self.graph.replay()
+        self.position += 1
+        self.logits = self._out
+        return self._out

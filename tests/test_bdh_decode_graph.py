@@ -1,0 +1,88 @@
+"""Decoding with the RoPE position on the device, and the CUDA-graph decode step
+(bdh.decode_graph) against eager decoding."""
+import pytest
+import torch
+
+from bdh import BDH, BDHConfig
+from bdh.rope import _rotate, pair_freqs64, rotate_at, rotate_neurons
+from bdh.rope_kernel import rope_rotate_triton
+from helpers import assert_rel_close
+
+SMALL = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, vocab_size=256,
+             dropout=0.0, chunk_size=16)
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = BDH(BDHConfig(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():                 # sharper logits than the 0.02 init: fewer near-ties
+        for p in (model.encoder, model.encoder_v, model.decoder, model.lm_head):
+            p.mul_(2.5)
+    return model
+
+
+@pytest.mark.parametrize("start", [0, 7, 1_000_003])
+def test_triton_rope_reads_the_position_from_the_device(kernel_device, poison_empty, start):
+    x = torch.randn(1, 3, 1, 72, device=kernel_device)
+    pos = torch.tensor([start], dtype=torch.int64, device=kernel_device)
+    out = rope_rotate_triton(x, pos, False, pair_freqs64(72, x.device))
+    assert_rel_close(out, _rotate(x.double(), start, False), 1e-5, "rotated at device position")
+
+
+@pytest.mark.parametrize("start", [3, 999_999])
+def test_rotate_at_equals_rotate_neurons(start):
+    x = torch.randn(2, 2, 1, 16)
+    out = rotate_at(x, torch.tensor([start]))
+    assert_rel_close(out, rotate_neurons(x, start), 1e-6, "rotate_at")
+    assert (out - rotate_neurons(x, start + 1)).abs().max() > 1e-3    # the position matters
+
+
+@pytest.mark.parametrize("bad", [3, torch.tensor([3], dtype=torch.int32), torch.tensor([1, 2])])
+def test_rotate_at_rejects_a_bad_position(bad):
+    with pytest.raises(TypeError, match="position"):
+        rotate_at(torch.randn(1, 1, 1, 8), bad)
+
+
+def test_decode_step_with_a_device_position_equals_the_int_position():
+    model = make_model(backend="torch")
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        _, st = model(idx, return_state=True)
+        tok = torch.randint(0, 256, (2, 1))
+        s_int = [S.clone() for S in st.layers]
+        s_dev = [S.clone() for S in st.layers]
+        ref, _ = model._run(tok, s_int, 9, want_state=True, inplace=True, last_only=True)
+        out, _ = model._run(tok, s_dev, torch.tensor([9]), want_state=True, inplace=True,
+                            last_only=True)
+    assert_rel_close(out, ref, 1e-6, "logits")
+    for a, b in zip(s_dev, s_int):
+        assert_rel_close(a, b, 1e-6, "state")
+    assert (s_dev[0] - st.layers[0]).abs().max() > 0            # the step did update it
+
+
+def test_generate_cuda_graph_argument_is_checked():
+    model = make_model(backend="torch")
+    idx = torch.randint(0, 256, (1, 4))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.generate(idx, 4, top_k=1, cuda_graph="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True"):
+            model.generate(idx, 4, top_k=1, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoding_equals_eager_decoding_on_gpu(dtype):
+    model = make_model(n_embd=64, mlp_internal_dim_multiplier=16, backend="auto")
+    model = model.cuda().to(dtype)
+    prompt = torch.randint(0, 256, (2, 40), device="cuda")
+    eager, s_e = model.generate(prompt, 24, top_k=1, cuda_graph=False, return_state=True)
+    graph, s_g = model.generate(prompt, 24, top_k=1, cuda_graph=True, return_state=True)
+    assert torch.equal(graph, eager)
+    assert s_g.position == s_e.position == 40 + 23
+    for a, b in zip(s_g.layers, s_e.layers):
+        assert_rel_close(a, b, 1e-5 if dtype == torch.float32 else 1e-2, "state")
+    # sampling through the graph is reproducible with a seed
+    a = model.generate(prompt, 16, top_k=5, seed=3, cuda_graph=True)
+    b = model.generate(prompt, 16, top_k=5, seed=3, cuda_graph=False)
+    assert torch.equal(a, b)
