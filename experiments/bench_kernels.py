@@ -233,14 +233,20 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     return rows
 
 
-SWEEP = [  # (chunk, tile overrides) for ours at the BDH shape
-    (64, {}), (128, {}), (64, {"o_BV": 256}), (64, {"h_BK": 64, "h_BV": 128}),
-    (128, {"o_BV": 128}), (64, {"dqk_BV": 128, "dqk_BK": 128}), (32, {}),
+SWEEP = [  # (chunk, tile overrides) for ours: the split forward, then the fused one
+    (64, {}), (128, {}),
+    (64, {"fused": True}),                                   # 128×128 state slice, 8 warps
+    (64, {"fused": True, "fused_warps": 16}),
+    (64, {"fused": True, "fused_BK": 256, "fused_BV": 64, "fused_warps": 16}),  # fewer atomics
+    (64, {"fused": True, "fused_BK": 128, "fused_BV": 64}),
+    (64, {"fused": True, "fused_BK": 64, "fused_BV": 64}),  # no register spill (sm_90 cubin)
+    (32, {"fused": True}),
 ]
 
 
 def run_sweep(s: Shape, rep_ms):
-    """Time ours (fwd, fwd+bwd) over chunk sizes and tile sizes: the data for tuning."""
+    """Time ours (fwd, fwd+bwd) over chunk sizes, tile sizes and the two forward algorithms:
+    the data for tuning. Each config's output is checked against the torch path."""
     from kernels.hebbian import chunk as chunk_mod
     dev, dt = torch.device("cuda"), torch.bfloat16
     HV = 1 if s.shared_v else s.H
@@ -249,22 +255,25 @@ def run_sweep(s: Shape, rep_ms):
     v = torch.randn(s.B, HV, s.T, s.V, device=dev, dtype=dt)
     do = torch.randn(s.B, s.H, s.T, s.V, device=dev, dtype=dt)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    scale = 1.0 / (s.K * 8)
+    o_ref, _ = chunk_hebbian_torch(q, k, v, scale=scale, strict=False, chunk_size=CHUNK)
     rows = []
     for chunk_size, tiles in SWEEP:
         chunk_mod.TILE_OVERRIDES.clear()
         chunk_mod.TILE_OVERRIDES.update(tiles)
 
         def f(q_, k_, v_):
-            return hebbian_attention(q_, k_, v_, scale=1.0 / (s.K * 8), strict=False,
+            return hebbian_attention(q_, k_, v_, scale=scale, strict=False,
                                      backend="triton", chunk_size=chunk_size)
         try:
+            err = rel_err(f(q, k, v)[0], o_ref)
             fwd = bench(lambda: f(q, k, v), rep_ms)
             fb = bench(lambda: f(qg, kg, vg)[0].backward(do), rep_ms, grad_to_none=[qg, kg, vg])
         except Exception as exc:                               # noqa: BLE001
-            fwd = fb = None
-            print(f"sweep {chunk_size} {tiles}: {type(exc).__name__}: {exc}")
+            err = fwd = fb = None
+            print(f"sweep {s.name} {chunk_size} {tiles}: {type(exc).__name__}: {exc}")
         rows.append({"shape": s.name, "chunk": chunk_size, "tiles": str(tiles) or "default",
-                     "fwd ms": fwd, "fwd+bwd ms": fb})
+                     "fwd ms": fwd, "fwd+bwd ms": fb, "fwd err vs torch": err})
         print(rows[-1], flush=True)
     chunk_mod.TILE_OVERRIDES.clear()
     return rows
@@ -320,8 +329,15 @@ def main(argv=None):
     p.add_argument("--no-fla", action="store_true", help="skip fla even when importable")
     p.add_argument("--no-reference", action="store_true", help="skip the token-by-token oracle")
     p.add_argument("--sweep", action="store_true",
-                   help="also time ours over chunk and tile sizes at the BDH shape")
+                   help="also time ours over chunk sizes, tile sizes and the split / fused "
+                        "forward at each shape")
+    p.add_argument("--sweep-only", action="store_true", help="the sweep without the main table")
+    p.add_argument("--fwd-mode", choices=["split", "fused"], default=None,
+                   help="the forward algorithm for ours (default: the package's choice)")
     args = p.parse_args(argv)
+    if args.fwd_mode:
+        from kernels.hebbian import chunk as chunk_mod
+        chunk_mod.FWD_MODE = args.fwd_mode
 
     if not torch.cuda.is_available():
         ok = cpu_smoke()
@@ -329,12 +345,14 @@ def main(argv=None):
 
     fla = None if args.no_fla else load_fla()
     out = Path(args.out)
+    from kernels.hebbian import chunk as chunk_mod
     meta = run_meta("cuda", chunk=CHUNK, dtype="bfloat16", state="float32",
+                    fwd_mode=chunk_mod.FWD_MODE,
                     fla=fla[2] if fla else None, command=" ".join(["python -m experiments."
                                                                      "bench_kernels"]
                                                                     + (argv or sys.argv[1:])))
     rows = []
-    for name in args.shapes.split(","):
+    for name in ([] if args.sweep_only else args.shapes.split(",")):
         s = SHAPES[name]
         # The recurrent oracle reads and writes the whole state every token: only where that
         # stays under ~1.5 TB of traffic (a few seconds).
@@ -345,7 +363,11 @@ def main(argv=None):
                                                                           SHAPES.values()],
                                                  "rows": rows})
         torch.cuda.empty_cache()
-    sweep = run_sweep(SHAPES["bdh"], args.rep_ms) if args.sweep else []
+    sweep = []
+    if args.sweep or args.sweep_only:
+        for name in args.shapes.split(","):
+            sweep += run_sweep(SHAPES[name], args.rep_ms)
+            torch.cuda.empty_cache()
     if sweep:
         write_json(out / "bench_kernels_sweep.json", {"meta": meta, "rows": sweep})
     cols = ["shape", "B,T,H,K,V", "pass", "impl", "ms", "tok/s", "TFLOP/s", "GB/s",

@@ -10,6 +10,7 @@ import torch
 
 from helpers import assert_rel_close
 from kernels import hebbian_attention, hebbian_quadratic, hebbian_recurrent, hebbian_step
+import kernels.hebbian.chunk as hebbian_chunk
 import kernels.hebbian.function as hebbian_function
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -129,6 +130,47 @@ def test_chunk_without_initial_state(kernel_device, poison_empty):
         assert_rel_close(a.grad, b.grad, 1e-5, name)
 
 
+# ----------------------------------------------------------------------------- fused forward
+
+@pytest.fixture
+def fused_forward(monkeypatch):
+    """Run the forward through chunk_hebbian_fwd_fused_kernel (the backward is unchanged)."""
+    monkeypatch.setattr(hebbian_chunk, "FWD_MODE", "fused")
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "inclusive"])
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+def test_fused_forward_fp32(kernel_device, poison_empty, fused_forward, strict, decay):
+    # K = 40 spans two 32-wide K tiles: the output is summed with atomics across them.
+    q, k, v, h0, g = make_inputs(2, 3, 130, 40, 24, torch.float32, kernel_device,
+                                 shared_v=strict, decay=decay)
+    assert hebbian_chunk.fused_needs_atomics(40, hebbian_chunk.Tiles(40, 24, 64))
+    check_against_reference(q, k, v, h0, g, strict=strict, scale=0.37, chunk_size=64,
+                            dtype=torch.float32)
+
+
+def test_fused_forward_fp16_one_k_tile(kernel_device, poison_empty, fused_forward):
+    # K = 24 fits one tile: plain stores of the output, no float32 buffer.
+    q, k, v, h0, g = make_inputs(1, 2, 75, 24, 40, torch.float16, kernel_device,
+                                 shared_v=True, decay=True)
+    assert not hebbian_chunk.fused_needs_atomics(24, hebbian_chunk.Tiles(24, 40, 16))
+    check_against_reference(q, k, v, h0, g, strict=True, scale=0.2, chunk_size=16,
+                            dtype=torch.float16)
+
+
+def test_fused_forward_segments_no_grad(kernel_device, poison_empty, fused_forward,
+                                        monkeypatch):
+    monkeypatch.setattr(hebbian_function, "SEGMENT_TOKENS", 32)
+    q, k, v, h0, g = make_inputs(2, 2, 70, 40, 18, torch.float32, kernel_device, decay=True)
+    with torch.no_grad():
+        o, S = hebbian_attention(q, k, v, decay=g, initial_state=h0, output_final_state=True,
+                                 backend="triton", chunk_size=16)
+    o_r, S_r = hebbian_recurrent(q.double(), k.double(), v.double(), decay=g.double(),
+                                 initial_state=h0.double())
+    assert_rel_close(o, o_r, 1e-5, "o")
+    assert_rel_close(S, S_r, 1e-5, "S_final")
+
+
 def test_chunk_empty_sequence(kernel_device):
     q, k, v, h0, _ = make_inputs(1, 2, 0, 16, 8, torch.float32, kernel_device)
     o, S = hebbian_attention(q, k, v, initial_state=h0, output_final_state=True,
@@ -181,9 +223,12 @@ def test_decode_step_per_head_v_no_decay(kernel_device, poison_empty):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_bdh_shape(dtype):
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_gpu_bdh_shape(dtype, mode, monkeypatch):
     """B1 H4 T4096 K8192 V256, v shared, decay on, against float64 autograd of the quadratic
-    form on the GPU. Inputs scaled like BDH's (ReLU-sparse-ish magnitudes don't matter here)."""
+    form on the GPU, with either forward algorithm. Inputs scaled like BDH's (ReLU-sparse-ish
+    magnitudes don't matter here)."""
+    monkeypatch.setattr(hebbian_chunk, "FWD_MODE", mode)
     dev = torch.device("cuda")
     B, H, T, K, V = 1, 4, 4096, 8192, 256
     q, k, v, h0, g = make_inputs(B, H, T, K, V, dtype, dev, shared_v=True, decay=True)
@@ -227,3 +272,14 @@ def test_gpu_past_int32_indexing():
     assert_rel_close(S, S_r, 1e-2, "S_final")
     for name, x, x_r in zip(("dq", "dk", "dv"), leaves, tail):
         assert_rel_close(x.grad[:, :, T - W:], x_r.grad, 1e-2, name + " tail")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_gpu_k128_both_forwards(mode, monkeypatch):
+    """K = V = 128 in bf16: one K tile covers K, so the fused forward stores O directly."""
+    monkeypatch.setattr(hebbian_chunk, "FWD_MODE", mode)
+    q, k, v, h0, g = make_inputs(2, 4, 1000, 128, 128, torch.bfloat16, torch.device("cuda"),
+                                 decay=True)
+    check_against_reference(q, k, v, h0, g, strict=True, scale=128 ** -0.5, chunk_size=64,
+                            dtype=torch.bfloat16, ref=hebbian_quadratic)

@@ -155,6 +155,84 @@ def chunk_hebbian_fwd_o_kernel(q, k, v, h, o, log2g, scale, T, t0, NTS, H, HV, K
 
 
 # --------------------------------------------------------------------------------------------
+# Forward, fused (the alternative to fwd_h + fwd_o). grid (cdiv(V, BV), cdiv(K, BK), B·H).
+# Each program keeps its [BK, BV] slice of the state in float32 registers and walks the chunks
+# in order, adding that slice's share of every chunk's output,
+#     O_c[:, v-tile] += scale · (w_in ⊙ Q_c[:, k-tile] h_c[k-tile, v-tile]
+#                               + (D ⊙ Q_c[:, k-tile] K_c[:, k-tile]ᵀ) V_c[:, v-tile]),
+# which is exact because both terms are sums over K (the mask D is applied per K slice). The
+# per-chunk states are never written to memory: the cost moves to the cross-K-tile sum of O,
+# done with float32 atomics into a buffer that fits in L2 (ATOMIC), or with plain stores when
+# one K tile covers K. Programs that differ only in the V tile are adjacent in the grid, so
+# they read the same Q_c, K_c tiles at about the same time (from L2 after the first).
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, log2g, scale, T, t0, NTS, H, HV, K, V,
+                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                   HAS_DECAY: tl.constexpr, STRICT: tl.constexpr,
+                                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                                   ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_k = tl.program_id(0), tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BT)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    p_q = q + i_bh * T * K
+    p_k = k + i_bh * T * K
+    p_v = v + (i_b * HV + i_h % HV) * T * V
+    p_o = o + i_bh * T * V
+    if STRICT:
+        m_A = o_i[:, None] > o_i[None, :]
+    else:
+        m_A = o_i[:, None] >= o_i[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_kv, mask=m_kv, other=0.)
+    if HAS_DECAY:
+        b_lg = tl.load(log2g + i_h).to(tl.float32)
+        shift = 1 if STRICT else 0
+        b_win = _decay_pow(o_i + (1 - shift), b_lg)
+        b_D = _decay_pow(tl.where(m_A, o_i[:, None] - o_i[None, :] - shift, 0), b_lg)
+    # Q and K tiles share one int32 offset tile, V and O another; the chunk's start moves the
+    # (int64) base pointers. K is loaded row-major like Q and transposed in registers.
+    o_tk = o_i[:, None] * K + o_k[None, :]
+    o_tv = o_i[:, None] * V + o_v[None, :]
+    for i_t in range(NTS):
+        t_s = t0 + i_t * BT
+        m_t = o_i < T - t_s
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load((p_q + t_s.to(tl.int64) * K) + o_tk, mask=m_tk, other=0.)
+        b_kt = tl.trans(tl.load((p_k + t_s.to(tl.int64) * K) + o_tk, mask=m_tk, other=0.))
+        b_v = tl.load((p_v + t_s.to(tl.int64) * V) + o_tv, mask=m_tv, other=0.)
+        b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
+        b_A = tl.dot(b_q, b_kt, input_precision=PREC)
+        if HAS_DECAY:
+            b_o *= b_win[:, None]
+            b_A *= b_D
+        b_A = tl.where(m_A, b_A, 0.)
+        b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)) * scale
+        p_ot = (p_o + t_s.to(tl.int64) * V) + o_tv
+        if ATOMIC:
+            tl.atomic_add(p_ot, b_o, mask=m_tv, sem="relaxed")
+        else:
+            tl.store(p_ot, b_o.to(p_o.dtype.element_ty), mask=m_tv)
+        if HAS_DECAY:
+            L = tl.minimum(T - t_s, BT)
+            b_wk = tl.where(m_t, _decay_pow(tl.maximum(L - 1 - o_i, 0), b_lg), 0.)
+            b_kt = (b_kt * b_wk[None, :]).to(b_v.dtype)
+            b_h *= tl.exp2(L.to(tl.float32) * b_lg)
+        b_h += tl.dot(b_kt, b_v, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
+
+
+# --------------------------------------------------------------------------------------------
 # Stage 3 (backward): reverse state passing. grid (cdiv(K, BK), cdiv(V, BV), B·H).
 # Writes dh[c] = dL/d(state after chunk c) for the segment's chunks, and the carry dL/dh_first.
 # --------------------------------------------------------------------------------------------
@@ -364,8 +442,11 @@ def _warps(*tiles: int) -> int:
     return 4 if INTERPRET or max(tiles) * sorted(tiles)[-2] <= 128 * 64 else 8
 
 
-# Benchmarks may pin tile sizes here (e.g. {"o_BV": 64}); empty in normal use.
+# Benchmarks may pin tile sizes here (e.g. {"o_BV": 64}, {"fused": True}); empty in normal use.
 TILE_OVERRIDES: dict = {}
+# The forward's algorithm: "split" (fwd_h writes every chunk's state, fwd_o reads them) or
+# "fused" (chunk_hebbian_fwd_fused_kernel: no per-chunk states in memory).
+FWD_MODE = "split"
 
 
 class Tiles:
@@ -383,7 +464,15 @@ class Tiles:
         # dq/dk kernel: two [BT, BK] accumulators, loop over V in BV steps.
         self.dqk_BK = _tile(K, 64)
         self.dqk_BV = _tile(V, 64)
+        # Fused forward: one [BK, BV] float32 state slice per program (64 KiB at 128×128).
+        self.fused_BK = _tile(K, 128 if big else 32)
+        self.fused_BV = _tile(V, 128 if big else 32)
+        self.fused = FWD_MODE == "fused"
+        self.fused_warps = None                     # None: _warps(BK, BV)
         for name, value in TILE_OVERRIDES.items():
+            if name in ("fused", "fused_warps"):
+                setattr(self, name, value)
+                continue
             setattr(self, name, _tile({"K": K, "V": V}[name[-1]], value))
 
 
@@ -413,6 +502,27 @@ def chunk_fwd_o(q, k, v, h, o, log2g, scale, strict, *, t0, nts, tiles):
         q, k, v, h, o, log2g if log2g is not None else q, float(scale), T, t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
         PREC=_prec(q.dtype), num_warps=_warps(tiles.BT, BV), num_stages=2)
+
+
+def fused_needs_atomics(K: int, tiles) -> bool:
+    """The fused forward sums O over K tiles with atomics unless one tile covers K."""
+    return triton.cdiv(K, tiles.fused_BK) > 1
+
+
+def chunk_fwd_fused(q, k, v, o, log2g, h0, ht, scale, strict, *, t0, nts, tiles):
+    """The segment [t0, t0 + nts·BT) of the fused forward. ``o`` is float32 and zeroed when
+    `fused_needs_atomics` (programs add into it), else the output itself; the state after the
+    segment goes to ``ht`` (float32) when given."""
+    B, H, T, K = q.shape
+    HV, V = v.shape[1], v.shape[3]
+    BK, BV = tiles.fused_BK, tiles.fused_BV
+    grid = (triton.cdiv(V, BV), triton.cdiv(K, BK), B * H)
+    chunk_hebbian_fwd_fused_kernel[grid](
+        q, k, v, o, h0 if h0 is not None else q, ht if ht is not None else q,
+        log2g if log2g is not None else q, float(scale), T, t0, nts, H, HV, K, V,
+        BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
+        USE_H0=h0 is not None, STORE_HT=ht is not None, ATOMIC=fused_needs_atomics(K, tiles),
+        PREC=_prec(q.dtype), num_warps=tiles.fused_warps or _warps(BK, BV), num_stages=2)
 
 
 def chunk_bwd_dh(q, do, log2g, dht, dh0, scale, strict, *, t0, nts, tiles):

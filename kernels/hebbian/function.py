@@ -41,6 +41,10 @@ class HebbianAttentionFunction(torch.autograd.Function):
         log2g = _log2_decay(decay)
         tiles = chunk.Tiles(K, V, BT)
         o = torch.empty(B, H, T, V, dtype=v.dtype, device=q.device)
+        # The fused forward adds the K tiles' shares of O into a zeroed float32 buffer.
+        o_acc = o
+        if tiles.fused and chunk.fused_needs_atomics(K, tiles):
+            o_acc = torch.zeros(B, H, T, V, dtype=torch.float32, device=q.device)
         training = any(ctx.needs_input_grad)
         state = initial_state
         boundaries = []
@@ -51,10 +55,18 @@ class HebbianAttentionFunction(torch.autograd.Function):
             reuse = not training and state is not None and state is not initial_state
             nxt = state if reuse else torch.empty(B, H, K, V, dtype=torch.float32,
                                                   device=q.device)
-            h = chunk.chunk_fwd_h(k, v, log2g, state, t0=t0, nts=nts, tiles=tiles, ht=nxt)
-            chunk.chunk_fwd_o(q, k, v, h, o, log2g, scale, strict, t0=t0, nts=nts, tiles=tiles)
-            del h
+            if tiles.fused:
+                chunk.chunk_fwd_fused(q, k, v, o_acc, log2g, state, nxt, scale, strict, t0=t0,
+                                      nts=nts, tiles=tiles)
+            else:
+                h = chunk.chunk_fwd_h(k, v, log2g, state, t0=t0, nts=nts, tiles=tiles, ht=nxt)
+                chunk.chunk_fwd_o(q, k, v, h, o, log2g, scale, strict, t0=t0, nts=nts,
+                                  tiles=tiles)
+                del h
             state = nxt
+        if o_acc is not o:
+            o.copy_(o_acc)
+            del o_acc
         if not training:
             boundaries = boundaries[:1]
         if T == 0:
