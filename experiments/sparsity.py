@@ -2,7 +2,8 @@
 
     python -m experiments.sparsity [--device cpu|cuda] [--steps N] [--out DIR] [--preset cpu|h100]
                                    [--record-steps 0,100,500] [--models bdh,gpt2]
-                                   [--resume] [--max-minutes M]
+                                   [--ckpt-dir DIR] [--resume] [--max-minutes M] [--compile]
+                                   [--bdh n_layer=2,n_embd=64]
 
 Both models train with `experiments.train` (same data, tokens and optimizer settings). At the
 record steps (default 0, 100, 500 and the final step, clipped to the run) each model is run, in
@@ -19,11 +20,14 @@ Outputs in DIR: sparsity.json ({"meta", "records", "loss"}), sparsity.md, heatma
 one PNG per step), sparsity_heatmaps.png (steps side by side), sparsity_density.png and
 sparsity_loss.png. Results are written as they are made; with --resume a run that was stopped
 (--max-minutes, or a lost machine) continues from its checkpoints and keeps what it recorded.
+--max-minutes is one deadline for the whole command (both models), so a run fits a fixed slot;
+the figures and the table of what exists so far are written whenever the command stops.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +179,12 @@ def table(result: dict) -> str:
     val = [f"{m} final val loss {max((r for r in result['loss'] if r['model'] == m and r['split'] == 'val'), key=lambda r: r['step'])['loss']:.4f}"
            for m in ("bdh", "gpt2") if any(r["model"] == m and r["split"] == "val"
                                             for r in result["loss"])]
-    return body + "\n\n" + "; ".join(val)
+    legend = ("density = fraction of activations on one fixed held-out batch that count as "
+              "active. BDH xs, ys, xy: fraction > 0 (ReLU outputs; xy = xs·ys before dropout). "
+              f"GPT-2 mlp: fraction of MLP GELU outputs with |a| > {GELU_EPS:g}; "
+              "mlp_exact_zero: fraction exactly 0 (not a density of active units: GELU is "
+              "almost never exactly 0).")
+    return body + "\n\n" + legend + "\n\n" + "; ".join(val)
 
 
 # ----------------------------------------------------------------------------- main
@@ -188,18 +197,41 @@ def parse(argv=None):
     p.add_argument("--preset", choices=sorted(tr.PRESETS), default="cpu")
     p.add_argument("--record-steps", default=None, help="comma list (default 0,100,500,final)")
     p.add_argument("--models", default="bdh,gpt2")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ckpt-dir", default=None, help="training checkpoints (default DIR/ckpt)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints and keep the records in DIR")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop (with checkpoints) after this long; rerun with --resume")
-    p.add_argument("--compile", action="store_true")
+                   help="stop (with checkpoints) after this long, both models together; "
+                        "rerun the same command with --resume")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--bdh", default=None, metavar="K=V,...",
+                   help="BDHConfig fields over the preset's (the GPT-2 is matched to this BDH)")
     return p.parse_args(argv)
+
+
+def finish(out: Path, result: dict, complete: bool) -> None:
+    """Table and figures of what has been recorded; a plotting failure never loses the JSON."""
+    if not result["records"]:
+        return
+    md = ""
+    try:
+        md = table(result)
+        (out / "sparsity.md").write_text(md + "\n")
+        plot_all(out, result)
+    except Exception as exc:                                      # noqa: BLE001
+        print(f"table/plots failed ({type(exc).__name__}: {exc}); {out}/sparsity.json is "
+              f"complete, rerun with --resume to redo them")
+    print(md)
+    print(f"wrote {out}/sparsity.json, sparsity.md and the PNGs"
+          + ("" if complete else " (partial: rerun the same command with --resume)"))
 
 
 def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
     a = parse(argv)
+    # One deadline for both models: the command as a whole must fit its time slot.
+    deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
     out = Path(a.out)
-    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    corpus = corpus if corpus is not None else load_corpus("shakespeare")
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     for m in models:
         if m not in ("bdh", "gpt2"):
@@ -209,13 +241,25 @@ def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
         base.device = a.device
     if a.steps is not None:
         base.steps = a.steps
-    if bdh_sizes is not None:
-        base.bdh = dict(bdh_sizes)
+    base.bdh = dict(bdh_sizes if bdh_sizes is not None else base.bdh)
+    if a.bdh:
+        base.bdh.update(tr.parse_overrides(a.bdh, tr.bdh_fields()))
+    if a.seed is not None:
+        base.seed = a.seed
     base.compile = a.compile
-    record_steps = (sorted({int(s) for s in a.record_steps.split(",")} | {base.steps})
-                    if a.record_steps else default_record_steps(base.steps))
-    record_steps = [s for s in record_steps if 0 <= s <= base.steps]
+    base.ckpt_dir = a.ckpt_dir or str(out / "ckpt")
+    base.resume, base.max_minutes = a.resume, a.max_minutes
+    tr.check_config(base)
+    try:
+        wanted = {int(s) for s in a.record_steps.split(",") if s.strip()} if a.record_steps \
+            else set(default_record_steps(base.steps))
+    except ValueError:
+        raise SystemExit(f"--record-steps: expected a comma list of ints, "
+                         f"got {a.record_steps!r}") from None
+    record_steps = sorted(s for s in wanted | {base.steps} if 0 <= s <= base.steps)
 
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    corpus = corpus if corpus is not None else load_corpus("shakespeare")
     path = out / "sparsity.json"
     result = (json.loads(path.read_text()) if a.resume and path.exists() else
               {"meta": run_meta(base.device, preset=a.preset, record_steps=record_steps,
@@ -225,15 +269,24 @@ def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
                                            "batch of 4×block_size validation bytes, eval "
                                            "mode, float32"),
                "records": [], "loss": []})
+    result["meta"].update(
+        steps=base.steps, record_steps=record_steps,
+        tokens_per_step=base.batch_size * base.block_size * base.grad_accum,
+        train_config={k: v for k, v in tr.asdict(base).items()
+                      if k not in ("model", "out", "resume", "max_minutes")},
+        heatmap={"layer": "last", "tokens": SHOW_TOKENS, "neurons": N_SAMPLE,
+                 "neuron_sample": "sorted torch.randperm(width, generator seed 0)[:64]"})
     x = eval_batch(corpus, base.block_size, base.device)
-    deadline = None if a.max_minutes is None else a.max_minutes
 
     for m in models:
-        cfg = tr.TrainConfig(**{**tr.asdict(base), "model": m,
-                                "ckpt_dir": str(out / "ckpt"), "resume": a.resume,
-                                "out": str(out / f"train_{m}")})
-        if deadline is not None:
-            cfg.max_minutes = deadline
+        cfg = tr.TrainConfig(**{**tr.asdict(base), "model": m, "out": str(out / f"train_{m}")})
+        if not (Path(base.ckpt_dir) / f"{m}.pt").exists() and any(
+                r["model"] == m for r in result["records"]):
+            # Records without the checkpoint they came from belong to another run (say, a
+            # committed result in DIR): this run trains from step 0 and records afresh.
+            print(f"--resume: no {m} checkpoint in {base.ckpt_dir}; dropping {m}'s old records")
+            result["records"] = [r for r in result["records"] if r["model"] != m]
+            result["loss"] = [r for r in result["loss"] if r["model"] != m]
         done = {r["step"] for r in result["records"] if r["model"] == m}
 
         def hook(step, model, log, m=m, done=done):
@@ -253,13 +306,18 @@ def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
             done.add(step)
             write_json(path, result)
 
-        log = tr.train(cfg, corpus, hook=hook)
-        result["meta"][f"{m}_params"] = log["meta"]["params"]
+        log = tr.train(cfg, corpus, hook=hook, deadline=deadline)
+        meta = log["meta"]
+        result["meta"][f"{m}_params"] = meta["params"]
+        if "matched_to_bdh_params" in meta:
+            result["meta"][f"{m}_matched_to_bdh_params"] = meta["matched_to_bdh_params"]
         result["meta"][f"{m}_status"] = log["status"]
-        result["meta"][f"{m}_config"] = {k: v for k, v in log["meta"].items()
-                                         if k.endswith("_config")}
-        if "peak_memory_bytes" in log["meta"]:
-            result["meta"][f"{m}_peak_memory_bytes"] = log["meta"]["peak_memory_bytes"]
+        result["meta"][f"{m}_config"] = {k: v for k, v in meta.items() if k.endswith("_config")}
+        if "peak_memory_bytes" in meta:
+            result["meta"][f"{m}_peak_memory_bytes"] = meta["peak_memory_bytes"]
+        if log["train"]:
+            result["meta"][f"{m}_tok_s_median"] = float(np.median([r["tok_s"]
+                                                                   for r in log["train"]]))
         result["loss"] = [r for r in result["loss"] if r["model"] != m]
         result["loss"] += [{"model": m, "step": r["step"], "split": "train", "loss": r["loss"]}
                            for r in log["train"]]
@@ -267,16 +325,10 @@ def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
                            for r in log["val"]]
         write_json(path, result)
         if log["status"] != "finished":
-            print(f"{m} stopped at its time limit; rerun with --resume to continue")
+            print(f"{m} stopped at the time limit; rerun the same command with --resume")
+            finish(out, result, complete=False)
             return result
-    md = table(result)
-    (out / "sparsity.md").write_text(md + "\n")
-    try:
-        plot_all(out, result)
-    except Exception as exc:                                      # noqa: BLE001
-        print(f"plotting failed ({type(exc).__name__}: {exc}); the JSON is complete")
-    print(md)
-    print(f"wrote {out}/sparsity.json, sparsity.md and the PNGs")
+    finish(out, result, complete=True)
     return result
 
 

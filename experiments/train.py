@@ -1,17 +1,20 @@
 """Train BDH or a parameter-matched GPT-2 on the offline Shakespeare corpus.
 
     python -m experiments.train --model bdh|gpt2 [--preset cpu|h100] [--steps N] [--out DIR]
-                                [--ckpt-dir DIR] [--resume] [--max-minutes M] [--compile] ...
+                                [--ckpt-dir DIR] [--resume] [--max-minutes M] [--compile]
+                                [--bdh n_layer=2,n_embd=64] ...
 
 A config dataclass and one plain loop (nanoGPT-style): AdamW, bf16 autocast on CUDA, gradient
 accumulation, optional torch.compile and gradient checkpointing (BDH), validation loss on fixed
-held-out batches, atomic checkpoints that resume the exact loss curve (model, optimizer, batch
-sampler and RNG states are all saved), a time limit for runs split over several sessions, a tqdm
-bar and a JSON log. The GPT-2 is sized to the BDH of the same preset by parameter count.
+held-out batches (plus, for BDH, the per-layer densities of xs, ys, xy on those batches), atomic
+checkpoints that resume the exact loss curve (model, optimizer, batch sampler and RNG states are
+all saved), a time limit for runs split over several sessions, a tqdm bar and a JSON log. The
+GPT-2 is sized to the BDH of the same preset by parameter count.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import math
 import time
@@ -24,6 +27,8 @@ from tqdm import tqdm
 
 from .data import ByteBatcher, load_corpus
 from .results import run_meta, save_torch, write_json
+
+EVAL_SEED = 10_000          # the validation batches: the same ones at every eval, in every run
 
 
 @dataclass
@@ -49,7 +54,7 @@ class TrainConfig:
     ckpt_every: int = 0                # 0: only at the end (and when --max-minutes stops it)
     resume: bool = False
     max_minutes: float | None = None
-    bdh: dict = field(default_factory=dict)
+    bdh: dict = field(default_factory=dict)   # BDHConfig overrides (--bdh k=v,...)
 
 
 PRESETS = {
@@ -62,6 +67,11 @@ PRESETS = {
                  weight_decay=0.1, eval_every=250, eval_batches=8, log_every=50,
                  autocast="bfloat16", ckpt_every=250, bdh=dict()),
 }
+
+# Settings a checkpoint must agree on to resume the same run (steps, eval cadence, compile,
+# time limit and paths may change between sessions).
+RESUME_MUST_MATCH = ("model", "bdh", "batch_size", "block_size", "grad_accum", "lr",
+                     "weight_decay", "seed", "autocast")
 
 
 def build_model(cfg: TrainConfig):
@@ -104,25 +114,40 @@ def _set_rng_state(st, device):
 
 
 @torch.no_grad()
-def evaluate(model, val: bytes, cfg: TrainConfig, ctx) -> float:
-    """Mean loss over the same ``eval_batches`` validation batches every time (fixed seed)."""
+def evaluate(model, val: bytes, cfg: TrainConfig, ctx) -> dict:
+    """Mean loss over the same ``eval_batches`` validation batches every time (fixed seed).
+    For BDH also the per-layer densities (fraction > 0) of xs, ys, xy over those batches."""
     was_training = model.training
     model.eval()
-    batches = ByteBatcher(val, cfg.block_size, cfg.batch_size, seed=10_000, device=cfg.device)
+    batches = ByteBatcher(val, cfg.block_size, cfg.batch_size, seed=EVAL_SEED, device=cfg.device)
+    probe = nullcontext()
+    if cfg.model == "bdh":
+        from bdh import SparsityProbe
+        probe = SparsityProbe(model)
     total = 0.0
-    for _ in range(cfg.eval_batches):
-        x, y = batches.next()
-        with ctx:
-            _, loss = model(x, y)
-        total += float(loss)
+    with probe:
+        for _ in range(cfg.eval_batches):
+            x, y = batches.next()
+            with ctx:
+                _, loss = model(x, y)
+            total += float(loss)
     model.train(was_training)
-    return total / cfg.eval_batches
+    out = {"loss": total / cfg.eval_batches}
+    if cfg.model == "bdh":
+        out["densities"] = probe.densities()
+    return out
 
 
-def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
+def train(cfg: TrainConfig, corpus: dict | None = None, hook=None,
+          deadline: float | None = None) -> dict:
     """Train per ``cfg``; returns the log. ``hook(step, model, log)`` is called before the
     update of every step (step 0: the initial model) and once after the last step (with
-    step == cfg.steps), in eval mode and under no_grad; it may add to the log."""
+    step == cfg.steps), in eval mode and under no_grad; it may add to the log.
+
+    The run stops cleanly (checkpoint, status "interrupted") once ``time.time()`` passes
+    ``deadline``, or ``cfg.max_minutes`` after this call when no deadline is given."""
+    if deadline is None and cfg.max_minutes is not None:
+        deadline = time.time() + 60 * cfg.max_minutes
     corpus = corpus if corpus is not None else load_corpus("shakespeare")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -134,28 +159,42 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
                           device=cfg.device)
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16)
            if cfg.autocast == "bfloat16" and device.type == "cuda" else nullcontext())
-    log = {"meta": run_meta(cfg.device, config=asdict(cfg), **info), "train": [], "val": [],
-           "status": "running"}
+    meta = run_meta(cfg.device, config=asdict(cfg), **info)
+    log = {"meta": meta, "train": [], "val": [], "sessions": [], "status": "running"}
     step = 0
     ckpt = Path(cfg.ckpt_dir) / f"{cfg.model}.pt" if cfg.ckpt_dir else None
     if cfg.resume and ckpt is not None and ckpt.exists():
-        # Load on the CPU: RNG states must be restored from CPU tensors (set_rng_state rejects
-        # CUDA ones); load_state_dict moves weights and optimizer state to the model.
+        # Load on the CPU: the RNG and sampler states must stay CPU ByteTensors (mapped to
+        # CUDA, set_rng_state rejects them); load_state_dict copies weights and optimizer
+        # state onto the parameters' device.
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved["config"]["model"] != cfg.model or saved["config"]["bdh"] != cfg.bdh:
-            raise SystemExit(f"--resume: {ckpt} was written for another model/config")
+        diff = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != getattr(cfg, k)]
+        if diff:
+            raise SystemExit(f"--resume: {ckpt} was written with other settings: " + ", ".join(
+                f"{k}={saved['config'].get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         batches.load_state_dict(saved["batches"])
         _set_rng_state(saved["rng"], device)
         log, step = saved["log"], saved["step"]
-        if log["status"] == "finished":
+        log.setdefault("sessions", [])
+        if log["status"] == "finished" and step >= cfg.steps:
             return log                                  # nothing left to do
         log["status"] = "running"
+        print(f"resuming {cfg.model} from {ckpt} at step {step}")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint at {ckpt}; starting {cfg.model} from step 0")
+    # Each session (a first run, then every --resume) says where and from which step it ran.
+    log["sessions"].append({"start_step": step, "date": meta["date"], "device": meta["device"],
+                            "commit": meta["commit"]})
     fwd = torch.compile(model) if cfg.compile else model
 
     def save(status):
         log["status"] = status
+        log["sessions"][-1]["end_step"] = step
+        if device.type == "cuda":
+            log["meta"]["peak_memory_bytes"] = max(log["meta"].get("peak_memory_bytes", 0),
+                                                   torch.cuda.max_memory_allocated(device))
         if ckpt is not None:
             save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "batches": batches.state_dict(), "rng": _rng_state(device),
@@ -170,57 +209,92 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None) -> dict:
                 hook(s, model, log)
             model.train()
 
-    start, t_last, tok_last = time.time(), time.time(), 0
+    def do_eval(s):
+        if log["val"] and log["val"][-1]["step"] == s:
+            return                       # already done (a finished run extended with --steps)
+        log["val"].append({"step": s, **evaluate(model, corpus["val"], cfg, ctx)})
+        if cfg.out:                      # the log on disk grows as the run goes
+            write_json(Path(cfg.out) / "train_log.json", log)
+
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    train_time, tok_since = 0.0, 0          # tok/s counts training steps only, not evals/hooks
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step")
     while step < cfg.steps:
-        if cfg.max_minutes is not None and (time.time() - start) / 60 > cfg.max_minutes:
+        if deadline is not None and time.time() > deadline:
             save("interrupted")
             bar.close()
-            print(f"stopped at step {step} after {cfg.max_minutes} min; rerun with --resume")
+            print(f"{cfg.model}: time limit reached at step {step}; checkpoint in {ckpt}; "
+                  f"rerun the same command with --resume to continue")
             return log
         call_hook(step)
         if step % cfg.eval_every == 0:
-            log["val"].append({"step": step, "loss": evaluate(model, corpus["val"], cfg, ctx)})
+            do_eval(step)
+        t0 = time.time()
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
             x, y = batches.next()
             with ctx:
                 _, loss = fwd(x, y)
             (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
+            loss_sum += float(loss.detach()) / cfg.grad_accum     # syncs: the time is real
         if not math.isfinite(loss_sum):
             save("diverged")
             raise RuntimeError(f"loss is {loss_sum} at step {step}; checkpoint kept")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.time() - t0
         step += 1
-        tok_last += tokens_per_step
+        tok_since += tokens_per_step
         if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.time()
+            rate = tok_since / max(train_time, 1e-9)
+            entry = {"step": step, "loss": loss_sum, "tok_s": rate,
+                     "tokens": step * tokens_per_step}
             if device.type == "cuda":
-                torch.cuda.synchronize()
-            rate = tok_last / max(now - t_last, 1e-9)
-            log["train"].append({"step": step, "loss": loss_sum, "tok_s": rate})
+                entry["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log["train"].append(entry)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rate:,.0f}")
-            t_last, tok_last = now, 0
+            train_time, tok_since = 0.0, 0
         bar.update(1)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
             save("running")
     bar.close()
     call_hook(step)
-    log["val"].append({"step": step, "loss": evaluate(model, corpus["val"], cfg, ctx)})
-    if device.type == "cuda":
-        log["meta"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    do_eval(step)
     save("finished")
     return log
+
+
+def parse_overrides(text: str, allowed: list[str], flag: str = "--bdh") -> dict:
+    """'n_layer=2,n_embd=64,dropout=0.0' → {"n_layer": 2, ...}; values are Python literals."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise SystemExit(f"{flag}: expected KEY=VALUE pairs with KEY among {allowed}, "
+                             f"got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()                    # a bare string, e.g. backend=torch
+    return out
+
+
+def bdh_fields() -> list[str]:
+    from bdh import BDHConfig
+    return [f.name for f in dataclasses.fields(BDHConfig) if f.name != "gradient_checkpointing"]
 
 
 def config_from_args(argv=None, description=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["bdh", "gpt2"], default="bdh")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--bdh", default=None, metavar="K=V,...",
+                   help="BDHConfig fields over the preset's, e.g. n_layer=2,n_embd=64 "
+                        "(for --model gpt2: the BDH whose parameter count the GPT-2 matches)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model", "preset", "bdh"):
             continue
@@ -232,17 +306,40 @@ def config_from_args(argv=None, description=None) -> TrainConfig:
             p.add_argument(flag, type=kind, default=None)
     a = p.parse_args(argv)
     cfg = TrainConfig(model=a.model, preset=a.preset, **PRESETS[a.preset])
+    cfg.bdh = dict(cfg.bdh)
     for f in dataclasses.fields(TrainConfig):
         v = getattr(a, f.name, None)
-        if v is not None and f.name not in ("model", "preset"):
+        if v is not None and f.name not in ("model", "preset", "bdh"):
             setattr(cfg, f.name, v)
+    if a.bdh:
+        cfg.bdh.update(parse_overrides(a.bdh, bdh_fields()))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Fail with a message naming the flag, the value and what was expected."""
     for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_every",
                  "eval_batches", "log_every"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("lr", "weight_decay", "ckpt_every"):
+        if getattr(cfg, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_minutes is not None and cfg.max_minutes < 0:
+        raise SystemExit(f"--max-minutes must be >= 0, got {cfg.max_minutes}")
     if cfg.autocast not in ("none", "bfloat16"):
         raise SystemExit(f"--autocast must be 'none' or 'bfloat16', got {cfg.autocast!r}")
-    return cfg
+    if cfg.device.split(":")[0] not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda[:i], got {cfg.device!r}")
+    if (cfg.resume or cfg.max_minutes is not None) and not cfg.ckpt_dir:
+        raise SystemExit("--resume and --max-minutes need --ckpt-dir (where the checkpoint "
+                         "that carries the run across sessions is kept)")
+    try:
+        from bdh import BDHConfig
+        BDHConfig(**cfg.bdh)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--bdh: {e}") from None
 
 
 def main(argv=None, corpus=None) -> dict:
@@ -250,11 +347,22 @@ def main(argv=None, corpus=None) -> dict:
     if cfg.out is None:
         cfg.out = f"results/train_{cfg.model}"
     log = train(cfg, corpus)
+    meta = log["meta"]
     last = log["train"][-1] if log["train"] else {}
-    val = log["val"][-1]["loss"] if log["val"] else None
-    print(f"{cfg.model}: {log['meta']['params']:,} params, status {log['status']}, "
-          f"final train loss {last.get('loss')}, val loss {val}, "
-          f"{last.get('tok_s', 0):,.0f} tok/s; log in {cfg.out}/train_log.json")
+    val = log["val"][-1] if log["val"] else {}
+    size = f"{meta['params']:,} params"
+    if "matched_to_bdh_params" in meta:
+        size += f" (matched to BDH's {meta['matched_to_bdh_params']:,})"
+    print(f"{cfg.model}: {size}, status {log['status']} at step {last.get('step', 0)}, "
+          f"train loss {last.get('loss', float('nan')):.4f}, "
+          f"val loss {val.get('loss', float('nan')):.4f}, {last.get('tok_s', 0):,.0f} tok/s"
+          + (f", peak {meta['peak_memory_bytes'] / 2**30:.1f} GiB"
+             if "peak_memory_bytes" in meta else ""))
+    if val.get("densities"):
+        print("  densities (xs/ys/xy) per layer: " + "; ".join(
+            f"L{i} {d['xs']:.3f}/{d['ys']:.3f}/{d['xy']:.3f}"
+            for i, d in enumerate(val["densities"])))
+    print(f"  log: {cfg.out}/train_log.json")
     return log
 
 

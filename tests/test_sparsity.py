@@ -1,5 +1,6 @@
 """The sparsity experiment: JSON contract, figures, and the GPT-2 density definition."""
 import json
+import time
 
 import pytest
 import torch
@@ -62,3 +63,68 @@ def test_gpt2_density_definition_by_hand():
     stats = {(s["layer"], s["name"]): s["density"] for s in sparsity.gpt2_mlp_stats(acts)}
     assert stats[(0, "mlp")] == 0.5 and stats[(0, "mlp_exact_zero")] == 0.25
     assert stats[(1, "mlp")] == 0.5 and stats[(1, "mlp_exact_zero")] == 0.5
+
+
+def test_one_deadline_for_both_models_then_resume(run, tmp_path, monkeypatch):
+    """--max-minutes bounds the whole command: when the time runs out during BDH's run, the
+    GPT-2 stops at once with a checkpoint; --resume then finishes with exactly the records
+    and losses of the uninterrupted run."""
+    from experiments import train as tr
+    _, full = run
+
+    class Clock:                        # train.py's clock; jumps an hour when GPT-2 starts
+        offset = 0.0
+
+        def time(self):
+            return time.time() + self.offset
+
+    clock = Clock()
+    build = tr.build_model
+
+    def build_and_jump(cfg):
+        if cfg.model == "gpt2":
+            clock.offset = 3600.0
+        return build(cfg)
+
+    monkeypatch.setattr(tr, "time", clock)
+    monkeypatch.setattr(tr, "build_model", build_and_jump)
+    args = ["--steps", "12", "--record-steps", "0,5", "--out", str(tmp_path), "--max-minutes", "30"]
+    part = sparsity.main(args, corpus=CORPUS, bdh_sizes=SIZES)
+    assert part["meta"]["bdh_status"] == "finished"
+    assert part["meta"]["gpt2_status"] == "interrupted"
+    assert {r["model"] for r in part["records"]} == {"bdh"}
+    assert (tmp_path / "sparsity.md").exists()                       # partial table written
+    assert (tmp_path / "sparsity_density.png").exists()
+    monkeypatch.setattr(tr, "time", time)
+    done = sparsity.main(args[:-2] + ["--resume"], corpus=CORPUS, bdh_sizes=SIZES)
+    assert done["meta"]["gpt2_status"] == "finished"
+
+    def key(r):
+        return (r["model"], r["step"], r["layer"], r["name"])
+
+    assert sorted(done["records"], key=key) == sorted(full["records"], key=key)
+    assert sorted(done["loss"], key=lambda r: (r["model"], r["split"], r["step"])) == \
+        sorted(full["loss"], key=lambda r: (r["model"], r["split"], r["step"]))
+
+
+def test_bad_flags_fail_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="--models"):
+        sparsity.main(["--models", "bdh,mamba", "--out", str(tmp_path)], corpus=CORPUS)
+    with pytest.raises(SystemExit, match="--record-steps"):
+        sparsity.main(["--record-steps", "0,ten", "--out", str(tmp_path)], corpus=CORPUS)
+    with pytest.raises(SystemExit, match="--steps"):
+        sparsity.main(["--steps", "0", "--out", str(tmp_path)], corpus=CORPUS)
+
+
+def test_resume_without_checkpoints_records_afresh(run, tmp_path):
+    """--resume into a DIR whose sparsity.json has no checkpoints beside it (a committed
+    result) must not take the old records as done."""
+    out, full = run
+    stale = json.loads((out / "sparsity.json").read_text())
+    for r in stale["records"]:
+        r["density"] = -1.0                                   # marks the stale records
+    (tmp_path / "sparsity.json").write_text(json.dumps(stale))
+    res = sparsity.main(["--steps", "12", "--record-steps", "0,5", "--out", str(tmp_path),
+                         "--models", "gpt2", "--resume"], corpus=CORPUS, bdh_sizes=SIZES)
+    gpt2 = [r for r in res["records"] if r["model"] == "gpt2"]
+    assert gpt2 == [r for r in full["records"] if r["model"] == "gpt2"]

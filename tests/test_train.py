@@ -69,3 +69,61 @@ def test_bad_flags_fail_clearly():
         tr.config_from_args(["--steps", "0"])
     with pytest.raises(SystemExit, match="autocast"):
         tr.config_from_args(["--autocast", "fp8"])
+    with pytest.raises(SystemExit, match="ckpt-dir"):       # would silently resume nothing
+        tr.config_from_args(["--resume"])
+    with pytest.raises(SystemExit, match="ckpt-dir"):
+        tr.config_from_args(["--max-minutes", "5"])
+    with pytest.raises(SystemExit, match="--bdh.*n_layers"):
+        tr.config_from_args(["--bdh", "n_layers=2"])
+    with pytest.raises(SystemExit, match="--bdh.*n_layer"):
+        tr.config_from_args(["--bdh", "n_layer=0"])
+    with pytest.raises(SystemExit, match="device"):
+        tr.config_from_args(["--device", "tpu"])
+
+
+def test_bdh_flag_overrides_the_preset():
+    cfg = tr.config_from_args(["--bdh", "n_layer=1, dropout=0.0,backend=torch"])
+    assert cfg.bdh == dict(tr.PRESETS["cpu"]["bdh"], n_layer=1, dropout=0.0, backend="torch")
+    assert tr.PRESETS["cpu"]["bdh"]["n_layer"] == 2                  # the preset is untouched
+    h100 = tr.config_from_args(["--preset", "h100"])
+    assert (h100.bdh, h100.batch_size, h100.block_size, h100.steps, h100.lr,
+            h100.weight_decay, h100.autocast, h100.eval_every) == \
+        ({}, 32, 512, 3000, 1e-3, 0.1, "bfloat16", 250)
+
+
+def test_bdh_eval_logs_densities():
+    log = tr.train(_cfg("bdh", ["--steps", "2", "--eval-every", "2"]), CORPUS)
+    for v in log["val"]:
+        assert len(v["densities"]) == 1                               # one per layer
+        d = v["densities"][0]
+        assert set(d) == {"xs", "ys", "xy"} and all(0 < d[k] < 1 for k in d)
+        assert d["xy"] <= d["xs"] and d["xy"] <= d["ys"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    tr.train(_cfg("gpt2", ["--steps", "2", "--ckpt-dir", str(tmp_path)]), CORPUS)
+    cfg = _cfg("gpt2", ["--steps", "4", "--ckpt-dir", str(tmp_path), "--resume",
+                        "--batch-size", "2"])
+    with pytest.raises(SystemExit, match="batch_size=4 .now 2"):
+        tr.train(cfg, CORPUS)
+
+
+def test_finished_run_extends_with_more_steps(tmp_path):
+    full = tr.train(_cfg("gpt2", ["--steps", "8", "--eval-every", "4"]), CORPUS)
+    tr.train(_cfg("gpt2", ["--steps", "4", "--eval-every", "4", "--ckpt-dir", str(tmp_path)]),
+             CORPUS)
+    more = tr.train(_cfg("gpt2", ["--steps", "8", "--eval-every", "4", "--ckpt-dir",
+                                  str(tmp_path), "--resume"]), CORPUS)
+    assert [r["loss"] for r in more["train"]] == [r["loss"] for r in full["train"]]
+    assert [v["step"] for v in more["val"]] == [0, 4, 8]
+    assert [s["start_step"] for s in more["sessions"]] == [0, 4]
+
+
+def test_main_summary_states_both_parameter_counts(tmp_path, capsys):
+    log = tr.main(["--model", "gpt2", "--steps", "2", "--eval-every", "2", "--block-size", "32",
+                   "--bdh", "n_layer=1,n_embd=32", "--out", str(tmp_path)], corpus=CORPUS)
+    text = capsys.readouterr().out
+    assert f"{log['meta']['params']:,} params" in text
+    assert f"matched to BDH's {log['meta']['matched_to_bdh_params']:,}" in text
+    saved = json.loads((tmp_path / "train_log.json").read_text())
+    assert saved["status"] == "finished" and saved["train"][-1]["step"] == 2
