@@ -445,8 +445,11 @@ def _warps(*tiles: int) -> int:
 # Benchmarks may pin tile sizes here (e.g. {"o_BV": 64}, {"fused": True}); empty in normal use.
 TILE_OVERRIDES: dict = {}
 # The forward's algorithm: "split" (fwd_h writes every chunk's state, fwd_o reads them) or
-# "fused" (chunk_hebbian_fwd_fused_kernel: no per-chunk states in memory).
-FWD_MODE = "split"
+# "fused" (chunk_hebbian_fwd_fused_kernel: no per-chunk states in memory). The environment
+# variable GLASSBRAIN_FWD_MODE overrides it (benchmarks compare the two end to end).
+FWD_MODE = os.environ.get("GLASSBRAIN_FWD_MODE", "split")
+if FWD_MODE not in ("split", "fused"):
+    raise ValueError(f"GLASSBRAIN_FWD_MODE: expected 'split' or 'fused', got {FWD_MODE!r}")
 
 
 class Tiles:
