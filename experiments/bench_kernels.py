@@ -16,7 +16,8 @@ Peers, all timed with triton.testing.do_bench (median, random inputs, never zero
   reference  kernels.hebbian_recurrent (token by token): forward only, one timed run after a
              short warm-up, and only where its state traffic is small enough to finish quickly.
 
-bf16 inputs, float32 state, chunk 64. Reported per config: ms, tokens/s, achieved TFLOP/s and,
+bf16 inputs, float32 state. Ours picks its forward algorithm and chunk sizes per shape
+(`kernels.hebbian.chunk.plan`, noted per row); the torch path uses chunk 64. Reported per config: ms, tokens/s, achieved TFLOP/s and,
 for the decode step, GB/s of state traffic. FLOPs counted (chunk C, per batch·head):
   fwd     = 4·T·K·V (state update + inter-chunk output) + 2·T·C·(K + V) (intra-chunk QKᵀ, AV)
   fwd+bwd = 3 × fwd (the backward's dQ, dK, dV, dS products; our recompute of the chunk
@@ -128,7 +129,7 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
 
     def ours(q_, k_, v_, h0_=None, final=False):
         return hebbian_attention(q_, k_, v_, scale=scale, strict=False, initial_state=h0_,
-                                 output_final_state=final, backend="triton", chunk_size=CHUNK)
+                                 output_final_state=final, backend="triton")
 
     def torch_path(q_, k_, v_, h0_=None):
         return chunk_hebbian_torch(q_, k_, v_, scale=scale, strict=False, initial_state=h0_,
@@ -149,8 +150,11 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     print(f"[{s.name}] ours vs torch: fwd rel err {err_fwd:.2e}, grads {err_bwd:.2e}", flush=True)
 
     # ---- forward
+    from kernels.hebbian import chunk as chunk_mod
+    fused, bt, bt_bwd = chunk_mod.plan(s.B, s.H, s.K, s.V, None)
+    how = f"{'fused' if fused else 'split'} fwd, chunk {bt}"
     ms = bench(lambda: ours(q, k, v), rep_ms)
-    rows.append(row(s, "fwd", "ours", ms, ff, err=err_fwd))
+    rows.append(row(s, "fwd", "ours", ms, ff, err=err_fwd, note=how))
     ms = bench(lambda: torch_path(q, k, v), rep_ms)
     rows.append(row(s, "fwd", "torch chunk", ms, ff, err=0.0))
     if fla is not None:
@@ -170,7 +174,8 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     # ---- forward + backward
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     ms = bench(lambda: ours(qg, kg, vg)[0].backward(do), rep_ms, grad_to_none=[qg, kg, vg])
-    rows.append(row(s, "fwd+bwd", "ours", ms, 3 * ff, err=err_bwd))
+    rows.append(row(s, "fwd+bwd", "ours", ms, 3 * ff, err=err_bwd,
+                    note=f"{how}; bwd chunk {bt_bwd}"))
     try:
         ms = bench(lambda: torch_path(qg, kg, vg)[0].backward(do), rep_ms,
                    grad_to_none=[qg, kg, vg])
@@ -234,7 +239,7 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
 
 
 SWEEP = [  # (chunk, tile overrides) for ours: the split forward, then the fused one
-    (64, {}), (128, {}),
+    (64, {"fused": False}), (128, {"fused": False}),
     (64, {"fused": True}),                                   # 128×128 state slice, 8 warps
     (64, {"fused": True, "fused_warps": 16}),
     (64, {"fused": True, "fused_BK": 256, "fused_BV": 64, "fused_warps": 16}),  # fewer atomics
@@ -332,7 +337,7 @@ def main(argv=None):
                    help="also time ours over chunk sizes, tile sizes and the split / fused "
                         "forward at each shape")
     p.add_argument("--sweep-only", action="store_true", help="the sweep without the main table")
-    p.add_argument("--fwd-mode", choices=["split", "fused"], default=None,
+    p.add_argument("--fwd-mode", choices=["auto", "split", "fused"], default=None,
                    help="the forward algorithm for ours (default: the package's choice)")
     args = p.parse_args(argv)
     if args.fwd_mode:

@@ -171,6 +171,29 @@ def test_fused_forward_segments_no_grad(kernel_device, poison_empty, fused_forwa
     assert_rel_close(S, S_r, 1e-5, "S_final")
 
 
+@pytest.mark.parametrize("fused,bt,bt_bwd", [(True, 16, 32), (False, 32, 16)])
+def test_forward_and_backward_chunks_may_differ(kernel_device, poison_empty, monkeypatch,
+                                                fused, bt, bt_bwd):
+    """`chunk.plan` may give the backward another chunk size than the forward: both must cut
+    the sequence into the same segments (boundary states saved by one, used by the other)."""
+    monkeypatch.setattr(hebbian_function, "SEGMENT_TOKENS", 64)
+    monkeypatch.setattr(hebbian_chunk, "plan", lambda *a: (fused, bt, bt_bwd))
+    q, k, v, h0, g = make_inputs(1, 2, 150, 40, 18, torch.float32, kernel_device,
+                                 shared_v=True, decay=True)
+    check_against_reference(q, k, v, h0, g, strict=True, scale=0.5, chunk_size=None,
+                            dtype=torch.float32)
+
+
+def test_segment_tokens_are_a_multiple_of_both_chunks():
+    from kernels.hebbian.function import _segment_tokens
+    for bts in [(64, 128), (128, 64), (64, 64), (16, 32)]:
+        for K, V in [(8192, 256), (128, 128), (40, 24)]:
+            seg = _segment_tokens(4, 4, K, V, 2, bts)
+            assert seg % max(bts) == 0 and seg > 0
+    # BDH at bf16: a 16 MiB chunk state; the buffer at chunk 64 stays under 1 GiB
+    assert _segment_tokens(1, 4, 8192, 256, 2, (64, 128)) == 64 * 64
+
+
 def test_chunk_empty_sequence(kernel_device):
     q, k, v, h0, _ = make_inputs(1, 2, 0, 16, 8, torch.float32, kernel_device)
     o, S = hebbian_attention(q, k, v, initial_state=h0, output_final_state=True,
@@ -223,7 +246,7 @@ def test_decode_step_per_head_v_no_decay(kernel_device, poison_empty):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("mode", ["split", "fused", "auto"])
 def test_gpu_bdh_shape(dtype, mode, monkeypatch):
     """B1 H4 T4096 K8192 V256, v shared, decay on, against float64 autograd of the quadratic
     form on the GPU, with either forward algorithm. Inputs scaled like BDH's (ReLU-sparse-ish
@@ -232,8 +255,9 @@ def test_gpu_bdh_shape(dtype, mode, monkeypatch):
     dev = torch.device("cuda")
     B, H, T, K, V = 1, 4, 4096, 8192, 256
     q, k, v, h0, g = make_inputs(B, H, T, K, V, dtype, dev, shared_v=True, decay=True)
-    check_against_reference(q, k, v, h0, g, strict=True, scale=K ** -0.5, chunk_size=64,
-                            dtype=dtype, ref=hebbian_quadratic)
+    check_against_reference(q, k, v, h0, g, strict=True, scale=K ** -0.5,
+                            chunk_size=None if mode == "auto" else 64, dtype=dtype,
+                            ref=hebbian_quadratic)
     state = h0.clone()
     o_s, _ = hebbian_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, scale=K ** -0.5,
                           decay=g, backend="triton")

@@ -444,18 +444,48 @@ def _warps(*tiles: int) -> int:
 
 # Benchmarks may pin tile sizes here (e.g. {"o_BV": 64}, {"fused": True}); empty in normal use.
 TILE_OVERRIDES: dict = {}
-# The forward's algorithm: "split" (fwd_h writes every chunk's state, fwd_o reads them) or
-# "fused" (chunk_hebbian_fwd_fused_kernel: no per-chunk states in memory). The environment
-# variable GLASSBRAIN_FWD_MODE overrides it (benchmarks compare the two end to end).
-FWD_MODE = os.environ.get("GLASSBRAIN_FWD_MODE", "split")
-if FWD_MODE not in ("split", "fused"):
-    raise ValueError(f"GLASSBRAIN_FWD_MODE: expected 'split' or 'fused', got {FWD_MODE!r}")
+# The forward's algorithm: "split" (fwd_h writes every chunk's state, fwd_o reads them),
+# "fused" (chunk_hebbian_fwd_fused_kernel: no per-chunk states in memory) or "auto" (`plan`).
+# The environment variable GLASSBRAIN_FWD_MODE sets it (benchmarks compare them end to end).
+FWD_MODE = os.environ.get("GLASSBRAIN_FWD_MODE", "auto")
+if FWD_MODE not in ("auto", "split", "fused"):
+    raise ValueError(f"GLASSBRAIN_FWD_MODE: expected 'auto', 'split' or 'fused', "
+                     f"got {FWD_MODE!r}")
+FUSED_MIN_PROGRAMS = 256      # ~2 per SM on an H100: fewer and the fused forward idles SMs
+
+
+def plan(B: int, H: int, K: int, V: int, chunk_size: int | None):
+    """(fused forward?, forward chunk, backward chunk) for a call; an explicit chunk_size
+    fixes both chunks. The rule follows the H100 sweep (BENCHMARKS.md, bench_kernels --sweep):
+      * fused forward (128×64 state slices, chunk 64) where it won: wide keys, whose float32
+        output buffer is small next to Q and K (BDH: K = 32·V; 0.73 vs 0.91 ms split), and
+        K ≤ 128, where no atomics are needed, given ≥ FUSED_MIN_PROGRAMS programs (B8 H16
+        K=V=128: 0.216 vs 0.431 ms); otherwise the split forward at chunk 128 (B4 H8 K=V=256:
+        0.316 vs 0.345 fused; B2 H16 T16k K=V=128, 64 programs: 0.491 vs 0.508);
+      * backward chunk 128 where K·V is large or the state kernels have few programs (BDH
+        2.54 vs 3.04 ms; K=V=256 0.87 vs 0.96; B2 H16 1.54 vs 1.60), else 64 (B8 H16 K=V=128:
+        1.36 vs 1.43)."""
+    if INTERPRET:                       # tests choose their paths explicitly; keep chunk 64
+        fused = FWD_MODE == "fused"
+        bt = chunk_size or 64
+        return fused, bt, bt
+    state_programs = B * H * triton.cdiv(K, 128) * triton.cdiv(V, 64)
+    if FWD_MODE != "auto":
+        fused = FWD_MODE == "fused"
+    elif K > 128:
+        fused = K >= 8 * V
+    else:
+        fused = state_programs >= FUSED_MIN_PROGRAMS
+    if chunk_size:
+        return fused, chunk_size, chunk_size
+    bwd = 128 if (K * V >= 256 * 256 or state_programs < FUSED_MIN_PROGRAMS) else 64
+    return fused, (64 if fused else 128), bwd
 
 
 class Tiles:
     """The tile sizes one call uses (chosen once per shape in function.py)."""
 
-    def __init__(self, K: int, V: int, BT: int):
+    def __init__(self, K: int, V: int, BT: int, fused: bool = False):
         big = not INTERPRET
         self.BT = BT
         # State kernels: one [BK, BV] float32 tile per program, B·H·(K/BK)·(V/BV) programs.
@@ -467,10 +497,11 @@ class Tiles:
         # dq/dk kernel: two [BT, BK] accumulators, loop over V in BV steps.
         self.dqk_BK = _tile(K, 64)
         self.dqk_BV = _tile(V, 64)
-        # Fused forward: one [BK, BV] float32 state slice per program (64 KiB at 128×128).
+        # Fused forward: one [BK, BV] float32 state slice per program (32 KiB at 128×64; the
+        # sweep's best: 128×128 spills registers, 64×64 doubles the atomics).
         self.fused_BK = _tile(K, 128 if big else 32)
-        self.fused_BV = _tile(V, 128 if big else 32)
-        self.fused = FWD_MODE == "fused"
+        self.fused_BV = _tile(V, 64 if big else 32)
+        self.fused = fused
         self.fused_warps = None                     # None: _warps(BK, BV)
         for name, value in TILE_OVERRIDES.items():
             if name in ("fused", "fused_warps"):

@@ -20,12 +20,18 @@ SEGMENT_TOKENS = 16384
 SEGMENT_BYTES = 1 << 30          # per buffer (h in the forward; h and dh in the backward)
 
 
-def _segments(B, H, T, K, V, BT, elt):
-    """Chunks per segment, and the list of (t0, number of chunks)."""
-    nt = math.ceil(T / BT)
-    per_chunk = B * H * K * V * elt
-    nts = max(1, min(SEGMENT_TOKENS // BT, SEGMENT_BYTES // per_chunk, nt))
-    return [(c * BT, min(nts, nt - c)) for c in range(0, nt, nts)]
+def _segment_tokens(B, H, K, V, elt, bts) -> int:
+    """Tokens per segment: one buffer of chunk states (at the smaller chunk of ``bts``) stays
+    under SEGMENT_BYTES; a multiple of every chunk in ``bts`` (the forward and the backward
+    must cut the sequence at the same places, even with different chunk sizes)."""
+    lo, hi = min(bts), max(bts)
+    n = min(SEGMENT_TOKENS, max(1, SEGMENT_BYTES // (B * H * K * V * elt)) * lo)
+    return max(hi, n // hi * hi)
+
+
+def _segments(T, seg, BT):
+    """(t0, number of BT-chunks) for each segment of ``seg`` tokens."""
+    return [(t0, math.ceil(min(seg, T - t0) / BT)) for t0 in range(0, T, seg)]
 
 
 def _log2_decay(decay):
@@ -35,11 +41,12 @@ def _log2_decay(decay):
 class HebbianAttentionFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, scale, strict, BT):
+    def forward(ctx, q, k, v, decay, initial_state, scale, strict, fused, BT, BT_bwd):
         B, H, T, K = q.shape
         V = v.shape[3]
         log2g = _log2_decay(decay)
-        tiles = chunk.Tiles(K, V, BT)
+        tiles = chunk.Tiles(K, V, BT, fused)
+        seg = _segment_tokens(B, H, K, V, q.element_size(), (BT, BT_bwd))
         o = torch.empty(B, H, T, V, dtype=v.dtype, device=q.device)
         # The fused forward adds the K tiles' shares of O into a zeroed float32 buffer.
         o_acc = o
@@ -48,7 +55,7 @@ class HebbianAttentionFunction(torch.autograd.Function):
         training = any(ctx.needs_input_grad)
         state = initial_state
         boundaries = []
-        for t0, nts in _segments(B, H, T, K, V, BT, q.element_size()):
+        for t0, nts in _segments(T, seg, BT):
             boundaries.append(state)
             # Without grad the carry is updated in place (each program reads its tile before it
             # writes it); never in the caller's initial_state, and never a saved boundary.
@@ -75,7 +82,7 @@ class HebbianAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, log2g, *[b for b in boundaries if b is not None])
         ctx.first_is_none = bool(boundaries) and boundaries[0] is None
         ctx.has_h0 = initial_state is not None
-        ctx.scale, ctx.strict, ctx.BT = scale, strict, BT
+        ctx.scale, ctx.strict, ctx.BT, ctx.seg = scale, strict, BT_bwd, seg
         return o, state
 
     @staticmethod
@@ -95,7 +102,7 @@ class HebbianAttentionFunction(torch.autograd.Function):
         # The reverse carry dL/dS, float32; updated in place segment by segment.
         dcarry = (dht.float().contiguous().clone() if dht is not None
                   else torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device))
-        segs = _segments(B, H, T, K, V, BT, q.element_size())
+        segs = _segments(T, ctx.seg, BT)
         for (t0, nts), h0 in zip(reversed(segs), reversed(boundaries)):
             h = chunk.chunk_fwd_h(k, v, log2g, h0, t0=t0, nts=nts, tiles=tiles)
             dh = chunk.chunk_bwd_dh(q, do, log2g, dcarry, dcarry, scale, strict, t0=t0,
@@ -117,7 +124,7 @@ class HebbianAttentionFunction(torch.autograd.Function):
                                    t_dv=0, tiles=tiles)
             del dh
         dh0 = dcarry if ctx.has_h0 else None
-        return dq, dk, dv, None, dh0, None, None, None
+        return dq, dk, dv, None, dh0, None, None, None, None, None
 
 
 def hebbian_attention_triton(q, k, v, *, scale=1.0, strict=True, decay=None, initial_state=None,
@@ -134,6 +141,8 @@ def hebbian_attention_triton(q, k, v, *, scale=1.0, strict=True, decay=None, ini
     kc = k.to(cd).contiguous()
     vc = v.to(cd).contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
-    BT = chunk_size or 64
-    o, S = HebbianAttentionFunction.apply(qc, kc, vc, decay, h0, float(scale), bool(strict), BT)
+    B, H, _, K = q.shape
+    fused, BT, BT_bwd = chunk.plan(B, H, K, v.shape[3], chunk_size)
+    o, S = HebbianAttentionFunction.apply(qc, kc, vc, decay, h0, float(scale), bool(strict),
+                                          fused, BT, BT_bwd)
     return o.to(out_dtype), (S if output_final_state else None)

@@ -59,6 +59,10 @@ def fused_recurrent_hebbian_reduce_kernel(part, o, NK, V, BV: tl.constexpr):
     tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
+# Benchmarks may pin the step's tiles here ({"BK": 32, "BV": 256, "warps": 4}); empty normally.
+STEP_TILES: dict = {}
+
+
 def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
     """q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32 (validated by the caller),
     updated in place. Returns (o [B,H,V] in v's dtype, state)."""
@@ -72,13 +76,15 @@ def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
     # 64×128 float32 tiles (32 KiB): enough programs to fill the chip at the BDH state
     # (B1 H4 K8192 V256 → 1024 programs), 16-byte loads along V; 8 warps: 4 warps need 255
     # registers and spill (cuobjdump on the sm_90 cubin).
-    BV = max(16, min(128, triton.next_power_of_2(V)))
-    BK = max(16, min(64 if not INTERPRET else 32, triton.next_power_of_2(K)))
+    BV = max(16, min(STEP_TILES.get("BV", 128), triton.next_power_of_2(V)))
+    BK = max(16, min(STEP_TILES.get("BK", 64) if not INTERPRET else 32,
+                     triton.next_power_of_2(K)))
     n_k = triton.cdiv(K, BK)
     part = torch.empty(B * H, n_k, V, dtype=torch.float32, device=q.device)
     fused_recurrent_hebbian_step_kernel[(n_k, triton.cdiv(V, BV), B * H)](
         q, k, v, state, part, log2g if log2g is not None else q, float(scale), H, HV, K, V,
-        BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=bool(strict), num_warps=8)
+        BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=bool(strict),
+        num_warps=STEP_TILES.get("warps", 8))
     o = torch.empty(B, H, V, dtype=v.dtype, device=q.device)
     RB = max(16, min(1024, triton.next_power_of_2(V)))
     fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), B * H)](part, o, n_k, V, BV=RB,
