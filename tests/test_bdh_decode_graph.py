@@ -3,23 +3,10 @@
 import pytest
 import torch
 
-from bdh import BDH, BDHConfig
 from bdh.rope import _rotate, pair_freqs64, rotate_at, rotate_neurons
 from bdh.rope_kernel import rope_rotate_triton
 from helpers import assert_rel_close
-
-SMALL = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, vocab_size=256,
-             dropout=0.0, chunk_size=16)
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = BDH(BDHConfig(**{**SMALL, **overrides})).eval()
-    with torch.no_grad():                 # sharper logits than the 0.02 init: fewer near-ties
-        for p in (model.encoder, model.encoder_v, model.decoder, model.lm_head):
-            p.mul_(2.5)
-    return model
-
+from test_bdh_streaming import make_model      # small BDH, sharpened logits, backend torch
 
 @pytest.mark.parametrize("start", [0, 7, 1_000_003])
 def test_triton_rope_reads_the_position_from_the_device(kernel_device, poison_empty, start):
