@@ -50,7 +50,6 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
             self._out = self._forward()            # recorded, not run
-        self.position = int(position) + 1
 
     def _forward(self) -> torch.Tensor:
         logits, _ = self.model._run(self.idx, self.states, self.pos, want_state=True,
@@ -63,6 +62,5 @@ class DecodeGraph:
         the next step: copy it to keep it)."""
         self.idx.copy_(token.view(-1, 1))
         self.graph.replay()
-        self.position += 1
         self.logits = self._out
         return self._out

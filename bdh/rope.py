@@ -84,17 +84,18 @@ def _rotate(x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
     return out
 
 
-def _rotate_any(x: torch.Tensor, start: int, inverse: bool,
+def _rotate_any(x: torch.Tensor, start, inverse: bool,
                 inplace: bool = False) -> torch.Tensor:
     """The Triton pass on CUDA (one read, one write: `bdh.rope_kernel`), else `_rotate`.
-    ``inplace``: a contiguous CUDA x may be overwritten (saves an allocation); elsewhere a new
-    tensor is returned all the same."""
+    ``start``: an int, or an int64 tensor [1] on x's device that the kernel reads (elsewhere it
+    is read back). ``inplace``: a contiguous CUDA x may be overwritten (saves an allocation);
+    elsewhere a new tensor is returned all the same."""
     if x.is_cuda and x.dtype != torch.float64:
         from .rope_kernel import rope_rotate_triton
         return rope_rotate_triton(x, start, inverse, pair_freqs64(x.shape[-1] // 2 * 2,
                                                                   x.device),
                                   inplace=inplace and x.is_contiguous())
-    return _rotate(x, start, inverse)
+    return _rotate(x, int(start), inverse)
 
 
 class _RotateNeurons(torch.autograd.Function):
@@ -128,10 +129,6 @@ def rotate_at(x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
                         f"{list(getattr(position, 'shape', []))}")
     if x.shape[-1] % 2:
         raise ValueError(f"x: RoPE needs an even last dimension N, got shape {list(x.shape)}")
-    if x.is_cuda and x.dtype != torch.float64:
-        if position.device != x.device:
-            raise ValueError(f"position: expected a tensor on {x.device}, got {position.device}")
-        from .rope_kernel import rope_rotate_triton
-        return rope_rotate_triton(x, position.view(1), False,
-                                  pair_freqs64(x.shape[-1], x.device))
-    return _rotate(x, int(position), inverse=False)
+    if x.is_cuda and position.device != x.device:
+        raise ValueError(f"position: expected a tensor on {x.device}, got {position.device}")
+    return _rotate_any(x, position.view(1), inverse=False)

@@ -74,8 +74,9 @@ def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     log2g = None if decay is None else torch.log2(decay.float()).contiguous()
     # 128×128 float32 tiles (64 KiB), 8 warps: at the BDH state (B1 H4 K8192 V256) 256
-    # programs, 16-byte loads along V. The H100 sweep (BENCHMARKS.md) put 64×128 (1024 smaller
-    # programs, the first choice) at 31 µs and 128×128 at 23 µs per step.
+    # programs, 16-byte loads along V. The H100 sweep (BENCHMARKS.md; graph replay over 8 states,
+    # cold L2) put 64×128 (1024 smaller programs, the first choice) at 41.7 µs per step and
+    # 128×128 at 33.3 µs.
     BV = max(16, min(STEP_TILES.get("BV", 128), triton.next_power_of_2(V)))
     BK = max(16, min(STEP_TILES.get("BK", 128) if not INTERPRET else 32,
                      triton.next_power_of_2(K)))
