@@ -250,14 +250,14 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     return rows
 
 
-SWEEP = [  # (chunk, tile overrides) for ours: the split forward, then the fused one
-    (64, {"fused": False}), (128, {"fused": False}),
-    (64, {"fused": True}),                                   # 128×128 state slice, 8 warps
-    (64, {"fused": True, "fused_warps": 16}),
-    (64, {"fused": True, "fused_BK": 256, "fused_BV": 64, "fused_warps": 16}),  # fewer atomics
-    (64, {"fused": True, "fused_BK": 128, "fused_BV": 64}),
-    (64, {"fused": True, "fused_BK": 64, "fused_BV": 64}),  # no register spill (sm_90 cubin)
-    (32, {"fused": True}),
+SWEEP = [  # (chunk, forward algorithm, tile overrides) for ours
+    (64, "split", {}), (128, "split", {}),
+    (64, "fused", {"fused_BK": 128, "fused_BV": 128}),        # 8 warps
+    (64, "fused", {"fused_BK": 128, "fused_BV": 128, "fused_warps": 16}),
+    (64, "fused", {"fused_BK": 256, "fused_BV": 64, "fused_warps": 16}),   # fewer atomics
+    (64, "fused", {"fused_BK": 128, "fused_BV": 64}),
+    (64, "fused", {"fused_BK": 64, "fused_BV": 64}),          # no register spill (sm_90 cubin)
+    (32, "fused", {"fused_BK": 128, "fused_BV": 128}),
 ]
 
 
@@ -275,7 +275,9 @@ def run_sweep(s: Shape, rep_ms):
     scale = 1.0 / (s.K * 8)
     o_ref, _ = chunk_hebbian_torch(q, k, v, scale=scale, strict=False, chunk_size=CHUNK)
     rows = []
-    for chunk_size, tiles in SWEEP:
+    mode_before = chunk_mod.FWD_MODE
+    for chunk_size, mode, tiles in SWEEP:
+        chunk_mod.FWD_MODE = mode
         chunk_mod.TILE_OVERRIDES.clear()
         chunk_mod.TILE_OVERRIDES.update(tiles)
 
@@ -288,11 +290,13 @@ def run_sweep(s: Shape, rep_ms):
             fb = bench(lambda: f(qg, kg, vg)[0].backward(do), rep_ms, grad_to_none=[qg, kg, vg])
         except Exception as exc:                               # noqa: BLE001
             err = fwd = fb = None
-            print(f"sweep {s.name} {chunk_size} {tiles}: {type(exc).__name__}: {exc}")
-        rows.append({"shape": s.name, "chunk": chunk_size, "tiles": str(tiles) or "default",
+            print(f"sweep {s.name} {chunk_size} {mode} {tiles}: {type(exc).__name__}: {exc}")
+        rows.append({"shape": s.name, "chunk": chunk_size, "forward": mode,
+                     "tiles": str(tiles) or "default",
                      "fwd ms": fwd, "fwd+bwd ms": fb, "fwd err vs torch": err})
         print(rows[-1], flush=True)
     chunk_mod.TILE_OVERRIDES.clear()
+    chunk_mod.FWD_MODE = mode_before
     return rows
 
 

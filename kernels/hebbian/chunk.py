@@ -442,7 +442,7 @@ def _warps(*tiles: int) -> int:
     return 4 if INTERPRET or max(tiles) * sorted(tiles)[-2] <= 128 * 64 else 8
 
 
-# Benchmarks may pin tile sizes here (e.g. {"o_BV": 64}, {"fused": True}); empty in normal use.
+# Benchmarks may pin tile sizes here (e.g. {"o_BV": 64}, {"fused_warps": 16}); empty normally.
 TILE_OVERRIDES: dict = {}
 # The forward's algorithm: "split" (fwd_h writes every chunk's state, fwd_o reads them),
 # "fused" (chunk_hebbian_fwd_fused_kernel: no per-chunk states in memory) or "auto" (`plan`).
@@ -504,7 +504,7 @@ class Tiles:
         self.fused = fused
         self.fused_warps = None                     # None: _warps(BK, BV)
         for name, value in TILE_OVERRIDES.items():
-            if name in ("fused", "fused_warps"):
+            if name == "fused_warps":
                 setattr(self, name, value)
                 continue
             setattr(self, name, _tile({"K": K, "V": V}[name[-1]], value))
