@@ -52,6 +52,19 @@ def _decay_pow(n, b_lg):
     return tl.exp2(n.to(tl.float32) * b_lg)
 
 
+@triton.jit
+def _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T, t_s, b_lg, BT: tl.constexpr,
+                        HAS_DECAY: tl.constexpr, PREC: tl.constexpr):
+    """h_{c+1} = γ^L h_c + (w_k ⊙ K_c)ᵀ V_c for the chunk starting at t_s (L tokens of it are
+    before T); b_kt [BK, BT] is K_cᵀ, b_v [BT, BV] is V_c, b_lg = log2 γ (unused without decay)."""
+    if HAS_DECAY:
+        L = tl.minimum(T - t_s, BT)
+        b_wk = tl.where(m_t, _decay_pow(tl.maximum(L - 1 - o_i, 0), b_lg), 0.)
+        b_kt = (b_kt * b_wk[None, :]).to(b_v.dtype)
+        b_h *= tl.exp2(L.to(tl.float32) * b_lg)
+    return b_h + tl.dot(b_kt, b_v, input_precision=PREC)
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 1: state passing. grid (cdiv(K, BK), cdiv(V, BV), B·H); sequential over the segment.
 # --------------------------------------------------------------------------------------------
@@ -76,6 +89,7 @@ def chunk_hebbian_fwd_h_kernel(k, v, h, h0, ht, log2g, T, t0, NTS, H, HV, K, V,
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_bh * K * V + o_kv, mask=m_kv, other=0.)
+    b_lg = 0.                                   # log2 γ; 0 (γ = 1) without decay
     if HAS_DECAY:
         b_lg = tl.load(log2g + i_h).to(tl.float32)
     for i_t in range(NTS):
@@ -90,12 +104,7 @@ def chunk_hebbian_fwd_h_kernel(k, v, h, h0, ht, log2g, T, t0, NTS, H, HV, K, V,
                        mask=m_k[:, None] & m_t[None, :], other=0.)
         b_v = tl.load(p_v + t_s.to(tl.int64) * V + (o_i[:, None] * V + o_v[None, :]),
                       mask=m_t[:, None] & m_v[None, :], other=0.)
-        if HAS_DECAY:
-            L = tl.minimum(T - t_s, BT)
-            b_wk = tl.where(m_t, _decay_pow(tl.maximum(L - 1 - o_i, 0), b_lg), 0.)
-            b_kt = (b_kt * b_wk[None, :]).to(b_v.dtype)
-            b_h *= tl.exp2(L.to(tl.float32) * b_lg)
-        b_h += tl.dot(b_kt, b_v, input_precision=PREC)
+        b_h = _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T, t_s, b_lg, BT, HAS_DECAY, PREC)
     if STORE_HT:
         tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
 
@@ -193,6 +202,7 @@ def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, log2g, scale, T, t0, NTS,
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + i_bh * K * V + o_kv, mask=m_kv, other=0.)
+    b_lg = 0.                                   # log2 γ; 0 (γ = 1) without decay
     if HAS_DECAY:
         b_lg = tl.load(log2g + i_h).to(tl.float32)
         shift = 1 if STRICT else 0
@@ -222,12 +232,7 @@ def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, log2g, scale, T, t0, NTS,
             tl.atomic_add(p_ot, b_o, mask=m_tv, sem="relaxed")
         else:
             tl.store(p_ot, b_o.to(p_o.dtype.element_ty), mask=m_tv)
-        if HAS_DECAY:
-            L = tl.minimum(T - t_s, BT)
-            b_wk = tl.where(m_t, _decay_pow(tl.maximum(L - 1 - o_i, 0), b_lg), 0.)
-            b_kt = (b_kt * b_wk[None, :]).to(b_v.dtype)
-            b_h *= tl.exp2(L.to(tl.float32) * b_lg)
-        b_h += tl.dot(b_kt, b_v, input_precision=PREC)
+        b_h = _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T, t_s, b_lg, BT, HAS_DECAY, PREC)
     if STORE_HT:
         tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
 
