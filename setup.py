@@ -1,5 +1,5 @@
 """Glass Brain: recurrent linear-attention kernels and the models built on them."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="glassbrain",
@@ -9,14 +9,8 @@ setup(
     python_requires=">=3.10",
     # The design card fixes these top-level names. `kernels` is generic and could clash with
     # another distribution that installs a module of the same name: see README.
-    packages=[
-        "kernels",
-        "kernels.hebbian",
-        "bdh",
-        "bsbr",
-        "baselines",
-        "experiments",
-    ],
+    packages=find_packages(include=["kernels", "kernels.*", "bdh", "bdh.*", "bsbr", "bsbr.*",
+                                    "baselines", "baselines.*", "experiments", "experiments.*"]),
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from kernels import sample_next
+
 
 def gpt2_config(n_layer: int, n_embd: int, n_head: int, *, vocab_size: int = 256,
                 n_positions: int = 1024, dropout: float = 0.1,
@@ -124,17 +126,3 @@ class GPT2LM(nn.Module):
             out.append(nxt)
             logits, state = self(nxt, state=state, return_state=True)
         return torch.cat(out, dim=1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k, generator=None) -> torch.Tensor:
-    """One token per row from the last-position logits [B, vocab]; top_k=1 is greedy."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
-        if top_k == 1:
-            return logits.argmax(dim=-1, keepdim=True)
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels import sample_next
+
 from .attention import HebbianRoPE
 from .config import BDHConfig
 from .state import BDHState
@@ -54,19 +56,6 @@ def check_token_ids(idx, vocab_size: int, name: str = "idx") -> torch.Tensor:
         raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
                          f"got values in [{lo}, {hi}]")
     return idx.long()
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from logits [B,V] → [B,1]. top_k=1 is greedy (argmax, no randomness)."""
-    if top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def _gate(xs, ys, keep):

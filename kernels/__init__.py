@@ -5,6 +5,7 @@ Imports nothing else of ours. Every public name is importable from here
 """
 from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
                       hebbian_recurrent, hebbian_step)
+from .sampling import sample_next
 
 __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
-           "hebbian_recurrent", "chunk_hebbian_torch"]
+           "hebbian_recurrent", "chunk_hebbian_torch", "sample_next"]
