@@ -8,7 +8,7 @@ official `freqs` buffer) and by the drop-in module `BDHAttention`:
 RoPE is applied once and the same tensor is passed as q and k (no second copy). With a state
 S the sequence continues at RoPE position `position`; a single token with no autograd takes the
 decoding path `kernels.hebbian_step`; a "dense" piece with no state in or out (training at
-T = 512 on CUDA) the fused q = k Function `bdh.qk_attention.rope_dense_attention`; everything
+T = 512 on CUDA) the fused q = k Function `kernels.rope.rope_dense_attention`; everything
 else `kernels.hebbian_attention`.
 """
 from __future__ import annotations
@@ -23,8 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import hebbian_attention, hebbian_step
 
 from .config import ATTENTION_BACKENDS
-from .qk_attention import rope_dense_attention
-from .rope import official_freqs, rotate_at, rotate_neurons
+from kernels.rope import official_freqs, rope_dense_attention, rotate_at, rotate_neurons
 from .state import BDHState
 
 
@@ -33,7 +32,7 @@ class HebbianRoPE(nn.Module):
 
     The buffer `freqs` (1,1,1,N) holds the official float32 frequencies so that official
     state_dicts load unchanged; the phases themselves are computed from the exact formula in
-    float64 (see `bdh.rope`), which also keeps them right after `model.to(torch.bfloat16)`.
+    float64 (see `kernels.rope`), which also keeps them right after `model.to(torch.bfloat16)`.
     """
 
     def __init__(self, N: int):

@@ -31,7 +31,7 @@ class BDHConfig:
     chunked PyTorch path.
     recompute_attention (training only): save xs and recompute RoPE + attention in the backward
     instead of keeping the rotated copy (one [B,nh,T,N] tensor per layer less). The fused
-    "dense" training path (`bdh.qk_attention`) always does this, so there it changes nothing.
+    "dense" training path (`kernels.rope.qk_dense`) always does this, so there it changes nothing.
     gradient_checkpointing recomputes each whole layer in the backward pass (training only).
     """
     n_layer: int = 6

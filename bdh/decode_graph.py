@@ -10,7 +10,7 @@ What a graph needs, and how the step provides it:
   * fixed addresses: the token id goes into a static [B,1] buffer, the state tensors are the
     caller's (updated in place), the logits come out in a buffer the graph owns;
   * no host-side values that change per token: the RoPE position is an int64 tensor on the
-    device that the RoPE kernel reads (`bdh.rope.rotate_at`) and that the graph itself
+    device that the RoPE kernel reads (`kernels.rope.rotate_at`) and that the graph itself
     increments after the step;
   * no synchronisation inside the step: `BDH._run` checks nothing on the device.
 

@@ -13,7 +13,7 @@ Parameter and buffer names/shapes equal the official ones, so an official state_
 is. Differences from the official code, none of which changes the function:
   * attention runs through `kernels.hebbian_attention` (chunked, O(T)) instead of a dense T×T
     score matrix, and decoding through `kernels.hebbian_step`;
-  * RoPE phases are exact at any position (see `bdh.rope`), and positions continue across calls
+  * RoPE phases are exact at any position (see `kernels.rope`), and positions continue across calls
     when a state is passed (streaming);
   * the wide tensors are head-major ([nh, B·T, N], one bmm per weight: no broadcast copies of
     the weights), and the decoder product is taken per head and summed, which avoids copying

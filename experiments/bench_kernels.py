@@ -17,7 +17,7 @@ Peers, all timed with triton.testing.do_bench (median, random inputs, never zero
              short warm-up, and only where its state traffic is small enough to finish quickly.
 
 bf16 inputs, float32 state. Ours picks its forward algorithm and chunk sizes per shape
-(`kernels.hebbian.chunk.plan`, noted per row); the torch path uses chunk 64. Reported per config: ms, tokens/s, achieved TFLOP/s and,
+(`kernels.hebbian.plan.plan`, noted per row); the torch path uses chunk 64. Reported per config: ms, tokens/s, achieved TFLOP/s and,
 for the decode step, GB/s of state traffic. FLOPs counted (chunk C, per batch·head):
   fwd     = 4·T·K·V (state update + inter-chunk output) + 2·T·C·(K + V) (intra-chunk QKᵀ, AV)
   fwd+bwd = 3 × fwd (the backward's dQ, dK, dV, dS products; our recompute of the chunk
@@ -156,9 +156,9 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     print(f"[{s.name}] ours vs torch: fwd rel err {err_fwd:.2e}, grads {err_bwd:.2e}", flush=True)
 
     # ---- forward
-    from kernels.hebbian import chunk as chunk_mod
-    fused, bt, bt_bwd = chunk_mod.plan(s.B, s.H, s.K, s.V, None)
-    how = f"{'fused' if fused else 'split'} fwd, chunk {bt}"
+    from kernels.hebbian.plan import plan
+    p = plan(s.B, s.H, s.K, s.V, None)
+    how = f"{'fused' if p.fused else 'split'} fwd, chunk {p.BT}"
     ms = bench(lambda: ours(q, k, v), rep_ms)
     rows.append(row(s, "fwd", "ours", ms, ff, err=err_fwd, note=how))
     ms = bench(lambda: torch_path(q, k, v), rep_ms)
@@ -264,7 +264,8 @@ SWEEP = [  # (chunk, forward algorithm, tile overrides) for ours
 def run_sweep(s: Shape, rep_ms):
     """Time ours (fwd, fwd+bwd) over chunk sizes, tile sizes and the two forward algorithms:
     the data for tuning. Each config's output is checked against the torch path."""
-    from kernels.hebbian import chunk as chunk_mod
+    from kernels.hebbian.function import hebbian_attention_triton
+    from kernels.hebbian.plan import Plan
     dev, dt = torch.device("cuda"), torch.bfloat16
     HV = 1 if s.shared_v else s.H
     q = torch.randn(s.B, s.H, s.T, s.K, device=dev, dtype=dt)
@@ -275,15 +276,11 @@ def run_sweep(s: Shape, rep_ms):
     scale = 1.0 / (s.K * 8)
     o_ref, _ = chunk_hebbian_torch(q, k, v, scale=scale, strict=False, chunk_size=CHUNK)
     rows = []
-    mode_before = chunk_mod.FWD_MODE
     for chunk_size, mode, tiles in SWEEP:
-        chunk_mod.FWD_MODE = mode
-        chunk_mod.TILE_OVERRIDES.clear()
-        chunk_mod.TILE_OVERRIDES.update(tiles)
+        pl = Plan(mode == "fused", chunk_size, chunk_size, dict(tiles))
 
-        def f(q_, k_, v_):
-            return hebbian_attention(q_, k_, v_, scale=scale, strict=False,
-                                     backend="triton", chunk_size=chunk_size)
+        def f(q_, k_, v_, pl=pl):
+            return hebbian_attention_triton(q_, k_, v_, scale=scale, strict=False, plan=pl)
         try:
             err = rel_err(f(q, k, v)[0], o_ref)
             fwd = bench(lambda: f(q, k, v), rep_ms)
@@ -295,8 +292,6 @@ def run_sweep(s: Shape, rep_ms):
                      "tiles": str(tiles) or "default",
                      "fwd ms": fwd, "fwd+bwd ms": fb, "fwd err vs torch": err})
         print(rows[-1], flush=True)
-    chunk_mod.TILE_OVERRIDES.clear()
-    chunk_mod.FWD_MODE = mode_before
     return rows
 
 
@@ -344,7 +339,7 @@ def cpu_smoke():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/bench_kernels", help="output folder")
+    p.add_argument("--out", default="runs/bench_kernels", help="output folder")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {list(SHAPES)}")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--no-fla", action="store_true", help="skip fla even when importable")
@@ -357,8 +352,7 @@ def main(argv=None):
                    help="the forward algorithm for ours (default: the package's choice)")
     args = p.parse_args(argv)
     if args.fwd_mode:
-        from kernels.hebbian import chunk as chunk_mod
-        chunk_mod.FWD_MODE = args.fwd_mode
+        os.environ["GLASSBRAIN_FWD_MODE"] = args.fwd_mode
 
     if not torch.cuda.is_available():
         ok = cpu_smoke()
@@ -366,9 +360,9 @@ def main(argv=None):
 
     fla = None if args.no_fla else load_fla()
     out = Path(args.out)
-    from kernels.hebbian import chunk as chunk_mod
+    from kernels.hebbian.plan import fwd_mode
     meta = run_meta("cuda", chunk=CHUNK, dtype="bfloat16", state="float32",
-                    fwd_mode=chunk_mod.FWD_MODE,
+                    fwd_mode=fwd_mode(),
                     fla=fla[2] if fla else None, command=" ".join(["python -m experiments."
                                                                      "bench_kernels"]
                                                                     + (argv or sys.argv[1:])))

@@ -17,8 +17,9 @@ def _loss_and_grads(cfg, idx, tgt, seed=0):
 
 
 @pytest.mark.parametrize("variant", [dict(backend="dense"), dict(recompute_attention=True),
-                                     dict(backend="dense", recompute_attention=True)],
-                         ids=["dense", "recompute", "dense+recompute"])
+                                     dict(backend="dense", recompute_attention=True),
+                                     dict(backend="triton", chunk_size=16)],
+                         ids=["dense", "recompute", "dense+recompute", "triton"])
 def test_variants_match_chunked_torch(variant):
     idx = torch.randint(0, 256, (2, 40))
     tgt = torch.randint(0, 256, (2, 40))
@@ -45,3 +46,24 @@ def test_config_rejects_bad_memory_options():
         BDHConfig(recompute_attention=1)
     with pytest.raises(ValueError, match="dense_max_tokens"):
         BDHConfig(dense_max_tokens=-1)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_keeps_1_minus_p_and_rescales(monkeypatch, p):
+    """The explicit keep mask keeps a fraction 1 − p (within 5 sigma) and rescales by 1/(1 − p),
+    as nn.Dropout does; p ≠ 0.5 catches a mask drawn with p and 1 − p swapped."""
+    import bdh.model as bdh_model
+    seen = []
+    real = bdh_model.gated_decode
+
+    def spy(xs, ys, keep, scale, dec):
+        seen.append((keep, scale))
+        return real(xs, ys, keep, scale, dec)
+
+    monkeypatch.setattr(bdh_model, "gated_decode", spy)
+    model = BDH(BDHConfig(**{**SMALL, "dropout": p})).train()
+    model(torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40)))
+    keep = torch.cat([k.flatten() for k, _ in seen]).double()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    assert all(abs(s - 1 / (1 - p)) < 1e-12 for _, s in seen)

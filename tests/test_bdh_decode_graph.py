@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from bdh.rope import _rotate, pair_freqs64, rotate_at, rotate_neurons
-from bdh.rope_kernel import rope_rotate_triton
+from kernels.rope import pair_freqs64, rotate_at, rotate_neurons
+from kernels.rope import rotate_reference as _rotate
+from kernels.rope.triton_rotate import rope_rotate_triton
 from helpers import assert_rel_close
 from test_bdh_streaming import make_model      # small BDH, sharpened logits, backend torch
 

@@ -1,5 +1,5 @@
 """BDH's fused training pieces against their references: the q = k attention Function
-(bdh.qk_attention) against kernels.hebbian_attention, the gated decoder product against plain
+(kernels.rope.qk_dense) against kernels.hebbian_attention, the gated decoder product against plain
 autograd, dropout through the explicit keep mask, the in-place RoPE pass, the head-major layout
 (no broadcast copy of a weight) and torch.compile of a training step."""
 import pytest
@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bdh import BDH, BDHConfig
 from bdh.model import gated_decode
-from bdh.qk_attention import rope_dense_attention
-from bdh.rope import _rotate, pair_freqs64, rotate_neurons
+from kernels.rope import pair_freqs64, rope_dense_attention, rotate_neurons
+from kernels.rope import rotate_reference as _rotate
 from helpers import assert_rel_close
 from kernels import hebbian_attention
 
@@ -104,7 +104,7 @@ def test_dropout_masks_are_random_reproducible_and_checkpoint_safe():
 
 
 def test_inplace_rope_pass(kernel_device):
-    from bdh.rope_kernel import rope_rotate_triton
+    from kernels.rope.triton_rotate import rope_rotate_triton
     x = torch.randn(2, 3, 9, 12, device=kernel_device)
     ref = _rotate(x.double(), 77, True)
     y = rope_rotate_triton(x, 77, True, pair_freqs64(12, x.device), inplace=True)

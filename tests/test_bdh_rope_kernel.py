@@ -1,11 +1,12 @@
-"""The Triton RoPE pass (bdh.rope_kernel) against the PyTorch rotation (bdh.rope._rotate).
+"""The Triton RoPE pass (kernels.rope.triton_rotate) against the PyTorch rotation (kernels.rope.rotate_reference).
 
 Runs under TRITON_INTERPRET=1 on the CPU (set by conftest), on the GPU where there is one."""
 import pytest
 import torch
 
-from bdh.rope import _rotate, pair_freqs64
-from bdh.rope_kernel import rope_rotate_triton
+from kernels.rope import pair_freqs64
+from kernels.rope import rotate_reference as _rotate
+from kernels.rope.triton_rotate import rope_rotate_triton
 from helpers import assert_rel_close
 
 

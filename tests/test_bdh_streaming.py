@@ -11,7 +11,7 @@ import torch
 
 import bdh.attention
 from bdh import BDH, BDHConfig, BDHState, load_state, save_state
-from bdh.rope import official_freqs, rope_angles, rotate_neurons
+from kernels.rope import official_freqs, rope_angles, rotate_neurons
 from helpers import assert_rel_close
 
 SMALL = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, vocab_size=256,

@@ -10,10 +10,10 @@ import torch
 
 from helpers import assert_rel_close
 from kernels import hebbian_attention, hebbian_quadratic, hebbian_recurrent, hebbian_step
-import kernels.hebbian.chunk as hebbian_chunk
+import kernels.hebbian.plan as hebbian_plan
 import kernels.hebbian.function as hebbian_function
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def make_inputs(B, H, T, K, V, dtype, device, shared_v=False, decay=False):
@@ -135,7 +135,7 @@ def test_chunk_without_initial_state(kernel_device, poison_empty):
 @pytest.fixture
 def fused_forward(monkeypatch):
     """Run the forward through chunk_hebbian_fwd_fused_kernel (the backward is unchanged)."""
-    monkeypatch.setattr(hebbian_chunk, "FWD_MODE", "fused")
+    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", "fused")
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "inclusive"])
@@ -144,7 +144,7 @@ def test_fused_forward_fp32(kernel_device, poison_empty, fused_forward, strict, 
     # K = 40 spans two 32-wide K tiles: the output is summed with atomics across them.
     q, k, v, h0, g = make_inputs(2, 3, 130, 40, 24, torch.float32, kernel_device,
                                  shared_v=strict, decay=decay)
-    assert hebbian_chunk.fused_needs_atomics(40, hebbian_chunk.Tiles(40, 24, 64))
+    assert hebbian_plan.fused_needs_atomics(40, hebbian_plan.make_tiles(40, 24, 64))
     check_against_reference(q, k, v, h0, g, strict=strict, scale=0.37, chunk_size=64,
                             dtype=torch.float32)
 
@@ -153,7 +153,7 @@ def test_fused_forward_fp16_one_k_tile(kernel_device, poison_empty, fused_forwar
     # K = 24 fits one tile: plain stores of the output, no float32 buffer.
     q, k, v, h0, g = make_inputs(1, 2, 75, 24, 40, torch.float16, kernel_device,
                                  shared_v=True, decay=True)
-    assert not hebbian_chunk.fused_needs_atomics(24, hebbian_chunk.Tiles(24, 40, 16))
+    assert not hebbian_plan.fused_needs_atomics(24, hebbian_plan.make_tiles(24, 40, 16))
     check_against_reference(q, k, v, h0, g, strict=True, scale=0.2, chunk_size=16,
                             dtype=torch.float16)
 
@@ -174,10 +174,11 @@ def test_fused_forward_segments_no_grad(kernel_device, poison_empty, fused_forwa
 @pytest.mark.parametrize("fused,bt,bt_bwd", [(True, 16, 32), (False, 32, 16)])
 def test_forward_and_backward_chunks_may_differ(kernel_device, poison_empty, monkeypatch,
                                                 fused, bt, bt_bwd):
-    """`chunk.plan` may give the backward another chunk size than the forward: both must cut
+    """`plan.plan` may give the backward another chunk size than the forward: both must cut
     the sequence into the same segments (boundary states saved by one, used by the other)."""
     monkeypatch.setattr(hebbian_function, "SEGMENT_TOKENS", 64)
-    monkeypatch.setattr(hebbian_chunk, "plan", lambda *a: (fused, bt, bt_bwd))
+    monkeypatch.setattr(hebbian_function, "make_plan",
+                        lambda *a, **kw: hebbian_plan.Plan(fused, bt, bt_bwd))
     q, k, v, h0, g = make_inputs(1, 2, 150, 40, 18, torch.float32, kernel_device,
                                  shared_v=True, decay=True)
     check_against_reference(q, k, v, h0, g, strict=True, scale=0.5, chunk_size=None,
@@ -251,7 +252,7 @@ def test_gpu_bdh_shape(dtype, mode, monkeypatch):
     """B1 H4 T4096 K8192 V256, v shared, decay on, against float64 autograd of the quadratic
     form on the GPU, with either forward algorithm. Inputs scaled like BDH's (ReLU-sparse-ish
     magnitudes don't matter here)."""
-    monkeypatch.setattr(hebbian_chunk, "FWD_MODE", mode)
+    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", mode)
     dev = torch.device("cuda")
     B, H, T, K, V = 1, 4, 4096, 8192, 256
     q, k, v, h0, g = make_inputs(B, H, T, K, V, dtype, dev, shared_v=True, decay=True)
@@ -302,7 +303,7 @@ def test_gpu_past_int32_indexing():
 @pytest.mark.parametrize("mode", ["split", "fused"])
 def test_gpu_k128_both_forwards(mode, monkeypatch):
     """K = V = 128 in bf16: one K tile covers K, so the fused forward stores O directly."""
-    monkeypatch.setattr(hebbian_chunk, "FWD_MODE", mode)
+    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", mode)
     q, k, v, h0, g = make_inputs(2, 4, 1000, 128, 128, torch.bfloat16, torch.device("cuda"),
                                  decay=True)
     check_against_reference(q, k, v, h0, g, strict=True, scale=128 ** -0.5, chunk_size=64,

@@ -41,9 +41,14 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
     q, k [B,H,T,K]; v [B,H,T,V] or [B,1,T,V] (shared by all heads, never copied);
     decay None or [H] in (0, 1]; initial_state None or [B,H,K,V] float32.
     Returns (o [B,H,T,V] in v's dtype, S_final [B,H,K,V] float32 or None).
-    Differentiable in q, k, v and initial_state.
+    Differentiable in q, k, v, initial_state and decay (every backend).
+
+    Precision: "triton" runs float16 and float64 inputs in float32 (a float16 state overflows
+    at 65504), and bf16 too under TRITON_INTERPRET (the interpreter mis-loads bf16). Under
+    `torch.use_deterministic_algorithms(True)` it avoids the float32 atomics of the fused
+    forward, so repeated calls give bitwise-equal outputs.
     """
-    B, H, T, K, V = check_attention_inputs(q, k, v, decay, initial_state, chunk_size)
+    B, H, T, K, V = check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale)
     kind = _resolve_backend(backend, q.device)
     if kind == "triton":
         from .function import hebbian_attention_triton
@@ -63,15 +68,19 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
     else:
         o, S = reference.hebbian_recurrent(q, k, v, scale=scale, strict=strict, decay=decay,
                                            initial_state=initial_state)
-    return o, (S.float() if output_final_state else None)
+    if not output_final_state:
+        return o, None
+    S = S.float()
+    # T = 0 leaves the state untouched: hand back a copy, never the caller's own tensor.
+    return o, (S.clone() if S is initial_state else S)
 
 
 def hebbian_step(q, k, v, state, *, scale=1.0, strict=True, decay=None, backend="auto"):
     """One decoding step. q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32, updated
-    in place (and returned). Returns (o [B,H,V] in v's dtype, state). Not differentiable: use
-    `hebbian_attention` for training. "triton" (and "auto" on CUDA) runs the Triton step; every
+    in place (and returned). Returns (o [B,H,V] in v's dtype, state). Not differentiable: inputs
+    that require grad with grad enabled raise (use `hebbian_attention` for training). "triton" (and "auto" on CUDA) runs the Triton step; every
     other backend runs the same PyTorch step (one token has no chunked or dense form)."""
-    check_step_inputs(q, k, v, state, decay)
+    check_step_inputs(q, k, v, state, decay, scale)
     kind = _resolve_backend(backend, q.device)
     if kind == "triton":
         from .step import hebbian_step_triton

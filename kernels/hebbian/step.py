@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import INTERPRET
+from .common import INTERPRET
+from .function import check_grid
 
 
 @triton.jit
@@ -68,6 +69,12 @@ def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
     updated in place. Returns (o [B,H,V] in v's dtype, state)."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
+    check_grid(B, H)
+    if INTERPRET and q.dtype == torch.bfloat16:
+        # The interpreter mis-loads bf16: run the step in float32 (the state is float32 anyway).
+        o, state = hebbian_step_triton(q.float(), k.float(), v.float(), state, scale=scale,
+                                       strict=strict, decay=decay)
+        return o.to(v.dtype), state
     if not state.is_contiguous():
         raise ValueError("state: expected a contiguous tensor (it is updated in place), got "
                          f"strides {tuple(state.stride())}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_CHUNK = 128      # kernels.hebbian.plan.MAX_CHUNK (kept import-free: validation loads no Triton)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -33,7 +34,7 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_decay(decay, H: int, device) -> None:
+def check_decay(decay, H: int) -> None:
     if decay is None:
         return
     if not isinstance(decay, torch.Tensor):
@@ -43,14 +44,24 @@ def check_decay(decay, H: int, device) -> None:
         raise TypeError(f"decay: expected a floating dtype, got {decay.dtype}")
     if _shape(decay) != [H]:
         raise ValueError(f"decay: expected shape [H] = [{H}], got {_shape(decay)}")
-    if decay.device != device:
-        raise ValueError(f"decay: expected device {device}, got {decay.device}")
-    # Checked on the host only for small tensors (always [H]); a sync is cheap next to a kernel.
-    if not bool(((decay > 0) & (decay <= 1)).all()):
-        raise ValueError(f"decay: every entry must lie in (0, 1], got {decay.tolist()}")
+    # Checked after the cast to float32, the precision the kernels use (a float64 decay of
+    # 1e-50 is in range but underflows to 0 there, and log2(0) would poison every output).
+    # Checked on the host: decay is always [H], and a sync is cheap next to a kernel.
+    d32 = decay.detach().float()
+    if not bool(((d32 > 0) & (d32 <= 1)).all()):
+        raise ValueError(f"decay: every entry must lie in (0, 1] in float32 (the kernels' "
+                         f"precision), got {decay.tolist()}")
 
 
-def check_state(name: str, state, B: int, H: int, K: int, V: int, device) -> None:
+def check_scale(scale) -> None:
+    import math
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+
+
+def check_state(name: str, state, B: int, H: int, K: int, V: int) -> None:
     if state is None:
         return
     if not isinstance(state, torch.Tensor):
@@ -62,11 +73,10 @@ def check_state(name: str, state, B: int, H: int, K: int, V: int, device) -> Non
     if _shape(state) != [B, H, K, V]:
         raise ValueError(f"{name}: expected shape [B,H,K,V] = [{B}, {H}, {K}, {V}], "
                          f"got {_shape(state)}")
-    if state.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {state.device}")
 
 
-def check_attention_inputs(q, k, v, decay, initial_state, chunk_size) -> tuple[int, ...]:
+def check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale=1.0
+                           ) -> tuple[int, ...]:
     """Validate `hebbian_attention` inputs; returns (B, H, T, K, V)."""
     check_tensor("q", q, 4, "[B,H,T,K]")
     check_tensor("k", k, 4, "[B,H,T,K]")
@@ -85,16 +95,20 @@ def check_attention_inputs(q, k, v, decay, initial_state, chunk_size) -> tuple[i
         raise ValueError(f"v: the value dimension V must be >= 1, got shape {_shape(v)}")
     if k.dtype != q.dtype:
         raise TypeError(f"k: expected dtype {q.dtype} (same as q), got {k.dtype}")
+    # Types and shapes first, devices after: a wrong type must not fail on `.device`.
+    check_decay(decay, H)
+    check_state("initial_state", initial_state, B, H, K, V)
+    check_scale(scale)
     check_same_device(q=q, k=k, v=v, decay=decay, initial_state=initial_state)
-    check_decay(decay, H, q.device)
-    check_state("initial_state", initial_state, B, H, K, V, q.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 16
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or not 16 <= chunk_size <= MAX_CHUNK
                                    or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size: expected None or a power of two >= 16, got {chunk_size!r}")
+        raise ValueError(f"chunk_size: expected None or a power of two in [16, {MAX_CHUNK}] "
+                         f"(the kernels hold a chunk's scores in registers), got {chunk_size!r}")
     return B, H, T, K, V
 
 
-def check_step_inputs(q, k, v, state, decay) -> tuple[int, ...]:
+def check_step_inputs(q, k, v, state, decay, scale=1.0) -> tuple[int, ...]:
     """Validate `hebbian_step` inputs; returns (B, H, K, V)."""
     check_tensor("q", q, 3, "[B,H,K]")
     check_tensor("k", k, 3, "[B,H,K]")
@@ -110,7 +124,13 @@ def check_step_inputs(q, k, v, state, decay) -> tuple[int, ...]:
         raise ValueError(f"q/v: K and V must be >= 1, got K={K}, V={V}")
     if state is None:
         raise ValueError("state: hebbian_step needs the running state [B,H,K,V] float32, got None")
+    check_state("state", state, B, H, K, V)
+    check_decay(decay, H)
+    check_scale(scale)
     check_same_device(q=q, k=k, v=v, state=state, decay=decay)
-    check_state("state", state, B, H, K, V, q.device)
-    check_decay(decay, H, q.device)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k, v, state, decay)):
+        raise ValueError("hebbian_step is a decoding step and is not differentiable (it updates "
+                         "the state in place); call it under torch.no_grad(), or use "
+                         "hebbian_attention for a differentiable step")
     return B, H, K, V

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import _rotate_any
+from .rotate import _rotate_any
 
 
 def _canonical(xs: torch.Tensor, v: torch.Tensor):
@@ -37,10 +37,12 @@ def _canonical(xs: torch.Tensor, v: torch.Tensor):
 class _RopeDenseAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, xs4, v4, start, hdim):
-        cd = xs4.dtype
+    def forward(ctx, xs4, v4, start, hdim, cd):
+        # Every product runs in ``cd`` (the autocast dtype under autocast, else xs's dtype), in
+        # the forward and the backward alike, so a float32 xs under bf16 autocast never meets a
+        # bf16 score matrix in one matmul.
         vc = v4.to(cd)
-        q = _rotate_any(xs4, start, inverse=False)
+        q = _rotate_any(xs4.to(cd), start, inverse=False)
         P = torch.matmul(q, q.transpose(-1, -2)).tril_(-1)      # [G1,G2,T,T]
         del q
         o = torch.matmul(P, vc)                                  # v broadcasts over the heads
@@ -61,11 +63,12 @@ class _RopeDenseAttention(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             G = torch.matmul(do, vc.transpose(-1, -2)).tril_(-1)   # dL/d(QQᵀ) on the mask
             G = G + G.transpose(-1, -2)
-            q = _rotate_any(xs4, ctx.start, inverse=False)
+            q = _rotate_any(xs4.to(vc.dtype), ctx.start, inverse=False)
             dq = torch.matmul(G, q)                                # dL/dQ (q and k together)
             del q, G
             dxs = _rotate_any(dq, ctx.start, inverse=True, inplace=True)   # Rᵀ: the inverse
-        return dxs, dv, None, None
+            dxs = dxs.to(xs4.dtype)
+        return dxs, dv, None, None, None
 
 
 def rope_dense_attention(xs: torch.Tensor, v: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -82,4 +85,7 @@ def _apply(xs4, v4, start, hdim):
     # Run eagerly under torch.compile: a graph break on each side of the attention (two
     # matmuls and Triton passes, nothing to fuse), instead of asking dynamo to trace a Triton
     # kernel inside an autograd Function's backward.
-    return _RopeDenseAttention.apply(xs4, v4, start, hdim)
+    dev = xs4.device.type
+    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs4.dtype
+    with torch.autocast(dev, enabled=False):
+        return _RopeDenseAttention.apply(xs4, v4, start, hdim, cd)
