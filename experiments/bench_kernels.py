@@ -181,7 +181,7 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     ms = bench(lambda: ours(qg, kg, vg)[0].backward(do), rep_ms, grad_to_none=[qg, kg, vg])
     rows.append(row(s, "fwd+bwd", "ours", ms, 3 * ff, err=err_bwd,
-                    note=f"{how}; bwd chunk {bt_bwd}"))
+                    note=f"{how}; bwd chunk {p.BT_bwd}"))
     try:
         ms = bench(lambda: torch_path(qg, kg, vg)[0].backward(do), rep_ms,
                    grad_to_none=[qg, kg, vg])
