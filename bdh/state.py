@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 
 import torch
 
+from kernels.atomic_file import UncheckedFileError, load_checked, save_checked
+
 STATE_FORMAT = "glassbrain.bdh_state"
-STATE_VERSION = 1
+# 2: the payload is wrapped by kernels.atomic_file.save_checked (with a sha256); 1 was a bare
+# torch.save of the same dict.
+STATE_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -97,12 +100,12 @@ class BDHState:
 
 
 def save_state(state: BDHState, path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same directory is written,
-    flushed to disk and then renamed over ``path`` (os.replace), so a crash never leaves a
-    half-written state behind. Records a format version and the model's shape config."""
+    """Write ``state`` to ``path`` atomically (`kernels.atomic_file.save_checked`: a temporary
+    file in the same folder, fsync'ed and renamed over ``path``), so a crash never leaves a
+    half-written state behind, with a sha256 of the contents that `load_state` verifies.
+    Records a format version and the model's shape config."""
     if not isinstance(state, BDHState):
         raise TypeError(f"state: expected a BDHState, got {type(state).__name__}")
-    path = os.fspath(path)
     payload = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -110,33 +113,36 @@ def save_state(state: BDHState, path) -> None:
         "position": int(state.position),
         "layers": [S.detach().cpu() for S in state.layers],
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    save_checked(payload, os.fspath(path))
+
+
+def _version_error(path, version) -> ValueError:
+    return ValueError(f"{path}: BDH state format version {version!r} is not supported (this "
+                      f"code reads version {STATE_VERSION}; version 1 files, written before "
+                      f"states carried a checksum, cannot be verified): rebuild the state by "
+                      f"feeding the text again, then save it with save_state")
 
 
 def load_state(path, map_location=None, model=None) -> BDHState:
     """Read a state written by `save_state`. ``map_location`` is as for `torch.load`. If
     ``model`` (a BDH, or a BDHAttention) is given, the state is checked against it now;
-    otherwise the model checks it when the state is used."""
+    otherwise the model checks it when the state is used. A missing file raises
+    FileNotFoundError; a truncated or damaged one (checksum mismatch) CorruptFileError (a
+    ValueError); both name the path and the fix."""
     path = os.fspath(path)
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    fix = "rebuild the state by feeding the text again and save it with save_state"
+    try:
+        payload = load_checked(path, "BDH state", map_location=map_location, fix=fix)
+    except UncheckedFileError as exc:
+        old = exc.content
+        if isinstance(old, dict) and old.get("format") == STATE_FORMAT:
+            raise _version_error(path, old.get("version")) from None
+        raise ValueError(f"{path}: not a BDH state file (expected format {STATE_FORMAT!r})") \
+            from None
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a BDH state file (expected format {STATE_FORMAT!r})")
     if payload.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: BDH state format version {payload.get('version')!r} is not "
-                         f"supported (this code reads version {STATE_VERSION})")
+        raise _version_error(path, payload.get("version"))
     state = BDHState(layers=payload["layers"], position=payload["position"],
                      config=payload["config"])
     if model is not None:

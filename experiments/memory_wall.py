@@ -31,7 +31,9 @@ the RSS). Each point also carries baseline_bytes: what was held with only the mo
 (CUDA: weights and buffers; CPU: the worker's RSS); the table shows the peak above it. On the
 CPU a worker killed by a signal (the kernel's OOM killer) is an OOM point too.
 
-Outputs DIR/memory_wall.json ({"meta", "points"}, rewritten atomically after every point),
+Outputs (DIR: --out, default runs/memory_wall, gitignored; the committed README figure changes
+only with --out results/memory_wall) DIR/memory_wall.json ({"meta", "points"}, rewritten
+atomically after every point),
 DIR/memory_wall.png (peak memory, decode state bytes and ms/token against the context) and
 DIR/memory_wall.md (the table, also printed).
 """
@@ -51,7 +53,8 @@ import torch
 from tqdm import tqdm
 
 from .measure import PeakMemory, free_memory, is_oom, rss_bytes
-from .results import markdown_table, run_meta, write_json
+from .results import (commit_label, default_out, markdown_table, run_meta, save_figure,
+                      write_json, write_text)
 
 GPT2_ATTN = {"gpt2-sdpa": "sdpa", "gpt2-eager": "eager", "gpt2-25m": "sdpa"}
 
@@ -61,7 +64,7 @@ class WallConfig:
     device: str = "cpu"
     max_tokens: int = 8192
     models: tuple[str, ...] = ("bdh", "gpt2")
-    out: str = "results/memory_wall"
+    out: str = "runs/memory_wall"          # gitignored; results/memory_wall only when asked
     preset: str = "cpu"
     dtype: str = "float32"
     decode_steps: int = 8
@@ -324,8 +327,8 @@ def jobs(cfg: WallConfig) -> list[tuple[str, str]]:
         elif m in GPT2_ATTN:
             out += [(m, "decode"), (m, "prefill")]
         else:
-            raise ValueError(f"--models: unknown model {m!r}; expected bdh, gpt2, gpt2-sdpa, "
-                             f"gpt2-eager or gpt2-25m")
+            raise ValueError(f"--models: unknown model {m!r}; expected a comma list of "
+                             f"{', '.join(MODEL_NAMES)}")
     # decode sweeps first: they are the headline, and the deadline may cut the last sweeps
     out = [j for j in out if j[1] == "decode"] + [j for j in out if j[1] == "prefill"]
     return out
@@ -414,12 +417,17 @@ def plot(points: list[dict], path: Path, meta: dict) -> None:
     ax_t.set_title("ms per token (decode: per new token; prefill: time / L)", fontsize=10)
     counts = [f"{k} {(v if isinstance(v, int) else v['total']) / 1e6:.1f}M"
               for k, v in meta["params"].items()]
-    fig.suptitle(f"memory wall on {meta['device']} ({meta['dtype']}, commit {meta['commit']}); "
-                 "params: " + ", ".join(counts) + " (GPT-2 incl. its position table)",
-                 fontsize=10)
+    fig.suptitle(figure_title(meta, counts), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def figure_title(meta: dict, counts: list[str]) -> str:
+    """The figure's title: device, dtype, the commit that made it ('unknown commit' without
+    one, never 'None') and the parameter counts."""
+    return (f"memory wall on {meta['device']} ({meta['dtype']}, {commit_label(meta)}); "
+            "params: " + ", ".join(counts) + " (GPT-2 incl. its position table)")
 
 
 def table(points: list[dict]) -> str:
@@ -439,40 +447,77 @@ def table(points: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse(argv=None) -> WallConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda with --preset h100, else cpu")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="largest context (default: 8192 on the cpu preset, 1048576 on h100)")
-    p.add_argument("--models", default=None,
+MODEL_NAMES = ("bdh", "gpt2", "gpt2-sdpa", "gpt2-eager", "gpt2-25m")
+
+
+def model_list(text: str) -> tuple[str, ...]:
+    """--models: a comma list of MODEL_NAMES (argparse reports a bad one with the list)."""
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in MODEL_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {', '.join(map(repr, bad)) if bad else 'list ' + repr(text)}; "
+            f"expected a comma list of {', '.join(MODEL_NAMES)}")
+    return names
+
+
+def _per_preset(key: str) -> str:
+    vals = {p: PRESETS[p].get(key, getattr(WallConfig, key)) for p in sorted(PRESETS)}
+    if len(set(vals.values())) == 1:
+        return f"{next(iter(vals.values())):g}"
+    return ", ".join(f"{v:g} with --preset {p}" if isinstance(v, float) else
+                     f"{v} with --preset {p}" for p, v in vals.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Flags whose default depends on --preset use SUPPRESS (absent: the preset decides) and
+    # say the per-preset default in their help; the others show theirs through the formatter.
+    p = argparse.ArgumentParser(prog="python -m experiments.memory_wall",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    late = argparse.SUPPRESS
+    p.add_argument("--device", choices=["cpu", "cuda"], default=late,
+                   help="where to measure (default: cuda with --preset h100, else cpu)")
+    p.add_argument("--max-tokens", type=int, default=late,
+                   help=f"largest context (default: {_per_preset('max_tokens')})")
+    p.add_argument("--models", type=model_list, default=late,
                    help="comma list of bdh, gpt2 (= gpt2-sdpa decode+prefill and gpt2-eager "
                         "prefill), gpt2-sdpa, gpt2-eager, gpt2-25m (default: bdh,gpt2; h100 "
                         "adds gpt2-25m)")
-    p.add_argument("--out", default="results/memory_wall")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per point")
-    p.add_argument("--bdh-chunk", type=int, default=None, help="BDH streaming chunk (tokens)")
-    p.add_argument("--time-budget-s", type=float, default=None,
+    p.add_argument("--out", default=default_out("memory_wall"),
+                   help="output folder (gitignored by default; the committed figures are "
+                        "rewritten only with --out results/memory_wall)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: tiny models, about a minute on a laptop; h100: the real sizes")
+    p.add_argument("--decode-steps", type=int, default=late,
+                   help=f"timed decode steps per point (default: {_per_preset('decode_steps')})")
+    p.add_argument("--bdh-chunk", type=int, default=late,
+                   help=f"BDH streaming chunk in tokens (default: {_per_preset('bdh_chunk')})")
+    p.add_argument("--time-budget-s", type=float, default=late,
                    help="per model/mode: stop growing the context when the next point would "
-                        "exceed it")
-    p.add_argument("--deadline-s", type=float, default=None,
-                   help="whole run: each sweep's budget is shrunk to its share of what is left")
-    p.add_argument("--rss-budget-gb", type=float, default=None,
+                        f"exceed it (default: {_per_preset('time_budget_s')})")
+    p.add_argument("--deadline-s", type=float, default=late,
+                   help="whole run: each sweep's budget is shrunk to its share of what is left "
+                        f"(default: {_per_preset('deadline_s')})")
+    p.add_argument("--rss-budget-gb", type=float, default=late,
                    help="CPU: a point whose peak RSS exceeds this counts as out of memory "
                         "(default: 80%% of physical memory)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    p.add_argument("--_worker", default=late, help=argparse.SUPPRESS)
+    return p
+
+
+def parse(argv=None) -> WallConfig:
+    absent = ("device", "max_tokens", "models", "decode_steps", "bdh_chunk", "time_budget_s",
+              "deadline_s", "rss_budget_gb", "_worker")
+    a = build_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(absent)))
     if a._worker:
         return a._worker
     preset = dict(PRESETS[a.preset])
-    models = a.models or ",".join(preset.pop("models", ("bdh", "gpt2")))
+    models = a.models or tuple(preset.pop("models", ("bdh", "gpt2")))
     preset.pop("models", None)
     cfg = WallConfig(preset=a.preset, out=a.out,
                      device=a.device or ("cuda" if a.preset == "h100" else "cpu"),
-                     models=tuple(m.strip() for m in models.split(",") if m.strip()),
-                     **preset)
+                     models=tuple(models), **preset)
     for flag in ("max_tokens", "decode_steps", "bdh_chunk", "time_budget_s", "deadline_s",
                  "rss_budget_gb"):
         if getattr(a, flag) is not None:
@@ -488,7 +533,6 @@ def parse(argv=None) -> WallConfig:
     if cfg.device == "cpu" and cfg.rss_budget_gb is None:
         cfg.rss_budget_gb = round(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                   / 2**30, 2)
-    jobs(cfg)                                                     # validate --models early
     return cfg
 
 
@@ -575,7 +619,7 @@ def main(argv=None) -> dict:
     write_json(out / "memory_wall.json", result)
     md = table(points)
     notes = "\n".join(f"- {n}" for n in meta["notes"])
-    (out / "memory_wall.md").write_text(md + "\n\n" + notes + "\n")
+    write_text(out / "memory_wall.md", md + "\n\n" + notes + "\n")
     try:
         plot(points, out / "memory_wall.png", meta)
     except Exception as exc:                                      # noqa: BLE001

@@ -16,8 +16,10 @@ eval mode and float32, on one fixed batch of held-out validation text, and we re
 * heatmaps: tokens × a fixed random sample of 64 neurons of the last layer (BDH xy, GPT-2 MLP),
   the same text and neurons at every step.
 
-Outputs in DIR: sparsity.json ({"meta", "records", "loss"}), sparsity.md, heatmaps/ (arrays and
-one PNG per step), sparsity_heatmaps.png (steps side by side), sparsity_density.png and
+Outputs in DIR (default runs/sparsity, gitignored; the committed figures change only with
+--out results/sparsity): sparsity.json ({"meta", "records", "loss"}), sparsity.md, heatmaps/
+(arrays and one PNG per step), sparsity_heatmaps.png (steps side by side), sparsity_density.png
+(per activation the mean over layers with a min-max band) and
 sparsity_loss.png. Results are written as they are made; with --resume a run that was stopped
 (--max-minutes, or a lost machine) continues from its checkpoints and keeps what it recorded.
 --max-minutes is one deadline for the whole command (both models), so a run fits a fixed slot;
@@ -35,7 +37,9 @@ import torch
 
 from . import train as tr
 from .data import ByteBatcher, load_corpus
-from .results import markdown_table, run_meta, write_json
+from kernels.atomic_file import atomic_write
+
+from .results import default_out, markdown_table, run_meta, save_figure, write_json, write_text
 
 N_SAMPLE = 64            # neurons shown in the heatmaps
 SHOW_TOKENS = 128        # tokens shown in the heatmaps
@@ -114,7 +118,7 @@ def plot_all(out: Path, result: dict) -> None:
             ax.set_xlabel("token")
             ax.set_ylabel("neuron (fixed sample)")
         fig.tight_layout()
-        fig.savefig(out / "heatmaps" / f"step{step}.png", dpi=110)
+        save_figure(fig, out / "heatmaps" / f"step{step}.png", dpi=110)
         plt.close(fig)
     fig, axes = plt.subplots(len(models), len(steps), figsize=(3.2 * len(steps), 2.8 * len(models)),
                              squeeze=False)
@@ -130,26 +134,16 @@ def plot_all(out: Path, result: dict) -> None:
     fig.suptitle("activations on the same held-out text: tokens (x) × sampled neurons (y)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "sparsity_heatmaps.png", dpi=110)
+    save_figure(fig, out / "sparsity_heatmaps.png", dpi=110)
     plt.close(fig)
 
-    # Density against step, per model / activation / layer.
+    # Density against step: per model and activation, the mean over layers with a min-max band
+    # (one line per activation, not one per layer: 6 layers x 3 activations overlap unreadably).
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
-        series = sorted({(r["name"], r["layer"]) for r in records if r["model"] == m})
-        for name, layer in series:
-            pts = sorted((r["step"], r["density"]) for r in records
-                         if r["model"] == m and r["name"] == name and r["layer"] == layer)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{name} L{layer}", linestyle="--" if name == "mlp_exact_zero" else "-")
-        ax.set_title(f"{m}: density (fraction active) against step", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("density")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        plot_density(ax, records, m)
     fig.tight_layout()
-    fig.savefig(out / "sparsity_density.png", dpi=110)
+    save_figure(fig, out / "sparsity_density.png", dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -163,8 +157,42 @@ def plot_all(out: Path, result: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "sparsity_loss.png", dpi=110)
+    save_figure(fig, out / "sparsity_loss.png", dpi=110)
     plt.close(fig)
+
+
+def density_bands(records: list[dict], model: str) -> dict:
+    """{activation name: (steps, mean over layers, min over layers, max over layers)} for one
+    model's records, steps ascending."""
+    order = ("xs", "ys", "xy", "mlp", "mlp_exact_zero")
+    names = {r["name"] for r in records if r["model"] == model}
+    out = {}
+    for name in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n)):
+        by_step: dict[int, list[float]] = {}
+        for r in records:
+            if r["model"] == model and r["name"] == name:
+                by_step.setdefault(r["step"], []).append(r["density"])
+        steps = sorted(by_step)
+        out[name] = (steps, [float(np.mean(by_step[s])) for s in steps],
+                     [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps])
+    return out
+
+
+def plot_density(ax, records: list[dict], model: str) -> None:
+    """One line per activation (mean over layers) with its min-max band across layers."""
+    bands = density_bands(records, model)
+    n_layers = len({r["layer"] for r in records if r["model"] == model})
+    for name, (steps, mean, lo, hi) in bands.items():
+        style = "--" if name == "mlp_exact_zero" else "-"
+        line, = ax.plot(steps, mean, style, marker="o", label=f"{name} (mean of {n_layers} layers)")
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_title(f"{model}: density (fraction active) against step; band: min-max over layers",
+                 fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("density")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def table(result: dict) -> str:
@@ -189,25 +217,48 @@ def table(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="results/sparsity")
-    p.add_argument("--preset", choices=sorted(tr.PRESETS), default="cpu")
-    p.add_argument("--record-steps", default=None, help="comma list (default 0,100,500,final)")
-    p.add_argument("--models", default="bdh,gpt2")
-    p.add_argument("--ckpt-dir", default=None, help="training checkpoints (default DIR/ckpt)")
+def build_parser() -> argparse.ArgumentParser:
+    # Flags whose default comes from --preset use SUPPRESS and state it in their help.
+    late = argparse.SUPPRESS
+    p = argparse.ArgumentParser(prog="python -m experiments.sparsity",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=late,
+                   help="where to train (default: cpu with --preset cpu, cuda with --preset h100)")
+    p.add_argument("--steps", type=int, default=late,
+                   help="training steps per model (default: "
+                        + ", ".join(f"{tr.PRESETS[k]['steps']} with --preset {k}"
+                                    for k in sorted(tr.PRESETS)) + ")")
+    p.add_argument("--out", default=default_out("sparsity"),
+                   help="output folder (gitignored by default; the committed figures are "
+                        "rewritten only with --out results/sparsity)")
+    p.add_argument("--preset", choices=sorted(tr.PRESETS), default="cpu",
+                   help="cpu: tiny models, about a minute on a laptop; h100: the official BDH "
+                        "training setting")
+    p.add_argument("--record-steps", default=late,
+                   help="comma list of steps at which densities and heatmaps are recorded "
+                        "(default: 0,100,500 and the final step, clipped to --steps)")
+    p.add_argument("--models", default="bdh,gpt2", help="comma list of bdh, gpt2")
+    p.add_argument("--ckpt-dir", default=late,
+                   help="training checkpoints, one per model (default: <out>/ckpt)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints and keep the records in DIR")
-    p.add_argument("--max-minutes", type=float, default=None,
+                   help="continue from the checkpoints and keep the records in --out")
+    p.add_argument("--max-minutes", type=float, default=late,
                    help="stop (with checkpoints) after this long, both models together; "
-                        "rerun the same command with --resume")
+                        "rerun the same command with --resume (default: no limit)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--bdh", default=None, metavar="K=V,...",
-                   help="BDHConfig fields over the preset's (the GPT-2 is matched to this BDH)")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=late,
+                   help=f"training seed (default: {tr.TrainConfig.seed})")
+    p.add_argument("--bdh", default=late, metavar="K=V,...",
+                   help="BDHConfig fields over the preset's (the GPT-2 is matched to this BDH); "
+                        "default: the preset's")
+    return p
+
+
+def parse(argv=None):
+    absent = ("device", "steps", "record_steps", "ckpt_dir", "max_minutes", "seed", "bdh")
+    return build_parser().parse_args(argv,
+                                     namespace=argparse.Namespace(**dict.fromkeys(absent)))
 
 
 def finish(out: Path, result: dict, complete: bool) -> None:
@@ -217,7 +268,7 @@ def finish(out: Path, result: dict, complete: bool) -> None:
     md = ""
     try:
         md = table(result)
-        (out / "sparsity.md").write_text(md + "\n")
+        write_text(out / "sparsity.md", md + "\n")
         plot_all(out, result)
     except Exception as exc:                                      # noqa: BLE001
         print(f"table/plots failed ({type(exc).__name__}: {exc}); {out}/sparsity.json is "
@@ -301,7 +352,7 @@ def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
                 width = model.hf.config.n_inner or 4 * model.hf.config.n_embd
                 ids = torch.randperm(width, generator=g)[:N_SAMPLE].sort().values
                 recs, heat = gpt2_record(model, x, ids)
-            np.save(out / "heatmaps" / f"{m}_step{step}.npy", heat)
+            atomic_write(out / "heatmaps" / f"{m}_step{step}.npy", lambda f: np.save(f, heat))
             result["records"].extend({"model": m, "step": step, **r} for r in recs)
             done.add(step)
             write_json(path, result)

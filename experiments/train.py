@@ -4,6 +4,9 @@
                                 [--ckpt-dir DIR] [--resume] [--max-minutes M] [--compile]
                                 [--bdh n_layer=2,n_embd=64] ...
 
+The log goes to DIR/train_log.json and the checkpoint to DIR/ckpt/<model>.pt (DIR defaults to
+runs/train/<model>, gitignored), so every run can be continued with --resume.
+
 A config dataclass and one plain loop (nanoGPT-style): AdamW, bf16 autocast on CUDA, gradient
 accumulation, optional torch.compile and gradient checkpointing (BDH), validation loss on fixed
 held-out batches (plus, for BDH, the per-layer densities of xs, ys, xy on those batches), atomic
@@ -26,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .data import ByteBatcher, load_corpus
-from .results import run_meta, save_torch, write_json
+from .results import default_out, load_torch, run_meta, save_torch, write_json
 
 EVAL_SEED = 10_000          # the validation batches: the same ones at every eval, in every run
 
@@ -167,7 +170,8 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None,
         # Load on the CPU: the RNG and sampler states must stay CPU ByteTensors (mapped to
         # CUDA, set_rng_state rejects them); load_state_dict copies weights and optimizer
         # state onto the parameters' device.
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = load_torch(ckpt, "training checkpoint", map_location="cpu",
+                           fix="delete it to train from step 0, or restore a good copy")
         diff = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != getattr(cfg, k)]
         if diff:
             raise SystemExit(f"--resume: {ckpt} was written with other settings: " + ", ".join(
@@ -288,23 +292,81 @@ def bdh_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(BDHConfig) if f.name != "gradient_checkpointing"]
 
 
-def config_from_args(argv=None, description=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["bdh", "gpt2"], default="bdh")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--bdh", default=None, metavar="K=V,...",
+# Help text per TrainConfig field; the default each flag shows is the preset's (see _shown).
+FLAG_HELP = {
+    "device": "cpu, cuda or cuda:i",
+    "steps": "optimizer steps in all (a resumed run continues up to this many)",
+    "batch_size": "sequences per micro-batch",
+    "block_size": "bytes per training sequence",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "eval_every": "steps between validation evaluations",
+    "eval_batches": "validation batches per evaluation (the same ones every time)",
+    "log_every": "steps between training-loss log entries",
+    "seed": "seed of the model initialisation, batch sampler and dropout",
+    "autocast": "'none' or 'bfloat16' (autocast on CUDA)",
+    "compile": "torch.compile the training forward",
+    "grad_checkpoint": "gradient checkpointing of the BDH layers (less memory, more compute)",
+    "out": "folder of the JSON log (train_log.json)",
+    "ckpt_dir": "folder of the checkpoint <model>.pt that --resume continues from",
+    "ckpt_every": "also checkpoint every this many steps (0: only at the end and when "
+                  "--max-minutes stops the run)",
+    "resume": "continue from the checkpoint in --ckpt-dir (from step 0 if there is none)",
+    "max_minutes": "stop cleanly, with a checkpoint, after this many minutes; rerun the same "
+                   "command with --resume to continue",
+}
+
+
+def _shown(name: str) -> str:
+    """The default of a TrainConfig field as --help shows it: per preset where they differ."""
+    if name == "out":
+        return "runs/train/<model>"
+    if name == "ckpt_dir":
+        return "<out>/ckpt"
+    if name == "max_minutes":
+        return "no limit"
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    per = {p: PRESETS[p].get(name, f.default) for p in sorted(PRESETS)}
+    if len({repr(v) for v in per.values()}) == 1:
+        return repr(next(iter(per.values()))).strip("'")
+    return ", ".join(f"{v} with --preset {p}" for p, v in per.items())
+
+
+def build_parser(description=None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.train",
+                                description=description or __doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=["bdh", "gpt2"], default="bdh",
+                   help="BDH, or a GPT-2 matched to the preset's BDH by parameter count")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: a tiny model for about a minute on a laptop; h100: the official "
+                        "BDH training setting")
+    p.add_argument("--bdh", default=argparse.SUPPRESS, metavar="K=V,...",
                    help="BDHConfig fields over the preset's, e.g. n_layer=2,n_embd=64 "
-                        "(for --model gpt2: the BDH whose parameter count the GPT-2 matches)")
+                        "(for --model gpt2: the BDH whose parameter count the GPT-2 matches); "
+                        "default: the preset's")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model", "preset", "bdh"):
             continue
         flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS: an absent flag leaves the preset's value; the help says what that is.
+        text = f"{FLAG_HELP[f.name]} (default: {_shown(f.name)})".replace("%", "%%")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=None)
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            p.add_argument(flag, type=kind, default=None)
-    a = p.parse_args(argv)
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+    return p
+
+
+def config_from_args(argv=None, description=None) -> TrainConfig:
+    """The TrainConfig of a command line: the preset, then the flags given. The log defaults to
+    runs/train/<model> and the checkpoint to <out>/ckpt, so every run can be resumed."""
+    # Flags not given stay None (their argparse default is SUPPRESS): the preset decides.
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "preset")]
+    a = build_parser(description).parse_args(
+        argv, namespace=argparse.Namespace(**dict.fromkeys(names, None)))
     cfg = TrainConfig(model=a.model, preset=a.preset, **PRESETS[a.preset])
     cfg.bdh = dict(cfg.bdh)
     for f in dataclasses.fields(TrainConfig):
@@ -313,6 +375,10 @@ def config_from_args(argv=None, description=None) -> TrainConfig:
             setattr(cfg, f.name, v)
     if a.bdh:
         cfg.bdh.update(parse_overrides(a.bdh, bdh_fields()))
+    if cfg.out is None:
+        cfg.out = default_out(f"train/{cfg.model}")
+    if cfg.ckpt_dir is None:
+        cfg.ckpt_dir = str(Path(cfg.out) / "ckpt")
     check_config(cfg)
     return cfg
 
@@ -344,8 +410,6 @@ def check_config(cfg: TrainConfig) -> None:
 
 def main(argv=None, corpus=None) -> dict:
     cfg = config_from_args(argv)
-    if cfg.out is None:
-        cfg.out = f"results/train_{cfg.model}"
     log = train(cfg, corpus)
     meta = log["meta"]
     last = log["train"][-1] if log["train"] else {}
@@ -362,7 +426,8 @@ def main(argv=None, corpus=None) -> dict:
         print("  densities (xs/ys/xy) per layer: " + "; ".join(
             f"L{i} {d['xs']:.3f}/{d['ys']:.3f}/{d['xy']:.3f}"
             for i, d in enumerate(val["densities"])))
-    print(f"  log: {cfg.out}/train_log.json")
+    print(f"  log: {cfg.out}/train_log.json; checkpoint: {cfg.ckpt_dir}/{cfg.model}.pt "
+          f"(continue with --resume)")
     return log
 
 

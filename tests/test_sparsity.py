@@ -1,5 +1,8 @@
 """The sparsity experiment: JSON contract, figures, and the GPT-2 density definition."""
+import argparse
 import json
+import os
+import stat
 import time
 
 import pytest
@@ -49,6 +52,53 @@ def test_figures_written(run):
                  "heatmaps/step0.png", "heatmaps/step12.png"):
         assert (out / name).stat().st_size > 5_000, name
     assert (out / "sparsity.md").read_text().startswith("| model |")
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp")]
+    for p in files:                                           # not mkstemp's 0600
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
+
+
+def test_density_plot_is_a_mean_over_layers_with_a_min_max_band():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [{"model": "bdh", "step": step, "layer": layer, "name": name,
+                "density": d0 - 0.1 * layer - step / 100}
+               for step in (0, 10) for layer in range(3)
+               for name, d0 in (("xs", 0.5), ("ys", 0.45), ("xy", 0.25))]
+    records += [{"model": "gpt2", "step": 0, "layer": 0, "name": "mlp", "density": 0.9}]
+    bands = sparsity.density_bands(records, "bdh")
+    assert list(bands) == ["xs", "ys", "xy"]
+    steps, mean, lo, hi = bands["xs"]
+    assert steps == [0, 10]
+    assert mean == pytest.approx([0.4, 0.3]) and lo == pytest.approx([0.3, 0.2])
+    assert hi == pytest.approx([0.5, 0.4])
+    fig, ax = plt.subplots()
+    sparsity.plot_density(ax, records, "bdh")
+    lines = ax.get_lines()
+    assert len(lines) == 3                                    # one per activation, not per layer
+    assert [list(ln.get_ydata()) for ln in lines] == [pytest.approx(bands[n][1])
+                                                       for n in bands]
+    assert len(ax.collections) == 3                           # the three min-max bands
+    for band, name in zip(ax.collections, bands):
+        ys = band.get_paths()[0].vertices[:, 1]
+        assert ys.min() == pytest.approx(min(bands[name][2]))
+        assert ys.max() == pytest.approx(max(bands[name][3]))
+    plt.close(fig)
+
+
+def test_default_output_is_runs_and_every_flag_has_help(capsys):
+    assert sparsity.parse([]).out == "runs/sparsity"
+    p = sparsity.build_parser()
+    assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    assert not [a.dest for a in p._actions if not a.help]
+    with pytest.raises(SystemExit):
+        sparsity.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/sparsity)" in text and "(default: <out>/ckpt)" in text
+    assert "300 with --preset cpu, 3000 with --preset h100" in text and "None" not in text
 
 
 def test_resume_keeps_records_and_does_not_duplicate(run, tmp_path):

@@ -1,15 +1,26 @@
-"""The training loop: learning, exact resume, atomic checkpoints, clear flag errors."""
+"""The training loop: learning, exact resume, atomic checksummed checkpoints, default output
+folders, help texts, clear flag errors."""
+import argparse
 import json
+import os
+import stat
 
 import pytest
-import torch
 
 from experiments import train as tr
+from experiments.results import load_torch
+from kernels.atomic_file import CorruptFileError
 
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 200)
 CORPUS = {"train": TEXT, "val": TEXT[:3000], "test": TEXT[:3000]}
 TINY = ["--steps", "24", "--batch-size", "4", "--block-size", "32", "--eval-every", "12",
         "--log-every", "1", "--eval-batches", "2"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Every CLI default (runs/train/<model>) lands in the test's own folder."""
+    monkeypatch.chdir(tmp_path)
 
 
 def _cfg(model, extra=()):
@@ -35,7 +46,8 @@ def test_resume_reproduces_the_loss_curve(tmp_path, model):
     full = tr.train(_cfg(model), CORPUS)
     losses = [r["loss"] for r in full["train"]]
 
-    cfg = _cfg(model, ["--ckpt-dir", str(tmp_path), "--ckpt-every", "10"])
+    ck = tmp_path / "ck"
+    cfg = _cfg(model, ["--ckpt-dir", str(ck), "--ckpt-every", "10"])
 
     def crash(step, _model, _log):
         if step == 15:
@@ -48,7 +60,7 @@ def test_resume_reproduces_the_loss_curve(tmp_path, model):
     assert [r["step"] for r in resumed["train"]] == list(range(1, 25))
     assert [r["loss"] for r in resumed["train"]] == losses          # exactly, dropout included
     assert [v["loss"] for v in resumed["val"]] == [v["loss"] for v in full["val"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{model}.pt"]   # no temp files
+    assert sorted(p.name for p in ck.iterdir()) == [f"{model}.pt"]   # no temp files
 
 
 def test_max_minutes_stops_with_a_checkpoint(tmp_path):
@@ -56,7 +68,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path):
                         str(tmp_path / "out")])
     log = tr.train(cfg, CORPUS)
     assert log["status"] == "interrupted"
-    saved = torch.load(tmp_path / "gpt2.pt", weights_only=False)
+    saved = load_torch(tmp_path / "gpt2.pt")
     assert saved["step"] == 0
     assert json.loads((tmp_path / "out" / "train_log.json").read_text())["status"] == \
         "interrupted"
@@ -69,10 +81,11 @@ def test_bad_flags_fail_clearly():
         tr.config_from_args(["--steps", "0"])
     with pytest.raises(SystemExit, match="autocast"):
         tr.config_from_args(["--autocast", "fp8"])
-    with pytest.raises(SystemExit, match="ckpt-dir"):       # would silently resume nothing
-        tr.config_from_args(["--resume"])
+    cfg = tr.config_from_args(["--max-minutes", "5"])      # --ckpt-dir defaults: resumable
+    assert cfg.ckpt_dir == os.path.join("runs", "train", "bdh", "ckpt")
+    bare = tr.TrainConfig(resume=True)                      # the library call has no default
     with pytest.raises(SystemExit, match="ckpt-dir"):
-        tr.config_from_args(["--max-minutes", "5"])
+        tr.check_config(bare)
     with pytest.raises(SystemExit, match="--bdh.*n_layers"):
         tr.config_from_args(["--bdh", "n_layers=2"])
     with pytest.raises(SystemExit, match="--bdh.*n_layer"):
@@ -98,6 +111,60 @@ def test_bdh_eval_logs_densities():
         d = v["densities"][0]
         assert set(d) == {"xs", "ys", "xy"} and all(0 < d[k] < 1 for k in d)
         assert d["xy"] <= d["xs"] and d["xy"] <= d["ys"]
+
+
+def test_defaults_write_under_runs_and_a_bare_run_resumes(tmp_path):
+    """No --out / --ckpt-dir: the log and a checkpoint go to runs/train/<model> (gitignored),
+    never results/, so rerunning with --resume and more steps continues the run."""
+    cfg = tr.config_from_args(["--model", "gpt2"])
+    assert (cfg.out, cfg.ckpt_dir) == ("runs/train/gpt2", os.path.join("runs/train/gpt2", "ckpt"))
+    args = ["--model", "gpt2", "--eval-every", "2", "--block-size", "32", "--batch-size", "2",
+            "--bdh", "n_layer=1,n_embd=32"]
+    first = tr.main(args + ["--steps", "2"], corpus=CORPUS)
+    out = tmp_path / "runs" / "train" / "gpt2"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt", "train_log.json"]
+    assert load_torch(out / "ckpt" / "gpt2.pt")["step"] == 2
+    assert not (tmp_path / "results").exists()
+    more = tr.main(args + ["--steps", "4", "--resume"], corpus=CORPUS)
+    assert [s["start_step"] for s in more["sessions"]] == [0, 2]
+    assert more["train"][:len(first["train"])] == first["train"]
+
+
+def test_result_files_are_world_readable(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tr.main(["--model", "gpt2", "--steps", "1", "--eval-every", "1", "--block-size", "32",
+                 "--bdh", "n_layer=1,n_embd=32"], corpus=CORPUS)
+    finally:
+        os.umask(old)
+    out = tmp_path / "runs" / "train" / "gpt2"
+    for f in (out / "train_log.json", out / "ckpt" / "gpt2.pt"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_corrupt_checkpoint_fails_clearly_on_resume(tmp_path):
+    args = ["--model", "gpt2", "--eval-every", "2", "--block-size", "32", "--batch-size", "2",
+            "--bdh", "n_layer=1,n_embd=32"]
+    tr.main(args + ["--steps", "2"], corpus=CORPUS)
+    ckpt = tmp_path / "runs" / "train" / "gpt2" / "ckpt" / "gpt2.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])                       # truncated
+    with pytest.raises(CorruptFileError,
+                       match="runs/train/gpt2/ckpt/gpt2.pt: .*truncated.*delete it to train from"):
+        tr.main(args + ["--steps", "4", "--resume"], corpus=CORPUS)
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    p = tr.build_parser()
+    assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    missing = [a.dest for a in p._actions if not a.help]
+    assert not missing, missing
+    with pytest.raises(SystemExit) as e:
+        tr.config_from_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/train/<model>)" in text and "(default: <out>/ckpt)" in text
+    assert "300 with --preset cpu, 3000 with --preset h100" in text
+    assert "None" not in text
 
 
 def test_resume_refuses_other_settings(tmp_path):

@@ -1,0 +1,242 @@
+"""Crash-safe files: atomic writes, and torch payloads that carry their own checksum.
+
+The bottom layer for everything that writes to disk (result JSON, figures, BDH states, training
+checkpoints), so `bdh` and `experiments` share one implementation; it imports nothing of ours.
+
+* `atomic_write(path, write_fn)`: ``write_fn(f)`` fills a temporary file in ``path``'s folder,
+  which is flushed, fsync'ed and renamed over ``path`` (os.replace), and the folder is fsync'ed
+  so the rename itself survives a power cut. Readers see the old file or the new one, never a
+  half-written one. The file gets the usual mode (0666 minus the umask, 0644 by default), not
+  mkstemp's 0600. Temporary files that a crashed writer left behind are removed.
+* `save_checked(obj, path)` / `load_checked(path, what=...)`: `torch.save` atomically, with a
+  sha256 over the payload (every tensor's bytes, dtype and shape, and the plain values around
+  them) stored in the same file. Loading re-computes it, so silently flipped bits are caught;
+  a missing, truncated or unreadable file raises an error that names the path and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+CHECKED_FORMAT = "glassbrain.checked"
+CHECKED_VERSION = 1
+
+
+class CorruptFileError(ValueError):
+    """A file exists but its content cannot be trusted (truncated, damaged, wrong format)."""
+
+
+class UncheckedFileError(CorruptFileError):
+    """A readable torch file that `save_checked` did not write (no checksum: an older format,
+    or some other program's file). ``content`` holds what `torch.load` returned, so a caller
+    can say which older format it is."""
+
+    def __init__(self, message: str, content=None):
+        super().__init__(message)
+        self.content = content
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def _temp_name(name: str) -> str:
+    # The writer's pid is in the name, so a later writer can tell a crashed writer's leftover
+    # (pid gone) from a file another live process is still writing.
+    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True                      # exists, owned by someone else (or we cannot tell)
+    return True
+
+
+def clean_stale_temps(path) -> list[Path]:
+    """Remove the ``.<name>.*.tmp`` files that crashed writers of ``path`` left behind: those
+    whose writer pid no longer runs, or whose name has no pid (an older writer's). Returns the
+    removed paths."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in entries:
+        n = p.name
+        if not (n.startswith(prefix) and n.endswith(".tmp")) or not p.is_file():
+            continue
+        middle = n[len(prefix):-len(".tmp")]
+        if not middle or "." in middle:
+            continue                     # a temp of another file (".<name>.bak.….tmp")
+        pid_part = middle.split("-", 1)[0]
+        if pid_part.isdigit() and _pid_alive(int(pid_part)):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Write ``path`` atomically: ``write_fn(f)`` writes into a binary file object for a
+    temporary file in the same folder; it is flushed and fsync'ed, renamed over ``path`` and the
+    folder fsync'ed. On any error the temporary file is removed and ``path`` is untouched.
+    The new file has mode 0666 & ~umask (0644 by default). Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    while True:
+        tmp = path.parent / _temp_name(path.name)
+        try:
+            # O_EXCL: never write through a file (or symlink) someone else placed there;
+            # mode 0o666 lets the umask decide, as for any ordinary file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+# ----------------------------------------------------------------------------- checksummed torch
+
+def _feed(h, obj) -> None:
+    """Hash ``obj`` as save_checked sees it: tensors by dtype, shape and bytes; containers by
+    structure; plain values by type and repr. Equal before saving and after loading."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8
+                     else t.numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'U' if isinstance(obj, tuple) else 'L'}{len(obj)}:".encode())
+        for v in obj:
+            _feed(h, v)
+    # Plain values by their base type (a str subclass such as torch's version string hashes
+    # as the str it is), so the hash does not depend on how a loader rebuilds them.
+    elif obj is None:
+        h.update(b"N;")
+    elif isinstance(obj, bool):
+        h.update(b"B1;" if obj else b"B0;")
+    elif isinstance(obj, int):
+        h.update(f"I{int(obj)};".encode())
+    elif isinstance(obj, float):
+        h.update(b"F" + (b"nan" if math.isnan(obj) else float(obj).hex().encode()) + b";")
+    elif isinstance(obj, str):
+        data = str(obj).encode("utf-8", "surrogatepass")
+        h.update(f"S{len(data)}:".encode() + data)
+    elif isinstance(obj, bytes):
+        h.update(f"Y{len(obj)}:".encode() + bytes(obj))
+    elif isinstance(obj, (torch.dtype, torch.device, torch.Size)):
+        h.update(f"V{obj};".encode())
+    else:
+        import pickle                   # anything else: its pickle (deterministic per value)
+        h.update(f"P{type(obj).__module__}.{type(obj).__qualname__}:".encode())
+        h.update(pickle.dumps(obj, protocol=4))
+
+
+def payload_sha256(obj) -> str:
+    """The checksum save_checked stores for ``obj``."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def save_checked(obj, path) -> Path:
+    """`torch.save` ``obj`` to ``path`` atomically (see `atomic_write`), wrapped with its sha256
+    so that `load_checked` can verify it. Returns ``path``."""
+    wrapped = {"format": CHECKED_FORMAT, "version": CHECKED_VERSION,
+               "sha256": payload_sha256(obj), "payload": obj}
+    return atomic_write(path, lambda f: torch.save(wrapped, f))
+
+
+def load_checked(path, what: str = "file", *, map_location=None, weights_only: bool = True,
+                 fix: str | None = None):
+    """Load what `save_checked` wrote to ``path`` and verify its checksum.
+
+    ``what`` names the file in errors ("BDH state", "training checkpoint"); ``fix`` replaces
+    the default advice for a damaged file. Raises FileNotFoundError (missing), CorruptFileError
+    (truncated / unreadable / checksum mismatch), UncheckedFileError (a torch file without a
+    checksum: an older format or another program's file); each message names the path and
+    what to do."""
+    path = Path(path)
+    remedy = fix or ("delete it and write it again (rerun the command that made it), or "
+                     "restore a good copy")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path}: no such file (check the path; it is written "
+                                f"by the run that makes the {what})")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:                                        # noqa: BLE001
+        if weights_only and "Unsupported global" in str(exc):
+            # Readable, but it holds a Python object that safe loading refuses to build.
+            name = str(exc).split("Unsupported global:", 1)[1].split(" was ")[0].strip()
+            raise CorruptFileError(
+                f"{what} {path}: holds an object that weights-only loading refuses ({name}); "
+                f"if you trust the file, load it with weights_only=False") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CorruptFileError(
+            f"{what} {path}: cannot be read, the file is truncated or corrupt "
+            f"({type(exc).__name__}{': ' + first if first else ''}); {remedy}") from exc
+    if not (isinstance(raw, dict) and raw.get("format") == CHECKED_FORMAT):
+        raise UncheckedFileError(
+            f"{what} {path}: not written by save_checked (no checksum): an older format or "
+            f"not a Glass Brain file; {remedy}", content=raw)
+    if raw.get("version") != CHECKED_VERSION:
+        raise CorruptFileError(f"{what} {path}: checked-file version {raw.get('version')!r} is "
+                               f"not supported (this code reads version {CHECKED_VERSION}); "
+                               f"{remedy}")
+    payload = raw.get("payload")
+    got = payload_sha256(payload)
+    if got != raw.get("sha256"):
+        raise CorruptFileError(f"{what} {path}: checksum mismatch (stored "
+                               f"{str(raw.get('sha256'))[:12]}…, content hashes to "
+                               f"{got[:12]}…): the data was damaged after it was written; "
+                               f"{remedy}")
+    return payload
