@@ -1,1 +1,19 @@
-"""BSBR: block-sparse attention with block retrieval (causal; see DESIGN.md). Not built yet."""
+"""BSBR (block-sparse attention with block retrieval), made causal: the attention module, the
+hierarchical state bank, the streaming state and a small language model (DESIGN.md).
+
+    from bsbr import BSBRAttention, BankConfig, BSBRLM, BSBRLMConfig
+    attn = BSBRAttention(d_model=256, n_head=4, chunk_size=64, top_k=8,
+                         bank=BankConfig(slots_per_level=(8, 4, 4)))
+    y, state = attn(x, state=None, return_state=True)     # continue with state=state
+    model = BSBRLM(BSBRLMConfig())
+    logits, loss = model(idx, targets)
+    out = model.generate(idx, 100, top_k=1)
+"""
+from .attention import BSBRAttention
+from .bank import empty_bank, push_chunks, update_salience
+from .config import BankConfig, BSBRLMConfig
+from .model import BSBRLM
+from .state import BankState, BSBRLMState, BSBRState
+
+__all__ = ["BSBRAttention", "BankConfig", "BSBRLMConfig", "BSBRLM", "BSBRState", "BankState",
+           "BSBRLMState", "empty_bank", "push_chunks", "update_salience"]

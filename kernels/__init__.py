@@ -4,10 +4,13 @@ Imports nothing else of ours. Every public name is importable from here
 (`from kernels import hebbian_attention`).
 """
 from .atomic_file import CorruptFileError, atomic_write, load_checked, save_checked
+from .bsbr import BACKENDS as BSBR_BACKENDS
+from .bsbr import bsbr_attention, chunk_local_attention, chunk_states, routed_readout_step
 from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
                       hebbian_recurrent, hebbian_step)
 from .sampling import sample_next
 
 __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
            "hebbian_recurrent", "chunk_hebbian_torch", "sample_next", "atomic_write", "save_checked", "load_checked",
-           "CorruptFileError"]
+           "CorruptFileError", "BSBR_BACKENDS", "bsbr_attention", "chunk_local_attention",
+           "chunk_states", "routed_readout_step"]

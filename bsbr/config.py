@@ -1,0 +1,119 @@
+"""BSBR configuration: the hierarchical state bank and the small BSBR language model.
+
+The attention module takes its sizes as arguments (`BSBRAttention(d_model, n_head, ...)`); the
+configs here are the two things that travel as a unit: a bank's budget and policy, and a whole
+model's sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from kernels.bsbr import BACKENDS
+
+
+def check_int(owner: str, name: str, value, minimum: int) -> None:
+    """Raise TypeError / ValueError naming ``owner.name`` unless value is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}{name}: expected an int >= {minimum}, "
+                        f"got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_optional_int(owner: str, name: str, value, minimum: int) -> None:
+    if value is not None:
+        check_int(owner, name, value, minimum)
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+    """A bounded hierarchical state bank (DESIGN.md "Hierarchical state bank", from BWR-DNC).
+
+    slots_per_level[l] slots hold states of 2^l chunks each. A completed chunk enters level 0;
+    when a level below the top is full, its two oldest slots merge (F summed, h averaged) into
+    one slot of the next level; when the top level is full, its lowest-salience slot folds into
+    the single archive slot (F summed, h averaged weighted by the chunks each holds). Every
+    non-top level needs at least 2 slots (a merge takes two), the top level at least 1.
+
+    salience_decay: per token. A slot's salience is Σ over past queries of the routing weight it
+    received, times salience_decay^(tokens since that query); a merged slot sums its parents'.
+    Memory: sum(slots_per_level) + 1 slots of K·V + M floats per head, for any length. While the
+    number of completed chunks is at most slots_per_level[0] nothing merges and the bank is
+    exact.
+    """
+    slots_per_level: tuple = (8, 4, 4)
+    salience_decay: float = 0.999
+
+    def __post_init__(self):
+        spl = self.slots_per_level
+        if not isinstance(spl, (tuple, list)) or len(spl) < 1:
+            raise TypeError(f"BankConfig.slots_per_level: expected a non-empty tuple of ints, "
+                            f"got {spl!r}")
+        object.__setattr__(self, "slots_per_level", tuple(spl))
+        for lvl, n in enumerate(spl):
+            top = lvl == len(spl) - 1
+            check_int("BankConfig.", f"slots_per_level[{lvl}]", n, 1 if top else 2)
+        d = self.salience_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+            raise ValueError(f"BankConfig.salience_decay: expected a float in (0, 1], got {d!r}")
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.slots_per_level)
+
+    @property
+    def capacity(self) -> int:
+        """Slots held at most, the archive included."""
+        return sum(self.slots_per_level) + 1
+
+    def as_dict(self) -> dict:
+        return {"slots_per_level": list(self.slots_per_level),
+                "salience_decay": float(self.salience_decay)}
+
+
+def bank_from(value) -> BankConfig | None:
+    """None (the exact, unbounded bank), a BankConfig, or its dict / tuple of slots."""
+    if value is None or isinstance(value, BankConfig):
+        return value
+    if isinstance(value, dict):
+        return BankConfig(**value)
+    if isinstance(value, (tuple, list)):
+        return BankConfig(slots_per_level=tuple(value))
+    raise TypeError(f"bank: expected None, a BankConfig, a dict of its fields or a tuple of "
+                    f"slots per level, got {type(value).__name__} {value!r}")
+
+
+@dataclasses.dataclass
+class BSBRLMConfig:
+    """A small BSBR language model: byte embedding, n_layer pre-LN blocks (BSBR attention + MLP),
+    final LN, LM head. No position embedding: the causal local softmax sees order, and the model
+    runs at any length. meta_dim None = the head dim; bank None = the exact bank."""
+    vocab_size: int = 256
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    chunk_size: int = 64
+    top_k: int | None = None
+    meta_dim: int | None = None
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bank: BankConfig | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        own = "BSBRLMConfig."
+        for name, lo in (("vocab_size", 1), ("n_layer", 1), ("d_model", 1), ("n_head", 1),
+                         ("chunk_size", 1), ("mlp_ratio", 1)):
+            check_int(own, name, getattr(self, name), lo)
+        check_optional_int(own, "top_k", self.top_k, 1)
+        check_optional_int(own, "meta_dim", self.meta_dim, 1)
+        if self.d_model % self.n_head:
+            raise ValueError(f"BSBRLMConfig.d_model: expected a multiple of n_head = "
+                             f"{self.n_head}, got {self.d_model}")
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f"BSBRLMConfig.dropout: expected a float in [0, 1), got {d!r}")
+        self.bank = bank_from(self.bank)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"BSBRLMConfig.backend: expected one of {BACKENDS}, "
+                             f"got {self.backend!r}")

@@ -1,0 +1,214 @@
+"""A small BSBR language model on the model protocol (byte vocabulary).
+
+    x = embed(idx)                                    [B,T,D]   no position embedding
+    repeat n_layer times (own weights per layer):
+      x = x + BSBRAttention(LN(x))                    causal; streams through a BSBRState
+      x = x + MLP(LN(x))                              Linear(D, r·D) → GELU → Linear(r·D, D)
+    logits = LN(x) @ lm_head
+
+    logits, loss  = model(idx, targets)
+    logits, state = model(idx, state=state, return_state=True)
+    out           = model.generate(idx, max_new_tokens, temperature=1.0, top_k=None)
+
+`generate` consumes the prompt once (in pieces) into the state, then decodes one token at a time
+from it (local attention over the partial chunk + a routed readout of the bank per layer); the
+prefix is never re-run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import sample_next
+
+from .attention import BSBRAttention
+from .config import BSBRLMConfig, check_int
+from .state import BSBRLMState
+
+PREFILL_CHUNK = 4096   # generate() consumes a long prompt in pieces of this many tokens
+
+
+def check_token_ids(idx, vocab_size: int, name: str = "idx") -> torch.Tensor:
+    """Validate a [B,T] tensor of token ids (int64 or int32, in [0, vocab)); returns int64."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids [B,T], "
+                        f"got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected token ids of dtype torch.long (int64), got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{name}: expected 2 dims [B,T], got shape {list(idx.shape)}")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"{name}: expected B >= 1 and T >= 1, got shape {list(idx.shape)}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
+                         f"got values in [{lo}, {hi}]")
+    return idx.long()
+
+
+class BSBRBlock(nn.Module):
+    def __init__(self, cfg: BSBRLMConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.ln_1 = nn.LayerNorm(D)
+        self.attn = BSBRAttention(D, cfg.n_head, cfg.chunk_size, top_k=cfg.top_k, bank=cfg.bank,
+                                  meta_dim=cfg.meta_dim, backend=cfg.backend)
+        self.ln_2 = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(),
+                                 nn.Linear(cfg.mlp_ratio * D, D))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, state=None, return_state=False):
+        a = self.attn(self.ln_1(x), state=state, return_state=return_state)
+        a, state = a if return_state else (a, None)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.ln_2(x)))
+        return x, state
+
+
+class BSBRLM(nn.Module):
+    """Byte-level BSBR language model. See the module docstring."""
+
+    def __init__(self, config: BSBRLMConfig | None = None):
+        super().__init__()
+        if config is None:
+            config = BSBRLMConfig()
+        if not isinstance(config, BSBRLMConfig):
+            raise TypeError(f"config: expected a BSBRLMConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(BSBRBlock(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():      # GPT-2's scaled init of residual outputs
+            if name.endswith("attn.W_o.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(mod):
+        if isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=0.02)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.Embedding):
+            nn.init.normal_(mod.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------- state
+
+    def state_config(self) -> dict:
+        return {"model": "BSBRLM", "n_layer": self.config.n_layer,
+                "layer": self.blocks[0].attn.state_config()}
+
+    def init_state(self, batch_size: int, device=None) -> BSBRLMState:
+        return BSBRLMState([b.attn.init_state(batch_size, device=device) for b in self.blocks],
+                           0, self.state_config())
+
+    def check_state(self, state, batch_size: int | None = None) -> None:
+        if not isinstance(state, BSBRLMState):
+            raise TypeError(f"state: expected a BSBRLMState or None, got {type(state).__name__}")
+        if state.config is not None and dict(state.config) != self.state_config():
+            raise ValueError(f"state: made by a different configuration ({state.config}) than "
+                             f"this BSBRLM ({self.state_config()})")
+        if len(state.layers) != self.config.n_layer:
+            raise ValueError(f"state: expected {self.config.n_layer} layer states, "
+                             f"got {len(state.layers)}")
+        for blk, s in zip(self.blocks, state.layers):
+            blk.attn.check_state(s, batch_size)
+
+    # ----------------------------------------------------------------- forward
+
+    def _run(self, idx, states, want_state: bool):
+        x = self.drop(self.embed(idx))
+        new_states = []
+        for i, blk in enumerate(self.blocks):
+            x, s = blk(x, None if states is None else states[i], want_state)
+            new_states.append(s)
+        return self.lm_head(self.ln_f(x)), (new_states if want_state else None)
+
+    def forward(self, idx, targets=None, *, state: BSBRLMState | None = None,
+                return_state: bool = False):
+        """idx [B,T] token ids. `logits, loss = model(idx, targets=None)` (loss None without
+        targets); with `state=` the sequence continues from that state; `return_state=True`
+        returns `(logits, state)`, or `(logits, loss, state)` with targets. The state passed in
+        is not modified."""
+        idx = check_token_ids(idx, self.config.vocab_size)
+        B, T = idx.shape
+        position = 0
+        if state is not None:
+            self.check_state(state, B)
+            position = state.position
+        logits, new_states = self._run(idx, None if state is None else state.layers,
+                                       return_state)
+        loss = None
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
+                raise ValueError(f"targets: expected a tensor of shape [B,T] = [{B}, {T}], "
+                                 f"got {getattr(targets, 'shape', type(targets).__name__)}")
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        if not return_state:
+            return logits, loss
+        new_state = BSBRLMState(new_states, position + T, self.state_config())
+        return (logits, new_state) if targets is None else (logits, loss, new_state)
+
+    # ----------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None, *,
+                 state: BSBRLMState | None = None, return_state: bool = False,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        """idx followed by ``max_new_tokens`` sampled tokens, [B, T0 + max_new_tokens].
+
+        The prompt goes through the model once (in pieces of ``prefill_chunk`` tokens) into the
+        state; then every new token is one decode step from the state. top_k=1 is greedy.
+        With `state=`, idx holds the tokens that follow the state. With `return_state=True` it
+        returns `(tokens, state)`, the state having consumed every returned token but the last,
+        so `model.generate(tokens[:, -1:], n, state=state)` continues the sequence."""
+        idx = check_token_ids(idx, self.config.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not temperature > 0:
+            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        check_int("", "prefill_chunk", prefill_chunk, 1)
+        device = self.embed.weight.device
+        if idx.device != device:
+            raise ValueError(f"idx: expected device {device} (the model's), got {idx.device}")
+        B, T0 = idx.shape
+        if state is None:
+            state = self.init_state(B)
+        else:
+            self.check_state(state, B)
+
+        def consume(tokens, st):
+            logits = None
+            for s in range(0, tokens.shape[1], prefill_chunk):
+                logits, st = self(tokens[:, s:s + prefill_chunk], state=st, return_state=True)
+            return logits, st
+
+        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
+        out[:, :T0] = idx
+        if max_new_tokens == 0:
+            if return_state and T0 > 1:
+                _, state = consume(idx[:, :-1], state)
+        else:
+            logits, state = consume(idx, state)
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+                out[:, T0 + i:T0 + i + 1] = nxt
+                if i + 1 == max_new_tokens:
+                    break
+                logits, state = self(nxt, state=state, return_state=True)
+        return (out, state) if return_state else out

@@ -1,0 +1,152 @@
+"""The BSBR streaming state: a bank of chunk states plus the current partial chunk.
+
+A BSBR layer's memory of the past is
+  * the bank: one (F, h) per slot, F = Σ k_sᵀ v_s over the chunks the slot holds (float32;
+    float64 in float64 oracle runs) and h their mean meta key, with each slot's level
+    (compression 2^level chunks), its chunk count and its salience;
+  * the keys, values and meta-key sources of the current partial chunk (fewer than C tokens),
+    kept in a fixed buffer of C - 1 tokens so the state's size does not move inside a chunk;
+  * the position (tokens consumed), whose remainder mod C is how many of those are filled.
+With a bounded bank (`BankConfig`) the slot tensors are allocated at the bank's capacity, so
+`nbytes()` is the same at every position: O(slots · K · V) for any length.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def _tensor_bytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclasses.dataclass
+class BankState:
+    """Bank slots, per (batch, head). Only the first n = len(levels) slots are valid (the rest is
+    zero padding up to the bounded bank's capacity).
+
+    F [B,H,S,K,V], h [B,H,S,M] (float32, or float64), salience [B,H,S] (float32/64, no grad).
+    levels[i]: slot i's level (0 = one raw chunk, l = 2^l chunks merged; the archive slot has
+    level n_levels). counts[i]: how many chunks slot i holds. Slots are in chronological order:
+    archive first, then the top level's, ..., level 0's (newest last); levels never increase
+    along the slots."""
+    F: torch.Tensor
+    h: torch.Tensor
+    salience: torch.Tensor
+    levels: tuple = ()
+    counts: tuple = ()
+
+    def __post_init__(self):
+        self.levels, self.counts = tuple(self.levels), tuple(self.counts)
+        if len(self.levels) != len(self.counts) or len(self.levels) > self.F.shape[2]:
+            raise ValueError(f"BankState: {len(self.levels)} levels, {len(self.counts)} counts "
+                             f"and {self.F.shape[2]} slot tensors do not fit together")
+
+    @property
+    def n(self) -> int:
+        """Valid slots."""
+        return len(self.levels)
+
+    @property
+    def n_chunks(self) -> int:
+        """Completed chunks the bank has absorbed (merged and archived ones included)."""
+        return sum(self.counts)
+
+    def valid(self):
+        """(F, h, salience) of the valid slots, or (None, None, None) for an empty bank."""
+        if self.n == 0:
+            return None, None, None
+        n = self.n
+        return self.F[:, :, :n], self.h[:, :, :n], self.salience[:, :, :n]
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.F, self.h, self.salience)
+
+    def _map(self, fn) -> "BankState":
+        return BankState(fn(self.F), fn(self.h), fn(self.salience), self.levels, self.counts)
+
+
+@dataclasses.dataclass
+class BSBRState:
+    """The state of one BSBRAttention over a batch.
+
+    bank: the slots of the completed chunks. k [B,H,C-1,K], v [B,H,C-1,V], hk [B,H,C-1,M]: the
+    partial chunk, of which the first ``fill`` = position mod C tokens are filled.
+    config: the shape fields of the module that made it (a module refuses a mismatching one)."""
+    bank: BankState
+    k: torch.Tensor
+    v: torch.Tensor
+    hk: torch.Tensor
+    position: int = 0
+    config: dict | None = None
+
+    def __post_init__(self):
+        if isinstance(self.position, bool) or not isinstance(self.position, int) \
+                or self.position < 0:
+            raise ValueError(f"BSBRState.position: expected an int >= 0, got {self.position!r}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def fill(self) -> int:
+        """Tokens of the current partial chunk held (position mod C)."""
+        return self.position % (self.k.shape[2] + 1)
+
+    def partial(self):
+        """(k, v, hk) of the partial chunk's filled tokens."""
+        f = self.fill
+        return self.k[:, :, :f], self.v[:, :, :f], self.hk[:, :, :f]
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return self.bank.nbytes() + _tensor_bytes(self.k, self.v, self.hk)
+
+    def _map(self, fn) -> "BSBRState":
+        return BSBRState(self.bank._map(fn), fn(self.k), fn(self.v), fn(self.hk),
+                         self.position, None if self.config is None else dict(self.config))
+
+    def clone(self) -> "BSBRState":
+        return self._map(torch.Tensor.clone)
+
+    def detach(self) -> "BSBRState":
+        """Cut the autograd graph (truncated backpropagation through time)."""
+        return self._map(torch.Tensor.detach)
+
+    def to(self, device) -> "BSBRState":
+        return self._map(lambda t: t.to(device))
+
+
+@dataclasses.dataclass
+class BSBRLMState:
+    """The state of a BSBR language model: one BSBRState per layer, and the position."""
+    layers: list
+    position: int = 0
+    config: dict | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.layers)
+
+    def _map(self, name) -> "BSBRLMState":
+        return BSBRLMState([getattr(s, name)() for s in self.layers], self.position,
+                           None if self.config is None else dict(self.config))
+
+    def clone(self) -> "BSBRLMState":
+        return self._map("clone")
+
+    def detach(self) -> "BSBRLMState":
+        return self._map("detach")
+
+    def to(self, device) -> "BSBRLMState":
+        return BSBRLMState([s.to(device) for s in self.layers], self.position,
+                           None if self.config is None else dict(self.config))

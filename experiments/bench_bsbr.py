@@ -1,0 +1,577 @@
+"""BSBR attention against its peers, in one process: time, peak memory, and decode memory.
+
+    python -m experiments.bench_bsbr [--preset cpu|h100] [--methods a,b] [--lengths 8192,32768]
+                                     [--decode-lengths 1024,1048576] [--no-decode] [--out DIR]
+
+Kernel sweep (random inputs, B1 H16 D128, T = 8k, 32k, 64k, 128k, chunk 256, top_k 8, bf16 at
+--preset h100), per method and T: forward ms and forward+backward ms (CUDA: median of
+`triton.testing.do_bench`; CPU: median wall clock of --reps runs after a warm-up) and the peak
+memory of one call (CUDA: torch.cuda.max_memory_allocated after a reset, inputs included; CPU:
+process RSS, rough). Methods:
+  bsbr         ours, `kernels.bsbr.bsbr_attention` (backend auto: Triton on CUDA), meta dim = D
+  bsbr_torch   ours, the blockwise PyTorch backend
+  sdpa         torch SDPA, causal (full softmax attention)
+  flex_swa     torch.nn.attention.flex_attention with a causal sliding-window block mask of
+               --window tokens (compiled on CUDA); skipped if flex_attention does not import
+  fla_linear   fla.ops.linear_attn.chunk_linear_attn (skipped if fla is not installed)
+  fla_nsa      fla.ops.nsa.parallel_nsa, 16 query heads per kv head, top-k = --top-k blocks of
+               64 (skipped if fla is not installed)
+An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
+that pass; any other failure is a row with its note. Before timing, ours is checked against the
+float64 reference (`kernels.bsbr.naive`) at T = --check-T: output and every input gradient.
+
+Decode sweep: a `BSBRAttention` layer (d_model = H·D) with a bounded bank (--bank slots per
+level) consumes L tokens in pieces of --decode-piece, then decodes --decode-tokens tokens one at a
+time; peak memory of the decode, ms per token and state.nbytes() per L, up to 1M tokens at
+--preset h100 (the bounded bank's memory is flat). The exact (unbounded) bank runs the same
+sweep up to --exact-max tokens for contrast, and "vs exact bank" is the relative difference of
+the bounded bank's decoded outputs from the exact bank's (same weights and stream; random,
+untrained weights, so it shows where merging starts, not a quality figure).
+
+Outputs DIR/bench_bsbr.json ({"meta", "checks", "rows", "slopes", "decode", "decode_summary",
+"skipped"}, rewritten after every row), DIR/bench_bsbr.md and DIR/bench_bsbr.png (log-log ms
+against T per method, with the least-squares slope in the legend, and the decode memory
+against L).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .measure import PeakMemory, free_memory, is_oom
+from .results import markdown_table, run_meta, write_json
+
+METHODS = ("bsbr", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
+NSA_BLOCK = 64
+
+
+@dataclass
+class Sizes:
+    batch: int = 1
+    heads: int = 16
+    head_dim: int = 128
+    lengths: tuple = (8192, 32768, 65536, 131072)
+    chunk: int = 256
+    top_k: int = 8
+    window: int = 1024
+    dtype: str = "bfloat16"
+    reps: int = 5
+    check_T: int = 4096
+    decode_lengths: tuple = (1024, 4096, 16384, 65536, 262144, 1048576)
+    exact_max: int = 65536
+    bank: tuple = (8, 4, 4)
+    decode_piece: int = 16384
+    decode_tokens: int = 16
+
+
+PRESETS = {
+    "h100": Sizes(),
+    # A tiny smoke of every code path on a laptop CPU (about a minute); the numbers mean nothing.
+    "cpu": Sizes(heads=2, head_dim=16, lengths=(64, 128, 256), chunk=16, top_k=2, window=32,
+                 dtype="float32", reps=2, check_T=48, decode_lengths=(64, 256, 1024, 4096),
+                 exact_max=1024, bank=(2, 2, 1), decode_piece=256, decode_tokens=4),
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_ms(fn, dev: torch.device, reps: int, grads=()) -> float:
+    """Median ms of fn(): do_bench on CUDA, wall clock on the CPU."""
+    if dev.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads),
+                              return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        for g in grads:
+            g.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def release(dev: torch.device) -> None:
+    """Hand freed CUDA blocks back between measurements (on the CPU the gc pass only costs
+    time: RSS does not drop anyway)."""
+    if dev.type == "cuda":
+        free_memory(dev)
+
+
+def peak_of(fn, dev: torch.device) -> int:
+    release(dev)
+    with PeakMemory(dev) as m:
+        fn()
+    return int(m.peak)
+
+
+# ----------------------------------------------------------------------------- methods
+
+def make_inputs(sz: Sizes, T: int, dev, dtype, seed: int = 0):
+    """q, k, v, r, hk [B,H,T,D], random (never zeros)."""
+    g = torch.Generator(device="cpu").manual_seed(seed + T)
+    shape = (sz.batch, sz.heads, T, sz.head_dim)
+    # Keys and queries of norm ~1 keep the chunk states and softmax in a sane range.
+    return [(torch.randn(shape, generator=g) / math.sqrt(sz.head_dim)).to(dev, dtype)
+            for _ in range(5)]
+
+
+def to_bthd(ins):
+    """fla's layout [B,T,H,D], made contiguous once, outside the timed calls."""
+    return [t.transpose(1, 2).contiguous() for t in ins]
+
+
+def build_method(name: str, sz: Sizes, T: int, dev, dtype):
+    """(fn(q, k, v, r, hk) -> output, how many leading inputs it differentiates, prep), where
+    prep(inputs) puts the [B,H,T,D] inputs into the method's layout once before timing.
+    Raises ImportError when the peer is not available."""
+    same = list
+    if name in ("bsbr", "bsbr_torch"):
+        from kernels.bsbr import bsbr_attention
+        backend = "auto" if name == "bsbr" else "torch"
+
+        def fn(q, k, v, r, hk):
+            return bsbr_attention(q, k, v, r, hk, chunk_size=sz.chunk, top_k=sz.top_k,
+                                  backend=backend)
+        return fn, 5, same
+    if name == "sdpa":
+        def fn(q, k, v, r, hk):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return fn, 3, same
+    if name == "flex_swa":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        W = sz.window
+
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < W)
+
+        mask = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=str(dev))
+        flex = torch.compile(flex_attention) if dev.type == "cuda" else flex_attention
+
+        def fn(q, k, v, r, hk):
+            return flex(q, k, v, block_mask=mask)
+        return fn, 3, same
+    if name == "fla_linear":
+        import inspect
+
+        from fla.ops.linear_attn import chunk_linear_attn
+        kw = {"head_first": False} if "head_first" in inspect.signature(
+            chunk_linear_attn).parameters else {}
+
+        def fn(q, k, v, r, hk):
+            o = chunk_linear_attn(q, k, v, **kw)
+            return o[0] if isinstance(o, tuple) else o
+        return fn, 3, to_bthd
+    if name == "fla_nsa":
+        import inspect
+
+        from fla.ops.nsa import parallel_nsa
+        params = inspect.signature(parallel_nsa).parameters
+        Hkv = max(1, sz.heads // 16)         # NSA's kernels want 16 query heads per kv head
+
+        def prep(ins):
+            q, k, v, r, hk = to_bthd(ins)
+            gate = torch.sigmoid(r[..., 0]).contiguous()              # [B,T,H] gates
+            return [q, k[:, :, :Hkv].contiguous(), v[:, :, :Hkv].contiguous(), gate, hk]
+
+        def fn(q, k, v, gate, hk):
+            kw = {"block_size": NSA_BLOCK, "block_counts": sz.top_k, "window_size": 0}
+            kw.update({g: gate for g in ("g_cmp", "g_slc", "g_swa")})
+            o = parallel_nsa(q, k, v, **{a: b for a, b in kw.items() if a in params})
+            return o[0] if isinstance(o, tuple) else o
+        return fn, 4, prep
+    raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+
+
+# ----------------------------------------------------------------------------- items
+
+class Bench:
+    def __init__(self, out: Path, meta: dict):
+        self.out = out
+        self.data = {"meta": meta, "checks": [], "rows": [], "slopes": {}, "decode": [],
+                     "decode_summary": {}, "skipped": {}}
+
+    def save(self) -> None:
+        write_json(self.out / "bench_bsbr.json", self.data)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def note_of(exc: BaseException) -> str:
+    if is_oom(exc):
+        return "out of memory"
+    if isinstance(exc, NotImplementedError):       # e.g. flex_attention's backward on a CPU
+        return f"unsupported: {(str(exc).splitlines() or [''])[0][:120]}"
+    traceback.print_exc()
+    return f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
+    """Ours (backend auto, in float32 and the run's dtype) against the float64 reference at
+    T = check_T: relative error of the output and of each input gradient."""
+    from kernels.bsbr import bsbr_attention, bsbr_attention_ref
+    T = sz.check_T
+    for dt in dict.fromkeys([torch.float32, dtype]):
+        if dt == torch.bfloat16 and dev.type != "cuda":
+            continue
+        ins = make_inputs(sz, T, dev, dt, seed=1)
+        do = make_inputs(sz, T, dev, dt, seed=2)[2]
+        outs, grads = [], []
+        for fn, cast in ((lambda *a: bsbr_attention(*a, chunk_size=sz.chunk, top_k=sz.top_k),
+                          dt),
+                         (lambda *a: bsbr_attention_ref(*a, chunk_size=sz.chunk,
+                                                        top_k=sz.top_k), torch.float64)):
+            xs = [t.detach().to(cast).requires_grad_(True) for t in ins]
+            o = fn(*xs)
+            o.backward(do.to(cast))
+            outs.append(o)
+            grads.append([t.grad for t in xs])
+        row = {"T": T, "dtype": str(dt).replace("torch.", ""), "out": rel_err(*outs)}
+        for name, g_ours, g_ref in zip(("dq", "dk", "dv", "dr", "dhk"), *grads):
+            row[name] = rel_err(g_ours, g_ref)
+        b.data["checks"].append(row)
+        b.save()
+        print("check vs float64 reference:", {k: (f"{v:.2e}" if isinstance(v, float) else v)
+                                              for k, v in row.items()}, flush=True)
+        del ins, outs, grads
+        release(dev)
+
+
+def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype) -> None:
+    stopped = {}                                    # (method, pass) -> T where it ran out
+    jobs = [(m, T) for m in methods for T in sz.lengths]
+    for m, T in tqdm(jobs, desc="kernels"):
+        row = {"method": m, "T": T, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_peak_bytes": None,
+               "fwd_bwd_peak_bytes": None, "note": None}
+        try:
+            fn, n_grad, prep = build_method(m, sz, T, dev, dtype)
+        except ImportError as exc:
+            b.data["skipped"][m] = f"{type(exc).__name__}: {exc}"
+            continue
+        except Exception as exc:                    # noqa: BLE001 (a row, not a crash)
+            row["note"] = note_of(exc)
+            b.data["rows"].append(row)
+            continue
+        notes = []
+        try:
+            ins = prep(make_inputs(sz, T, dev, dtype))
+        except Exception as exc:                    # noqa: BLE001
+            row["note"] = f"inputs: {note_of(exc)}"
+            b.data["rows"].append(row)
+            release(dev)
+            continue
+        for pass_name in ("fwd", "fwd_bwd"):
+            if (m, pass_name) in stopped:
+                notes.append(f"{pass_name}: skipped (out of memory at T={stopped[m, pass_name]})")
+                continue
+            try:
+                if pass_name == "fwd":
+                    def call():
+                        with torch.no_grad():
+                            fn(*ins)
+                    leaves = ()
+                else:
+                    leaves = [t.detach().requires_grad_(True) for t in ins[:n_grad]]
+                    args = leaves + ins[n_grad:]
+                    with torch.no_grad():
+                        do = torch.randn_like(fn(*ins))
+
+                    def call():
+                        fn(*args).backward(do)
+                row[f"{pass_name}_ms"] = time_ms(call, dev, sz.reps, leaves)
+                row[f"{pass_name}_peak_bytes"] = peak_of(call, dev)
+            except Exception as exc:                # noqa: BLE001
+                note = note_of(exc)
+                if note == "out of memory":
+                    stopped[m, pass_name] = T
+                notes.append(f"{pass_name}: {note}")
+            finally:
+                release(dev)
+        row["note"] = "; ".join(notes) or None
+        b.data["rows"].append(row)
+        b.save()
+        ins = None                                   # free the inputs before the next T
+        release(dev)
+    b.data["slopes"] = fit_slopes(b.data["rows"])
+
+
+def fit_slopes(rows: list[dict]) -> dict:
+    """Least-squares slope of log(ms) against log(T) per method and pass (>= 2 points)."""
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        for pass_name in ("fwd", "fwd_bwd"):
+            pts = [(math.log(r["T"]), math.log(r[f"{pass_name}_ms"])) for r in rows
+                   if r["method"] == m and r[f"{pass_name}_ms"]]
+            if len(pts) < 2:
+                continue
+            mx = sum(p[0] for p in pts) / len(pts)
+            my = sum(p[1] for p in pts) / len(pts)
+            sxx = sum((p[0] - mx) ** 2 for p in pts)
+            slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+            out.setdefault(m, {})[pass_name] = slope
+    return out
+
+
+def bench_decode(b: Bench, sz: Sizes, dev, dtype) -> None:
+    """Stream L tokens into a BSBRAttention layer, then decode: flat memory with a bounded bank."""
+    from bsbr import BankConfig, BSBRAttention
+    D = sz.heads * sz.head_dim
+    variants = [("bounded", BankConfig(slots_per_level=tuple(sz.bank))), ("exact", None)]
+    jobs = [(name, bank, L) for name, bank in variants for L in sz.decode_lengths
+            if bank is not None or L <= sz.exact_max]
+    layers, decoded = {}, {}
+    for name, bank, L in tqdm(jobs, desc="decode"):
+        row = {"bank": name, "L": L, "state_bytes": None, "decode_peak_bytes": None,
+               "decode_ms_per_token": None, "prefill_s": None, "vs_exact_rel_err": None,
+               "note": None}
+        try:
+            if name not in layers:
+                torch.manual_seed(0)
+                layers[name] = BSBRAttention(D, sz.heads, sz.chunk, top_k=sz.top_k,
+                                             bank=bank).to(dev, dtype).eval()
+            attn = layers[name]
+            g = torch.Generator(device="cpu").manual_seed(L)
+            piece = torch.randn(1, min(sz.decode_piece, L), D, generator=g).to(dev, dtype)
+            with torch.no_grad():
+                sync(dev)
+                t0 = time.perf_counter()
+                st, done = None, 0
+                while done < L:
+                    n = min(piece.shape[1], L - done)
+                    _, st = attn(piece[:, :n], state=st, return_state=True)
+                    done += n
+                sync(dev)
+                row["prefill_s"] = time.perf_counter() - t0
+                tok = piece[:, :1]
+                release(dev)
+                ys = []
+                with PeakMemory(dev) as pm:
+                    s = st
+                    for _ in range(sz.decode_tokens):
+                        y, s = attn(tok, state=s, return_state=True)
+                        ys.append(y)
+                    sync(dev)
+            decoded[name, L] = torch.cat(ys, 1).double().cpu()
+            row.update(state_bytes=st.nbytes(), decode_peak_bytes=int(pm.peak),
+                       decode_ms_per_token=1e3 * pm.seconds / sz.decode_tokens)
+            del st, s, ys
+        except Exception as exc:                    # noqa: BLE001
+            row["note"] = note_of(exc)
+        finally:
+            release(dev)
+        b.data["decode"].append(row)
+        b.data["decode_summary"] = decode_summary(b.data["decode"])
+        b.save()
+    # The bounded bank's price: its decoded outputs against the exact bank's (same weights,
+    # same stream), where both ran. 0 while nothing has merged.
+    for row in b.data["decode"]:
+        if row["bank"] == "bounded" and ("exact", row["L"]) in decoded \
+                and ("bounded", row["L"]) in decoded:
+            row["vs_exact_rel_err"] = rel_err(decoded["bounded", row["L"]],
+                                              decoded["exact", row["L"]])
+    b.save()
+
+
+def decode_summary(rows: list[dict]) -> dict:
+    """Per bank: the decode peak and the state size at the longest context over the shortest
+    (1.0 = flat)."""
+    out = {}
+    for name in dict.fromkeys(r["bank"] for r in rows):
+        ok = sorted((r for r in rows if r["bank"] == name and r["decode_peak_bytes"]),
+                    key=lambda r: r["L"])
+        if len(ok) >= 2:
+            out[name] = {"L_min": ok[0]["L"], "L_max": ok[-1]["L"],
+                         "peak_ratio": ok[-1]["decode_peak_bytes"] / ok[0]["decode_peak_bytes"],
+                         "state_ratio": ok[-1]["state_bytes"] / ok[0]["state_bytes"]}
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    for ax, pass_name, title in ((axes[0], "fwd", "forward"),
+                                 (axes[1], "fwd_bwd", "forward + backward")):
+        for m in dict.fromkeys(r["method"] for r in data["rows"]):
+            pts = [(r["T"], r[f"{pass_name}_ms"]) for r in data["rows"]
+                   if r["method"] == m and r[f"{pass_name}_ms"]]
+            if not pts:
+                continue
+            slope = data["slopes"].get(m, {}).get(pass_name)
+            label = m if slope is None else f"{m} (slope {slope:.2f})"
+            ax.plot(*zip(*pts), "-o", ms=4, label=label)
+        ax.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="ms", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for name in dict.fromkeys(r["bank"] for r in data["decode"]):
+        ok = [r for r in data["decode"] if r["bank"] == name and r["decode_peak_bytes"]]
+        if ok:
+            line, = ax.plot([r["L"] for r in ok], [r["decode_peak_bytes"] / 2**20 for r in ok],
+                            "-o", ms=4, label=f"{name} bank: decode peak")
+            ax.plot([r["L"] for r in ok], [r["state_bytes"] / 2**20 for r in ok], "--",
+                    color=line.get_color(), label=f"{name} bank: state")
+    ax.set(xscale="log", yscale="log", xlabel="context L (tokens)", ylabel="MiB",
+           title="BSBRAttention decode memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    gb = lambda v: None if v is None else v / 1e9          # noqa: E731
+    sdpa = {(r["T"], p): r[f"{p}_ms"] for r in data["rows"] if r["method"] == "sdpa"
+            for p in ("fwd", "fwd_bwd")}
+
+    def vs_sdpa(r, p):
+        peer = sdpa.get((r["T"], p))
+        return peer / r[f"{p}_ms"] if peer and r[f"{p}_ms"] else None
+
+    rows = [{"method": r["method"], "T": r["T"], "fwd ms": r["fwd_ms"],
+             "fwd+bwd ms": r["fwd_bwd_ms"], "fwd x sdpa": vs_sdpa(r, "fwd"),
+             "fwd+bwd x sdpa": vs_sdpa(r, "fwd_bwd"), "fwd peak GB": gb(r["fwd_peak_bytes"]),
+             "fwd+bwd peak GB": gb(r["fwd_bwd_peak_bytes"]), "note": r["note"]}
+            for r in data["rows"]]
+    slopes = [{"method": m, "fwd slope": s.get("fwd"), "fwd+bwd slope": s.get("fwd_bwd")}
+              for m, s in data["slopes"].items()]
+    dec = [{"bank": r["bank"], "L": r["L"], "state MiB": None if r["state_bytes"] is None
+            else r["state_bytes"] / 2**20,
+            "decode peak MiB": None if r["decode_peak_bytes"] is None
+            else r["decode_peak_bytes"] / 2**20,
+            "ms/token": r["decode_ms_per_token"], "vs exact bank": r["vs_exact_rel_err"],
+            "note": r["note"]} for r in data["decode"]]
+    lines = ["# BSBR benchmark", "",
+             f"{meta['device']}, commit {meta['commit']}, {meta['date']}; sizes "
+             f"{meta['sizes']}", "", "## check against the float64 reference (relative error)",
+             "", markdown_table(data["checks"]), "", "## kernels", "", markdown_table(rows), "",
+             "x sdpa: SDPA's ms / this method's ms at the same T (> 1: faster than SDPA).", "",
+             "## log-log slope of ms against T", "", markdown_table(slopes), "",
+             "## decode memory (BSBRAttention)", "", markdown_table(dec), "",
+             "longest over shortest context (1.0 = flat):", "",
+             markdown_table([{"bank": k, **v} for k, v in data["decode_summary"].items()]), ""]
+    if data["skipped"]:
+        lines += ["skipped: " + "; ".join(f"{m} ({why})" for m, why in data["skipped"].items()),
+                  ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def int_list(flag: str, text: str) -> tuple:
+    try:
+        vals = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        vals = ()
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"{flag}: expected a comma list of ints >= 1, got {text!r}")
+    return vals
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: a tiny smoke (default); h100: the GPU sizes")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " +
+                   ", ".join(METHODS))
+    p.add_argument("--lengths", default=None, help="comma list of T (overrides the preset)")
+    p.add_argument("--decode-lengths", default=None, help="comma list of L for the decode sweep")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--window", type=int, default=None, help="flex_swa window (tokens)")
+    p.add_argument("--check-T", type=int, default=None, help="T of the reference check")
+    p.add_argument("--reps", type=int, default=None, help="timed runs on the CPU")
+    p.add_argument("--bank", default=None, help="decode sweep: slots per level, e.g. 8,4,4")
+    p.add_argument("--decode-piece", type=int, default=None,
+                   help="decode sweep: tokens per streamed piece")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="decode sweep: tokens decoded per point")
+    p.add_argument("--exact-max", type=int, default=None,
+                   help="decode sweep: longest context for the exact bank")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-memory sweep")
+    p.add_argument("--out", default="runs/bench_bsbr")
+    a = p.parse_args(argv)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise SystemExit(f"--methods: expected a comma list of {', '.join(METHODS)}, "
+                         f"got {a.methods!r}")
+    sz = PRESETS[a.preset]
+    over = {"lengths": a.lengths and int_list("--lengths", a.lengths),
+            "decode_lengths": a.decode_lengths and int_list("--decode-lengths",
+                                                             a.decode_lengths),
+            "bank": a.bank and int_list("--bank", a.bank)}
+    for flag, key in (("heads", "heads"), ("head_dim", "head_dim"), ("chunk", "chunk"),
+                      ("top_k", "top_k"), ("window", "window"), ("check_T", "check_T"),
+                      ("reps", "reps"), ("decode_piece", "decode_piece"),
+                      ("decode_tokens", "decode_tokens"), ("exact_max", "exact_max")):
+        val = getattr(a, flag)
+        if val is not None:
+            if val < 1:
+                raise SystemExit(f"--{flag.replace('_', '-')}: expected an int >= 1, got {val}")
+            over[key] = val
+    sz = replace(sz, **{k: v for k, v in over.items() if v})
+    try:
+        from bsbr import BankConfig
+        BankConfig(slots_per_level=tuple(sz.bank))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--bank: {exc}") from None
+    if a.preset == "h100" and not torch.cuda.is_available():
+        raise SystemExit("--preset h100: needs a CUDA GPU (run without it for the CPU smoke)")
+    dev = torch.device("cuda" if a.preset == "h100" else "cpu")
+    dtype = getattr(torch, sz.dtype)
+    if dev.type == "cpu":
+        print("CPU smoke: tiny sizes; the timings mean nothing (run --preset h100 on a GPU)")
+    meta = run_meta(dev, preset=a.preset, sizes=asdict(sz), methods=methods,
+                    notes=["peak bytes: CUDA max_memory_allocated over one call, inputs "
+                           "included; CPU: process RSS (rough)",
+                           "ms: CUDA do_bench median; CPU wall-clock median",
+                           "bsbr meta dim = head dim; flex_swa window = sizes.window; fla_nsa: "
+                           f"{NSA_BLOCK}-token blocks, top_k blocks, 16 query heads per kv "
+                           "head, no sliding branch"])
+    out = Path(a.out)
+    b = Bench(out, meta)
+    b.save()
+    check_against_reference(b, sz, dev, dtype)
+    bench_kernels(b, sz, methods, dev, dtype)
+    b.save()
+    if not a.no_decode:
+        bench_decode(b, sz, dev, dtype)
+    b.save()
+    plot(b.data, out / "bench_bsbr.png")
+    (out / "bench_bsbr.md").write_text(markdown(b.data))
+    print(markdown(b.data))
+    print(f"wrote {out}/bench_bsbr.json, bench_bsbr.md and bench_bsbr.png")
+    return b.data
+
+
+if __name__ == "__main__":
+    main()

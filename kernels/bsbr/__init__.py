@@ -1,0 +1,10 @@
+"""BSBR (block-sparse attention with block retrieval), made causal: chunk-local softmax
+attention plus a routed readout of per-chunk states. See NOTES.md and DESIGN.md."""
+from .api import bsbr_attention, chunk_local_attention, chunk_states, routed_readout_step
+from .naive import (bsbr_attention_ref, chunk_local_attention_ref, chunk_states_ref,
+                    routed_readout_step_ref)
+from .validate import BACKENDS
+
+__all__ = ["bsbr_attention", "chunk_local_attention", "chunk_states", "routed_readout_step",
+           "bsbr_attention_ref", "chunk_local_attention_ref", "chunk_states_ref",
+           "routed_readout_step_ref", "BACKENDS"]

@@ -1,0 +1,119 @@
+"""Public entry points of `kernels.bsbr` (the contract in bsbr_api.md).
+
+Backends:
+  "auto"       Triton on CUDA (when it takes the inputs: not float64, chunk_size and head dims
+               <= 256), else the blockwise PyTorch path (always on the CPU).
+  "triton"     Triton kernels (local attention and routed readout, fwd + bwd); routing scores,
+               top-k and chunk states in PyTorch. On the CPU only under TRITON_INTERPRET=1.
+  "torch"      blockwise PyTorch: never builds a T×T matrix.
+  "reference"  naive.py: dense masks, an oracle for short sequences.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import naive
+from .local_torch import chunk_local_attention_torch
+from .readout_torch import routed_readout_torch
+from .routing import bank_slot_weights, route
+from .states import chunk_states_torch
+from .validate import (check_bsbr_inputs, check_local_inputs, check_states_inputs,
+                       check_step_inputs, check_triton_ok, resolve_backend)
+
+
+def _local(q, k, v, chunk_size, offset, scale, kind):
+    if kind == "triton":
+        from .local_triton import chunk_local_attention_triton
+        return chunk_local_attention_triton(q, k, v, chunk_size=chunk_size, offset=offset,
+                                            scale=scale)
+    if kind == "torch":
+        return chunk_local_attention_torch(q, k, v, chunk_size=chunk_size, offset=offset,
+                                           scale=scale)
+    return naive.chunk_local_attention_ref(q, k, v, chunk_size=chunk_size, offset=offset,
+                                           scale=scale)
+
+
+def chunk_local_attention(q, k, v, *, chunk_size, offset=0, scale=None, backend="auto"):
+    """Softmax attention of query i over keys s <= offset + i of the same chunk (of size
+    chunk_size, chunks aligned to the first key). q [B,H,Tq,K], k [B,H,offset+Tq,K],
+    v [B,H,offset+Tq,V]; scale defaults to 1/sqrt(K). Returns [B,H,Tq,V] in v's dtype;
+    differentiable in q, k, v."""
+    d = check_local_inputs(q, k, v, chunk_size, offset)
+    kind = resolve_backend(backend, q.device, q.dtype, chunk_size, (d.K, d.V))
+    if kind == "triton":
+        check_triton_ok(q, chunk_size)
+    return _local(q, k, v, chunk_size, offset, scale, kind)
+
+
+def _states(k, v, hk, chunk_size, kind):
+    if kind == "triton":
+        from .states_triton import chunk_states_triton
+        return chunk_states_triton(k, v, hk, chunk_size=chunk_size)
+    if kind == "torch":
+        return chunk_states_torch(k, v, hk, chunk_size=chunk_size)
+    return naive.chunk_states_ref(k, v, hk, chunk_size=chunk_size)
+
+
+def chunk_states(k, v, hk, *, chunk_size, backend="auto"):
+    """(F [B,H,nC,K,V], h [B,H,nC,M]) of the nC = T // chunk_size COMPLETE chunks:
+    F_j = Σ_{s in j} k_sᵀ v_s, h_j = mean_{s in j} hk_s; float32 (float64 for float64 k).
+    Differentiable in k, v, hk. backend as in chunk_local_attention ("triton": F by a Triton
+    kernel with float32 accumulation, for 16-bit inputs on the GPU)."""
+    check_states_inputs(k, v, hk, chunk_size)
+    kind = resolve_backend(backend, k.device, k.dtype, 1, (k.shape[-1], v.shape[-1]))
+    if kind == "triton":
+        check_triton_ok(k, 1, name="k")
+    return _states(k, v, hk, chunk_size, kind)
+
+
+def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset=0,
+                   bank_F=None, bank_h=None, return_slot_weights=False, backend="auto"):
+    """Causal BSBR attention: out = local + long (bsbr_api.md). Returns o [B,H,Tq,V] in v's
+    dtype, or (o, slot_weights [B,H,n] float32, no grad) with return_slot_weights.
+    Differentiable in q, k, v, r, hk, bank_F, bank_h."""
+    d = check_bsbr_inputs(q, k, v, r, hk, chunk_size, top_k, offset, bank_F, bank_h)
+    kind = resolve_backend(backend, q.device, q.dtype, chunk_size, (d.K, d.V))
+    if kind == "reference":
+        return naive.bsbr_attention_ref(q, k, v, r, hk, chunk_size=chunk_size, top_k=top_k,
+                                        scale=scale, offset=offset, bank_F=bank_F,
+                                        bank_h=bank_h, return_slot_weights=return_slot_weights)
+    if kind == "triton":
+        check_triton_ok(q, chunk_size)
+    sd = naive.state_dtype(q)
+    local = _local(q, k, v, chunk_size, offset, scale, kind)
+    F, h = _states(k, v, hk, chunk_size, "torch" if kind == "torch" else "triton")
+    if d.n:
+        F = torch.cat([bank_F.to(sd), F], 2)
+        h = torch.cat([bank_h.to(sd), h], 2)
+    if F.shape[2] == 0:          # nothing to route to (no bank, no complete chunk)
+        o = local
+        w = torch.zeros(d.B, d.H, 0, dtype=sd, device=q.device)
+    else:
+        idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k)
+        if kind == "triton":
+            from .readout_triton import routed_readout_triton
+            long = routed_readout_triton(q, F, idx, p)
+        else:
+            long = routed_readout_torch(q, F, idx, p)
+        o = (local.to(long.dtype) + long).to(v.dtype)
+        w = bank_slot_weights(idx, p, d.n) if return_slot_weights else None
+    return (o, w) if return_slot_weights else o
+
+
+def routed_readout_step(q, r, bank_F, bank_h, top_k=None):
+    """One decode token reading the bank (every slot is a candidate). q [B,H,K], r [B,H,M],
+    bank_F [B,H,n,K,V] float32, bank_h [B,H,n,M]. Returns (long [B,H,V], slot_weights [B,H,n]),
+    both float32 (float64 for float64 q). PyTorch on any device; no host sync."""
+    n = check_step_inputs(q, r, bank_F, bank_h, top_k)
+    sd = naive.state_dtype(q)
+    B, H, K = q.shape
+    V = bank_F.shape[-1]
+    if n == 0:
+        return q.new_zeros(B, H, V, dtype=sd), q.new_zeros(B, H, 0, dtype=sd)
+    h = bank_h.to(sd)
+    idx, p = route(r[:, :, None], h, n=n, offset=0, chunk_size=1, top_k=top_k)
+    Fb = bank_F.to(sd)
+    # Only the k selected states are read: gather them, then one small batched matvec.
+    Fg = torch.gather(Fb, 2, idx[:, :, 0].clamp(min=0)[..., None, None].expand(-1, -1, -1, K, V))
+    long = torch.einsum("bhj,bhk,bhjkv->bhv", p[:, :, 0], q.to(sd), Fg)
+    return long, bank_slot_weights(idx, p, n)

@@ -1,0 +1,165 @@
+"""Routed readout grouped by SLOT (the MoE layout), forward and backward in Triton:
+
+    long_t = Σ_k p_tk (q_t F_{idx_tk})
+
+Why: the query-tile kernels (readout_triton.py) multiply a whole BT-row tile by every slot any
+row picked; with scattered routing that union nears S and the cost nears the dense O(T·S·d²).
+Grouped by slot, every (t, k) entry costs exactly one row-times-F product: O(T·k·d²) total,
+and each F_j is read once per block of BE entries that picked it.
+
+  index  (PyTorch, no host sync) one stable sort of the T·k entries by slot -> `order`,
+         `starts` [BH, S+1]; each slot's run is cut into blocks of BE entries; blk_slot / blk_e0
+         map a program to (slot, first entry). The entries with idx = -1 form a pseudo-slot S
+         whose programs write zero rows. The grid is the upper bound cdiv(T·k, BE) + S + 1;
+         programs past the last block exit at once.
+  fwd    grid (NB, cdiv(V, BV), BH): Y[e] = p_e · (q_{t(e)} F_j) for the block's entries, one row
+         of a [BH, T·k, V] buffer per entry (no two programs write the same row: deterministic);
+         long = Σ_k Y in PyTorch.
+  dq/dp  grid (NB, BH): dp_e = (q_t F_j)·do_t, DQ[e] = p_e · do_t F_jᵀ; dq = Σ_k DQ.
+  dF     readout_triton._readout_bwd_dF: per slot, its entries in sorted order (deterministic).
+The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
+T = 32k, k = 8, d = 128 that is 64 MiB per head in bf16), alive only inside the call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .readout_triton import _bv, _inverse_index, _prec, _readout_bwd_dF
+
+BE = 32          # entries per block (rows of one tl.dot)
+
+
+@triton.jit
+def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
+                 K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, PREC: tl.constexpr):
+    i_b, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = i_bh.to(tl.int64)
+    j = tl.load(blk_slot + bh * NB + i_b).to(tl.int64)
+    if j <= S:                      # j = S: the entries with no slot: weight 0, rows get 0
+        b_real = (j < S).to(tl.float32)
+        e0 = tl.load(blk_e0 + bh * NB + i_b)
+        e1 = tl.load(blk_e1 + bh * NB + i_b)
+        q += bh * T * K
+        F += (bh * S + tl.minimum(j, S - 1)) * K * V
+        p += bh * T * NK
+        order += bh * T * NK
+        Y += bh * T * NK * V
+        o_e = e0 + tl.arange(0, BE)
+        m_e = o_e < e1
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_ent = tl.load(order + o_e, mask=m_e, other=0)      # flat t·NK + k of each entry
+        b_w = tl.load(p + b_ent, mask=m_e, other=0.) * b_real
+        o_t = b_ent // NK
+        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_e[:, None] & (o_k[None, :] < K),
+                      other=0.).to(tl.float32)
+        b_F = tl.load(F + o_k[:, None] * V + o_v[None, :],
+                      mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+        b_y = tl.dot(b_q * b_w[:, None], b_F, input_precision=PREC)
+        tl.store(Y + b_ent[:, None].to(tl.int64) * V + o_v[None, :], b_y.to(Y.dtype.element_ty),
+                 mask=m_e[:, None] & (o_v[None, :] < V))
+
+
+@triton.jit
+def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, NK, NB,
+                   K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, PREC: tl.constexpr):
+    i_b, i_bh = tl.program_id(0), tl.program_id(1)
+    bh = i_bh.to(tl.int64)
+    j = tl.load(blk_slot + bh * NB + i_b).to(tl.int64)
+    if j <= S:
+        b_real = (j < S).to(tl.float32)
+        e0 = tl.load(blk_e0 + bh * NB + i_b)
+        e1 = tl.load(blk_e1 + bh * NB + i_b)
+        q += bh * T * K
+        F += (bh * S + tl.minimum(j, S - 1)) * K * V
+        p += bh * T * NK
+        dp += bh * T * NK
+        do += bh * T * V
+        order += bh * T * NK
+        DQ += bh * T * NK * K
+        o_e = e0 + tl.arange(0, BE)
+        m_e = o_e < e1
+        o_k = tl.arange(0, BK)
+        m_ek = m_e[:, None] & (o_k[None, :] < K)
+        b_ent = tl.load(order + o_e, mask=m_e, other=0)
+        b_w = tl.load(p + b_ent, mask=m_e, other=0.) * b_real
+        o_t = b_ent // NK
+        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_ek, other=0.).to(tl.float32)
+        b_g = tl.zeros([BE], tl.float32)
+        b_dq = tl.zeros([BE, BK], tl.float32)
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            b_F = tl.load(F + o_k[:, None] * V + o_v[None, :],
+                          mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
+            b_g += tl.sum(tl.dot(b_q, b_F, input_precision=PREC) * b_do, 1)     # (q_t F_j)·do_t
+            b_dq += tl.dot(b_do, tl.trans(b_F), input_precision=PREC)
+        tl.store(dp + b_ent, b_g * b_real, mask=m_e)
+        tl.store(DQ + b_ent[:, None].to(tl.int64) * K + o_k[None, :],
+                 (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
+
+
+def _slot_blocks(idx, S):
+    """The sorted entries and, per program, (slot, first entry, end entry). Pseudo-slot S holds
+    the entries with idx = -1 (its programs write zero rows, so every buffer row is written);
+    slot S + 1 marks the programs past the last block. All on the device, no host sync."""
+    BH = idx.shape[0] * idx.shape[1]
+    n_ent = idx.shape[2] * idx.shape[3]
+    order, starts = _inverse_index(idx, S)
+    run = torch.cat([starts.long(), torch.full((BH, 1), n_ent, device=idx.device)], 1)  # [BH,S+2]
+    nblk = (run[:, 1:] - run[:, :-1] + BE - 1) // BE                          # [BH, S+1]
+    ends = nblk.cumsum(-1)                                                    # block ends
+    NB = triton.cdiv(n_ent, BE) + S + 1
+    pid = torch.arange(NB, device=idx.device).expand(BH, NB).contiguous()
+    slot = torch.searchsorted(ends, pid, right=True)                          # [BH, NB]
+    js = slot.clamp(max=S)
+    first_blk = ends.gather(1, js) - nblk.gather(1, js)
+    e0 = run.gather(1, js) + (pid - first_blk) * BE
+    e1 = run.gather(1, js + 1)
+    as32 = lambda t: t.to(torch.int32).contiguous()
+    return order, starts, as32(slot), as32(e0), as32(e1), NB
+
+
+class RoutedReadoutGrouped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, F, idx, p):
+        q, F = q.contiguous(), F.contiguous()
+        idx = idx.to(torch.int32).contiguous()
+        p32 = p.to(torch.float32).contiguous()
+        B, H, T, K = q.shape
+        S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
+        order, starts, slot, e0, e1, NB = _slot_blocks(idx, S)
+        buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)
+        BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
+        _grouped_fwd[(NB, triton.cdiv(V, BV), B * H)](
+            q, F, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=BE, BK=BK, BV=BV,
+            PREC=_prec(q.dtype))
+        out = Y.sum(3, dtype=torch.float32)                    # Σ over the k picks, in fp32
+        ctx.save_for_backward(q, F, idx, p32, order, starts, slot, e0, e1)
+        ctx.NB, ctx.p_dtype = NB, p.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, F, idx, p, order, starts, slot, e0, e1 = ctx.saved_tensors
+        do = do.to(torch.float32).contiguous()
+        B, H, T, K = q.shape
+        S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
+        BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
+        meta = dict(K=K, V=V, BK=BK, BV=BV, PREC=_prec(q.dtype))
+        buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        DQ = torch.empty(B, H, T, NK, K, dtype=buf_dtype, device=q.device)
+        dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
+        _grouped_bwd_q[(ctx.NB, B * H)](q, F, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
+                                        ctx.NB, BE=BE, **meta)
+        dq = DQ.sum(3, dtype=torch.float32).to(q.dtype)
+        dF = torch.empty_like(F)
+        _readout_bwd_dF[(S, triton.cdiv(V, BV), B * H)](q, p, do, order, starts, dF, T, S, NK,
+                                                         BE=BE, **meta)
+        return dq, dF, None, dp.to(ctx.p_dtype)

@@ -1,0 +1,227 @@
+"""Block-sparse routed readout in Triton, forward and backward:
+
+    long_t = Σ_k p_tk (q_t F_{idx_tk})        idx [B,H,T,k] int32 (-1 = none), F [B,H,S,K,V] fp32
+
+  fwd    grid (cdiv(T, BT), cdiv(V, BV), B·H). A program owns BT queries of one (b,h) and a BV
+         slice. It walks the slot range [min idx, max idx] of its tile and, for each slot that
+         some row of the tile selected, adds w_t · (Q_tile @ F_j) with w_t = Σ_k p_tk [idx_tk = j]
+         (0 for rows that did not pick j). Slots no row picked are never read.
+  dq/dp  grid (cdiv(T, BT), B·H), the same walk, whole V per tile:
+         dq_t += w_t · do_t F_jᵀ,   dp_tk = (q_t F_j)·do_t where idx_tk = j.
+  dF     grid (S, cdiv(V, BV), B·H), deterministic (no atomics): an inverse index (the (t, k)
+         entries sorted by slot, one stable torch.sort, no host sync) lets the program of slot j
+         gather exactly the queries that selected it: dF_j = Σ (p_tk q_t)ᵀ do_t, in a fixed
+         order.
+The dot products run in float32 ("ieee" for float32 inputs, tf32 otherwise). Addresses: (b,h)
+and slot bases in int64. Whole K per tile (K <= 256), V in BV <= 64 slices.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 256
+# Which readout bsbr_attention runs: "grouped" (readout_grouped.py) or "tile" (this file).
+READOUT_MODE = os.environ.get("GLASSBRAIN_BSBR_READOUT", "grouped")
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _readout_fwd(q, F, idx, p, out, T, S, NK,
+                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr):
+    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = i_bh.to(tl.int64)
+    q += bh * T * K
+    F += bh * S * K * V
+    idx += bh * T * NK
+    p += bh * T * NK
+    out += bh * T * V
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_j = tl.arange(0, BKS)
+    m_t = o_t < T
+    m_sel = m_t[:, None] & (o_j[None, :] < NK)
+    b_idx = tl.load(idx + o_t[:, None] * NK + o_j[None, :], mask=m_sel, other=-1)
+    b_p = tl.load(p + o_t[:, None] * NK + o_j[None, :], mask=m_sel, other=0.)
+    b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K),
+                  other=0.).to(tl.float32)
+    m_F = (o_k[:, None] < K) & (o_v[None, :] < V)
+    b_acc = tl.zeros([BT, BV], tl.float32)
+    # int64 slot counter: j·K·V is an address offset (the interpreter hands out Python ints)
+    j_lo = tl.min(tl.where(b_idx >= 0, b_idx, S)).to(tl.int64)
+    j_hi = tl.max(b_idx).to(tl.int64) + 1
+    for j in range(j_lo, j_hi):
+        m_j = b_idx == j
+        if tl.sum(m_j.to(tl.int32)) > 0:                   # some row of the tile picked slot j
+            b_w = tl.sum(tl.where(m_j, b_p, 0.), 1)
+            b_F = tl.load(F + j * K * V + o_k[:, None] * V + o_v[None, :], mask=m_F,
+                          other=0.)
+            b_acc += b_w[:, None] * tl.dot(b_q, b_F, input_precision=PREC)
+    tl.store(out + o_t[:, None] * V + o_v[None, :], b_acc, mask=m_t[:, None] & (o_v[None, :] < V))
+
+
+@triton.jit
+def _readout_bwd_dq_dp(q, F, idx, p, do, dq, dp, T, S, NK,
+                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    bh = i_bh.to(tl.int64)
+    q += bh * T * K
+    dq += bh * T * K
+    F += bh * S * K * V
+    idx += bh * T * NK
+    p += bh * T * NK
+    dp += bh * T * NK
+    do += bh * T * V
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_j = tl.arange(0, BKS)
+    m_t = o_t < T
+    m_sel = m_t[:, None] & (o_j[None, :] < NK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    b_idx = tl.load(idx + o_t[:, None] * NK + o_j[None, :], mask=m_sel, other=-1)
+    b_p = tl.load(p + o_t[:, None] * NK + o_j[None, :], mask=m_sel, other=0.)
+    b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_dq = tl.zeros([BT, BK], tl.float32)
+    b_dp = tl.zeros([BT, BKS], tl.float32)
+    j_lo = tl.min(tl.where(b_idx >= 0, b_idx, S)).to(tl.int64)
+    j_hi = tl.max(b_idx).to(tl.int64) + 1
+    for j in range(j_lo, j_hi):
+        m_j = b_idx == j
+        if tl.sum(m_j.to(tl.int32)) > 0:
+            b_w = tl.sum(tl.where(m_j, b_p, 0.), 1)
+            b_g = tl.zeros([BT], tl.float32)
+            # V in BV slices keeps the F tile small ([BK, BV] fp32) at V = 128.
+            for v0 in range(0, V, BV):
+                o_v = v0 + tl.arange(0, BV)
+                b_F = tl.load(F + j * K * V + o_k[:, None] * V + o_v[None, :],
+                              mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+                               mask=m_t[:, None] & (o_v[None, :] < V), other=0.)
+                b_g += tl.sum(tl.dot(b_q, b_F, input_precision=PREC) * b_do, 1)   # (q_t F_j)·do_t
+                b_dq += b_w[:, None] * tl.dot(b_do, tl.trans(b_F), input_precision=PREC)
+            b_dp += tl.where(m_j, b_g[:, None], 0.)
+    tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dp + o_t[:, None] * NK + o_j[None, :], b_dp, mask=m_sel)
+
+
+@triton.jit
+def _readout_bwd_dF(q, p, do, order, starts, dF, T, S, NK,
+                    K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, PREC: tl.constexpr):
+    i_j, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = i_bh.to(tl.int64)
+    q += bh * T * K
+    p += bh * T * NK
+    do += bh * T * V
+    order += bh * T * NK
+    starts += bh * (S + 1)
+    dF += bh * S * K * V + i_j.to(tl.int64) * K * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    e_lo = tl.load(starts + i_j)
+    e_hi = tl.load(starts + i_j + 1)
+    b_dF = tl.zeros([BK, BV], tl.float32)
+    for e0 in range(e_lo, e_hi, BE):
+        o_e = e0 + tl.arange(0, BE)
+        m_e = o_e < e_hi
+        b_ent = tl.load(order + o_e, mask=m_e, other=0)       # flat (t, k) entry picking slot j
+        o_t = b_ent // NK
+        b_w = tl.load(p + b_ent, mask=m_e, other=0.)
+        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_e[:, None] & (o_k[None, :] < K),
+                      other=0.).to(tl.float32)
+        b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+                       mask=m_e[:, None] & (o_v[None, :] < V), other=0.).to(tl.float32)
+        b_dF += tl.dot(tl.trans(b_q * b_w[:, None]), b_do, input_precision=PREC)
+    tl.store(dF + o_k[:, None] * V + o_v[None, :], b_dF,
+             mask=(o_k[:, None] < K) & (o_v[None, :] < V))
+
+
+def _bv(V):
+    return min(64, max(16, triton.next_power_of_2(V)))
+
+
+def _meta(q, F, NK):
+    K, V = F.shape[-2], F.shape[-1]
+    return dict(K=K, V=V, BK=max(16, triton.next_power_of_2(K)), PREC=_prec(q.dtype))
+
+
+def _inverse_index(idx, S):
+    """Entries (t·NK + k) of each (b,h) sorted by the slot they picked, and where each slot's run
+    starts: starts [BH, S+1] (entries with idx = -1 sort last, past starts[S])."""
+    BH = idx.shape[0] * idx.shape[1]
+    key = idx.reshape(BH, -1).long()
+    key = torch.where(key >= 0, key, S)
+    sorted_key, order = torch.sort(key, dim=-1, stable=True)
+    slots = torch.arange(S + 1, device=idx.device).expand(BH, S + 1).contiguous()
+    starts = torch.searchsorted(sorted_key, slots)
+    return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()
+
+
+class RoutedReadoutTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, F, idx, p):
+        q, F = q.contiguous(), F.contiguous()
+        idx = idx.to(torch.int32).contiguous()
+        p32 = p.to(torch.float32).contiguous()
+        B, H, T, K = q.shape
+        S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
+        meta = _meta(q, F, NK)
+        BT, BV = 32, _bv(V)
+        out = torch.empty(B, H, T, V, dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(T, BT), triton.cdiv(V, BV), B * H)
+        _readout_fwd[grid](q, F, idx, p32, out, T, S, NK, BT=BT, BV=BV,
+                           BKS=triton.next_power_of_2(NK), **meta)
+        ctx.save_for_backward(q, F, idx, p32)
+        ctx.p_dtype = p.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, F, idx, p = ctx.saved_tensors
+        do = do.to(torch.float32).contiguous()
+        B, H, T, K = q.shape
+        S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
+        meta = _meta(q, F, NK)
+        dq = torch.empty_like(q)
+        dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
+        BT = 32
+        _readout_bwd_dq_dp[(triton.cdiv(T, BT), B * H)](
+            q, F, idx, p, do, dq, dp, T, S, NK, BT=BT, BV=_bv(V), BKS=triton.next_power_of_2(NK),
+            **meta)
+        order, starts = _inverse_index(idx, S)
+        dF = torch.empty_like(F)
+        BV = _bv(V)
+        _readout_bwd_dF[(S, triton.cdiv(V, BV), B * H)](
+            q, p, do, order, starts, dF, T, S, NK, BE=32, BV=BV, **meta)
+        return dq, dF, None, dp.to(ctx.p_dtype)
+
+
+def routed_readout_triton(q, F, idx, p, mode=None):
+    """q [B,H,T,K] (fp16/bf16/fp32), F [B,H,S,K,V] float32, idx [B,H,T,k] (-1 = none),
+    p [B,H,T,k]. Returns long [B,H,T,V] float32; differentiable in q, F and p.
+    mode: "grouped" (per slot, exact O(T·k·d²) work; readout_grouped.py) or "tile" (per query
+    tile over the union of its picks; this file); None = READOUT_MODE."""
+    mode = READOUT_MODE if mode is None else mode
+    if mode not in ("grouped", "tile"):
+        raise ValueError(f"mode: expected 'grouped' or 'tile', got {mode!r}")
+    if F.dtype != torch.float32:
+        raise TypeError(f"F: the Triton readout takes float32 states, got {F.dtype}")
+    for name, d in (("q", q.shape[-1]), ("F", F.shape[-1])):
+        if d > MAX_HEAD_DIM:
+            raise ValueError(f"{name}: the Triton readout takes head dims up to {MAX_HEAD_DIM}, "
+                             f"got {d} (use backend='torch')")
+    if q.shape[2] == 0 or idx.shape[3] == 0:
+        return torch.zeros(*q.shape[:3], F.shape[-1], dtype=torch.float32, device=q.device)
+    if mode == "grouped":
+        from .readout_grouped import RoutedReadoutGrouped
+        return RoutedReadoutGrouped.apply(q, F, idx, p)
+    return RoutedReadoutTriton.apply(q, F, idx, p)

@@ -1,0 +1,99 @@
+"""Routing: which slots each query reads, and with what weight.
+
+Slots are [bank slots 0..n-1, then this call's complete chunks n..n+nC-1]. Query i (key index
+offset + i, chunk c_i) may read every bank slot and the call's chunks j < c_i. Its score for
+slot j is r_i · h_j / sqrt(M); it keeps the top_k valid scores (all of them when top_k is None)
+and p = softmax over the kept ones.
+
+Scores are computed per block of queries ([BQ, S] at a time, never [T, S] at once), top-k runs
+on the block, and only (idx, selected score) survive: [B,H,T,k]. No host sync. The backward
+of the selected scores is blockwise too: scatter dscore into a [BQ, S] block, then
+dr = dS_blk @ h and dh += dS_blkᵀ @ r: the same O(T·S·M) as the forward scores.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Elements of one [B,H,BQ,S] score block; bounds the routing's working memory.
+SCORE_BLOCK_ELEMS = 1 << 24
+
+
+def _query_block(B, H, S, Tq):
+    return max(1, min(Tq, SCORE_BLOCK_ELEMS // max(1, B * H * S)))
+
+
+def _valid(i0, i1, S, n, offset, chunk_size, device):
+    """[BQ, S] mask: bank slots always, call chunks strictly before the query's chunk."""
+    c_q = (torch.arange(i0, i1, device=device) + offset) // chunk_size
+    j = torch.arange(S, device=device)
+    return (j[None, :] < n) | ((j[None, :] - n) < c_q[:, None])
+
+
+class _SelectedScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, h, n, offset, chunk_size, kk):
+        B, H, Tq, M = r.shape
+        S = h.shape[2]
+        cd = h.dtype
+        inv = 1.0 / math.sqrt(M)
+        idx = torch.empty(B, H, Tq, kk, dtype=torch.int64, device=r.device)
+        sel = torch.empty(B, H, Tq, kk, dtype=cd, device=r.device)
+        BQ = _query_block(B, H, S, Tq)
+        for i0 in range(0, Tq, BQ):
+            i1 = min(Tq, i0 + BQ)
+            s = (r[:, :, i0:i1].to(cd) @ h.transpose(-1, -2)) * inv          # [B,H,bq,S]
+            s = s.masked_fill(~_valid(i0, i1, S, n, offset, chunk_size, r.device), float("-inf"))
+            vals, inds = s.topk(kk, dim=-1)
+            ok = torch.isfinite(vals)
+            idx[:, :, i0:i1] = torch.where(ok, inds, -1)
+            sel[:, :, i0:i1] = vals
+        ctx.save_for_backward(r, h, idx)
+        ctx.mark_non_differentiable(idx)
+        return idx, sel
+
+    @staticmethod
+    def backward(ctx, _didx, dsel):
+        r, h, idx = ctx.saved_tensors
+        B, H, Tq, M = r.shape
+        S = h.shape[2]
+        inv = 1.0 / math.sqrt(M)
+        dr = torch.empty(B, H, Tq, M, dtype=h.dtype, device=r.device)
+        dh = torch.zeros_like(h)
+        BQ = _query_block(B, H, S, Tq)
+        for i0 in range(0, Tq, BQ):
+            i1 = min(Tq, i0 + BQ)
+            blk_idx = idx[:, :, i0:i1]
+            g = torch.where(blk_idx >= 0, dsel[:, :, i0:i1].to(h.dtype), 0.0) * inv
+            dS = torch.zeros(B, H, i1 - i0, S + 1, dtype=h.dtype, device=r.device)
+            dS.scatter_add_(-1, torch.where(blk_idx >= 0, blk_idx, S), g)
+            dS = dS[..., :S]
+            dr[:, :, i0:i1] = dS @ h
+            dh += dS.transpose(-1, -2) @ r[:, :, i0:i1].to(h.dtype)
+        return dr.to(r.dtype), dh, None, None, None, None
+
+
+def route(r, h, *, n, offset, chunk_size, top_k):
+    """r [B,H,Tq,M], h [B,H,S,M] (bank slots first, then the call's chunks; state dtype).
+    Returns idx [B,H,Tq,k] int64 (-1 = no slot) and p [B,H,Tq,k] (h's dtype, 0 where idx = -1),
+    with k = min(top_k, S) (S when top_k is None). p is differentiable in r and h."""
+    S = h.shape[2]
+    kk = S if top_k is None else min(top_k, S)
+    idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk)
+    # Softmax over the kept scores; rows with no candidate at all (every entry -inf) give 0.
+    m = sel.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.where(idx >= 0, torch.exp(sel - m), torch.zeros_like(sel))
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    return idx, p
+
+
+def bank_slot_weights(idx, p, n):
+    """Σ over queries of the weight each bank slot (index < n) received: [B,H,n], no grad."""
+    B, H = idx.shape[:2]
+    w = torch.zeros(B, H, n + 1, dtype=p.dtype, device=p.device)
+    tgt = torch.where((idx >= 0) & (idx < n), idx, n).flatten(2)
+    w.scatter_add_(-1, tgt, p.detach().flatten(2))
+    return w[..., :n]

@@ -1,0 +1,129 @@
+"""Chunk states F_j = K_jᵀ V_j in Triton, forward and backward, so 16-bit inputs get float32
+states from tensor-core products with float32 accumulation (PyTorch would either round F to
+bf16 or run a slow float32 matmul).
+
+  fwd   grid (nC, cdiv(V, BV), B·H): F_j[:, v-slice] = Σ over the chunk's BT-row blocks of
+        K_blkᵀ V_blk
+  bwd   grid (nC·cdiv(C, BT), B·H): per BT rows of a chunk, dK = V dF_jᵀ and dV = K dF_j,
+        looping
+        over V in BV slices (dF stays float32; the products run in float32, "ieee" for float32
+        inputs, tf32 otherwise).
+Only complete chunks (the first nC·C keys) are read; keys past them get zero gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _states_fwd(k, v, F, T, C, nC,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr):
+    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = i_bh.to(tl.int64)
+    k += bh * T * K
+    v += bh * T * V
+    F += (bh * nC + i_c) * K * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    b_F = tl.zeros([BK, BV], tl.float32)
+    c0 = i_c * C
+    for t0 in range(0, C, BT):
+        o_t = c0 + t0 + tl.arange(0, BT)
+        m_t = o_t < c0 + C
+        b_kt = tl.load(k + o_t[None, :] * K + o_k[:, None], mask=m_t[None, :] & (o_k[:, None] < K),
+                       other=0.)
+        b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V),
+                      other=0.)
+        b_F += tl.dot(b_kt, b_v, input_precision=PREC)
+    tl.store(F + o_k[:, None] * V + o_v[None, :], b_F, mask=(o_k[:, None] < K) & (o_v[None, :] < V))
+
+
+@triton.jit
+def _states_bwd(k, v, dF, dk, dv, T, C, nC, NTC,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr):
+    i_ct, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c = i_ct // NTC
+    bh = i_bh.to(tl.int64)
+    k += bh * T * K
+    dk += bh * T * K
+    v += bh * T * V
+    dv += bh * T * V
+    dF += (bh * nC + i_c) * K * V
+    o_t = i_c * C + (i_ct % NTC) * BT + tl.arange(0, BT)
+    m_t = o_t < i_c * C + C
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_dk = tl.zeros([BT, BK], tl.float32)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        b_dF = tl.load(dF + o_k[:, None] * V + o_v[None, :],
+                       mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
+        b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_dk += tl.dot(b_v, tl.trans(b_dF), input_precision=PREC)
+        b_dv = tl.dot(b_k, b_dF, input_precision=PREC)
+        tl.store(dv + o_t[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+def _meta(k, v):
+    K, V = k.shape[-1], v.shape[-1]
+    return dict(K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
+                BV=min(64, max(16, triton.next_power_of_2(V))), PREC=_prec(k.dtype))
+
+
+def _bt(C):
+    return min(64, max(16, triton.next_power_of_2(C)))
+
+
+class ChunkStatesTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, chunk_size):
+        k, v = k.contiguous(), v.contiguous()
+        B, H, T, K = k.shape
+        V = v.shape[-1]
+        nC = T // chunk_size
+        meta = _meta(k, v)
+        F = torch.empty(B, H, nC, K, V, dtype=torch.float32, device=k.device)
+        if nC:
+            _states_fwd[(nC, triton.cdiv(V, meta["BV"]), B * H)](
+                k, v, F, T, chunk_size, nC, BT=_bt(chunk_size), **meta)
+        ctx.save_for_backward(k, v)
+        ctx.chunk_size = chunk_size
+        return F
+
+    @staticmethod
+    def backward(ctx, dF):
+        k, v = ctx.saved_tensors
+        C = ctx.chunk_size
+        B, H, T, K = k.shape
+        nC = T // C
+        dF = dF.to(torch.float32).contiguous()
+        meta = _meta(k, v)
+        BT = _bt(C)
+        # rows past the last complete chunk are no input of F: zero gradient
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        NTC = triton.cdiv(C, BT)
+        if nC:
+            _states_bwd[(nC * NTC, B * H)](k, v, dF, dk, dv, T, C, nC, NTC, BT=BT, **meta)
+        return dk, dv, None
+
+
+def chunk_states_triton(k, v, hk, *, chunk_size):
+    """(F [B,H,nC,K,V] float32, h [B,H,nC,M] float32) of the complete chunks; F by the Triton
+    kernels, h (a mean, memory-bound) in PyTorch. Differentiable in k, v, hk."""
+    B, H, T, M = hk.shape
+    nC = T // chunk_size
+    F = ChunkStatesTriton.apply(k, v, chunk_size)
+    h = hk[:, :, :nC * chunk_size].float().reshape(B, H, nC, chunk_size, M).mean(3)
+    return F, h

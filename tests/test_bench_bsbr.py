@@ -1,0 +1,62 @@
+"""The BSBR benchmark's code paths on the CPU with tiny sizes (a smoke; timings need a GPU):
+the JSON contract, the reference check, the decode sweep's flat bounded-bank state."""
+import json
+
+import pytest
+
+from experiments import bench_bsbr
+
+TINY = ["--lengths", "32,48", "--heads", "2", "--head-dim", "8", "--chunk", "8", "--top-k", "2",
+        "--window", "16", "--check-T", "24", "--decode-lengths", "32,96,160", "--reps", "1"]
+
+
+def test_cpu_smoke_writes_the_json_contract(tmp_path):
+    data = bench_bsbr.main(TINY + ["--methods", "bsbr,bsbr_torch,sdpa,flex_swa,fla_linear",
+                                   "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_bsbr.json").read_text())
+    assert set(saved) == {"meta", "checks", "rows", "slopes", "decode", "decode_summary",
+                          "skipped"}
+    assert saved["meta"]["preset"] == "cpu" and saved["meta"]["sizes"]["chunk"] == 8
+    # Ours against the float64 reference: output and all five input gradients.
+    (check,) = saved["checks"]
+    assert check["T"] == 24 and check["dtype"] == "float32"
+    for key in ("out", "dq", "dk", "dv", "dr", "dhk"):
+        assert check[key] < 1e-4, (key, check[key])
+    by = {(r["method"], r["T"]): r for r in saved["rows"]}
+    for m in ("bsbr", "bsbr_torch", "sdpa"):
+        for T in (32, 48):
+            r = by[m, T]
+            assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["note"] is None, r
+            assert r["fwd_peak_bytes"] > 0 and r["fwd_bwd_peak_bytes"] > 0
+    assert by["flex_swa", 32]["fwd_ms"] > 0                # its backward is GPU-only
+    assert "fla_linear" in saved["skipped"] or ("fla_linear", 32) in by
+    assert set(saved["slopes"]["bsbr"]) == {"fwd", "fwd_bwd"}
+    # Decode: the bounded bank's state is the same size at every length, the exact one grows.
+    dec = {(r["bank"], r["L"]): r for r in saved["decode"]}
+    bounded = [dec["bounded", L]["state_bytes"] for L in (32, 96, 160)]
+    assert len(set(bounded)) == 1 and bounded[0] > 0
+    exact = [dec["exact", L]["state_bytes"] for L in (32, 96, 160)]
+    assert exact[0] < exact[1] < exact[2]
+    assert all(r["decode_peak_bytes"] > 0 and r["decode_ms_per_token"] > 0
+               for r in saved["decode"])
+    # (2,2,1) slots at chunk 8: 32 tokens = 4 chunks merge already; all finite and measured.
+    errs = [dec["bounded", L]["vs_exact_rel_err"] for L in (32, 96, 160)]
+    assert all(e is not None and 0 <= e < 10 for e in errs), errs
+    summary = saved["decode_summary"]
+    assert summary["bounded"]["state_ratio"] == 1.0 and summary["exact"]["state_ratio"] > 2
+    assert summary["bounded"]["L_max"] == 160
+    assert data["rows"] == saved["rows"]
+    md = (tmp_path / "bench_bsbr.md").read_text()
+    assert "| bsbr | 48 |" in md and "## decode memory" in md
+    assert (tmp_path / "bench_bsbr.png").stat().st_size > 10_000
+
+
+def test_bad_flags(tmp_path):
+    with pytest.raises(SystemExit, match="--methods"):
+        bench_bsbr.main(["--methods", "bsbr,flash", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--lengths"):
+        bench_bsbr.main(["--lengths", "32,x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--bank.*slots_per_level"):
+        bench_bsbr.main(["--bank", "1,2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--chunk"):
+        bench_bsbr.main(["--chunk", "0", "--out", str(tmp_path)])
