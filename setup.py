@@ -16,7 +16,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "matplotlib",
-        "transformers>=4.40",
+        "transformers>=5.0",       # bdh.hf / bsbr.hf: AttentionInterface, Cache layers
         "tqdm",
     ],
     extras_require={"dev": ["pytest>=7"]},

@@ -1,5 +1,13 @@
 """Baselines that speak Glass Brain's streaming protocol."""
+from .deltanet import DeltaNetAttention
 from .gpt2 import GPT2LM, GPT2State, gpt2_config, gpt2_param_count, match_gpt2_config, sample_next
+from .linear import LinearAttention
+from .lm import MIXERS, MixerLM, MixerLMConfig, MixerLMState, build_mixer
+from .sliding import SlidingWindowAttention
+from .softmax import SoftmaxAttention
+from .state import KVCacheState, RecurrentState
 
 __all__ = ["GPT2LM", "GPT2State", "gpt2_config", "gpt2_param_count", "match_gpt2_config",
-           "sample_next"]
+           "sample_next", "SoftmaxAttention", "LinearAttention", "SlidingWindowAttention",
+           "DeltaNetAttention", "KVCacheState", "RecurrentState", "MIXERS", "MixerLM",
+           "MixerLMConfig", "MixerLMState", "build_mixer"]

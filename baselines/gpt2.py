@@ -23,6 +23,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from kernels import sample_next
 
+from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
+
 
 def gpt2_config(n_layer: int, n_embd: int, n_head: int, *, vocab_size: int = 256,
                 n_positions: int = 1024, dropout: float = 0.1,
@@ -103,9 +105,9 @@ class GPT2LM(nn.Module):
         position = 0 if state is None else state.position
         self._check_idx(idx, position)
         if return_state:
-            out = self.hf(input_ids=idx, past_key_values=None if state is None else state.cache,
-                          use_cache=True)
-            return out.logits, GPT2State(out.past_key_values, position + idx.shape[1])
+            past = None if state is None else state.cache
+            out = self.hf(input_ids=idx, use_cache=True, **{cache_argument(self.hf): past})
+            return out.logits, GPT2State(output_cache(out), position + idx.shape[1])
         logits = self.hf(input_ids=idx, use_cache=False).logits
         loss = None
         if targets is not None:
@@ -115,10 +117,21 @@ class GPT2LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                 generator: torch.Generator | None = None):
-        """Prompt + ``max_new_tokens`` sampled tokens, decoding through the KV cache."""
+                 generator: torch.Generator | None = None, *, cache: str = "dynamic",
+                 sdpa_backend: str | None = "auto", compile_step: bool = False):
+        """Prompt + ``max_new_tokens`` sampled tokens, decoding through the KV cache.
+
+        cache="dynamic": the plain HF loop (a DynamicCache that grows by concatenation).
+        cache="static": `baselines.gpt2_decode.GPT2StaticDecoder`, fixed-shape StaticCache steps
+        under one SDPA backend (``sdpa_backend``), optionally compiled (``compile_step``)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"cache: expected 'dynamic' or 'static', got {cache!r}")
+        if cache == "static":
+            self._check_idx(idx, max_new_tokens)
+            decoder = GPT2StaticDecoder(self.hf, sdpa_backend, compile_step)
+            return decoder.generate(idx, max_new_tokens, temperature, top_k, generator)
         logits, state = self(idx, return_state=True)
         out = [idx]
         for _ in range(max_new_tokens):

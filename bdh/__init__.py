@@ -11,6 +11,8 @@ from .config import BDHConfig
 from .model import BDH
 from .probes import SparsityProbe
 from .state import BDHState, load_state, save_state
+from . import hf  # noqa: F401 (registers attn_implementation="hebbian")
+from .hf import RecurrentCache, use_recurrent_cache
 
 __all__ = ["BDHConfig", "BDH", "BDHAttention", "BDHState", "save_state", "load_state",
-           "SparsityProbe"]
+           "SparsityProbe", "RecurrentCache", "use_recurrent_cache"]

@@ -14,6 +14,10 @@ from .bank import empty_bank, push_chunks, update_salience
 from .config import BankConfig, BSBRLMConfig
 from .model import BSBRLM
 from .state import BankState, BSBRLMState, BSBRState
+from . import hf  # noqa: F401 (registers attn_implementation="bsbr")
+from .convert import convert
+from .mha import MHAState, RecurrentMultiheadAttention
 
 __all__ = ["BSBRAttention", "BankConfig", "BSBRLMConfig", "BSBRLM", "BSBRState", "BankState",
-           "BSBRLMState", "empty_bank", "push_chunks", "update_salience"]
+           "BSBRLMState", "empty_bank", "push_chunks", "update_salience", "convert",
+           "RecurrentMultiheadAttention", "MHAState"]

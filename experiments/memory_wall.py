@@ -10,6 +10,11 @@ For each model, at contexts L = 1024, 2048, … up to --max-tokens (or the first
            per model grows through all the L: before each point it is fed exactly the tokens that
            bring its context to L, then it decodes --decode-steps greedy tokens. The peak is the
            decode phase's own (reset after the context is in): it holds the KV cache / the state.
+           Each model decodes the way a user who cares would: BDH on CUDA replays a captured
+           CUDA graph of its step; "gpt2-sdpa" is the plain transformers loop (DynamicCache, as
+           most users run it); "gpt2-static" is the tuned GPT-2 (a StaticCache of fixed shapes
+           under the memory-efficient SDPA kernel, `baselines.gpt2_decode`; a new cache per
+           context, since a static cache's length is fixed).
 * prefill: peak memory and time to consume L tokens from an empty history. GPT-2 ("gpt2-sdpa"
            and "gpt2-eager") takes them in one forward call (use_cache=False, as a user scoring
            a document would); BDH streams them through its chunked kernel in --bdh-chunk pieces.
@@ -56,7 +61,8 @@ from .measure import PeakMemory, free_memory, is_oom, rss_bytes
 from .results import (commit_label, default_out, markdown_table, run_meta, save_figure,
                       write_json, write_text)
 
-GPT2_ATTN = {"gpt2-sdpa": "sdpa", "gpt2-eager": "eager", "gpt2-25m": "sdpa"}
+GPT2_ATTN = {"gpt2-sdpa": "sdpa", "gpt2-eager": "eager", "gpt2-25m": "sdpa",
+             "gpt2-static": "sdpa"}
 
 
 @dataclass
@@ -92,7 +98,7 @@ PRESETS = {
     # (a sweep may overrun its share by one point, plus building and warming up the models).
     "h100": dict(max_tokens=1 << 20, dtype="bfloat16", decode_steps=8, bdh_chunk=16384,
                  gpt2_chunk=8192, time_budget_s=75.0, deadline_s=330.0,
-                 models=("bdh", "gpt2", "gpt2-25m"),
+                 models=("bdh", "gpt2", "gpt2-static", "gpt2-25m"),
                  bdh=dict(dropout=0.0),
                  gpt2=dict(n_layer=12, n_embd=768, n_head=12)),
 }
@@ -180,12 +186,13 @@ def _feed(model, name, tokens, state, chunk):
 # ----------------------------------------------------------------------------- sweeps
 
 def _steps(model, name, nxt, state, n):
-    """Greedy-decode n tokens after nxt. BDH uses its `generate` (the fixed state, updated by
-    `hebbian_step`); GPT-2 steps its KV cache. Returns (next token, state)."""
+    """Greedy-decode n tokens after nxt, eagerly. BDH uses its `generate` (the fixed state,
+    updated by `hebbian_step`); GPT-2 steps its KV cache. Returns (next token, state)."""
     if n == 0:
         return nxt, state
     if name == "bdh":
-        out, state = model.generate(nxt, n, top_k=1, state=state, return_state=True)
+        out, state = model.generate(nxt, n, top_k=1, state=state, return_state=True,
+                                    cuda_graph=False)
         return out[:, -1:], state            # the state has consumed all returned tokens but this
     for _ in range(n):
         logits, state = model(nxt, state=state, return_state=True)
@@ -193,18 +200,79 @@ def _steps(model, name, nxt, state, n):
     return nxt, state
 
 
+class _Stepper:
+    """One greedy decode step per call, the way a user who cares decodes each model:
+    BDH on CUDA replays a captured CUDA graph of its step (`bdh.decode_graph`; the first call
+    runs the step eagerly and captures it, so it belongs in the untimed warm-up); GPT-2
+    "gpt2-static" steps a StaticCache (fixed shapes) under the memory-efficient SDPA kernel;
+    everything else runs `_steps` eagerly (GPT-2: the plain transformers loop, DynamicCache)."""
+
+    def __init__(self, model, name, state, device):
+        self.model, self.name, self.state, self.device = model, name, state, device
+        self.graph, self.taken = None, 0
+
+    def __call__(self, nxt):
+        if self.name == "bdh" and self.device.type == "cuda":
+            if self.graph is None:
+                from bdh.decode_graph import DecodeGraph
+                self.graph = DecodeGraph(self.model, self.state.layers, self.state.position, nxt)
+                logits = self.graph.logits
+            else:
+                logits = self.graph.step(nxt)
+            self.taken += 1
+            return logits[:, -1:].argmax(-1)
+        if self.name == "gpt2-static":
+            dec, cache, pos = self.state
+            logits = dec.step(nxt, cache, pos)
+            self.state = (dec, cache, pos + 1)
+            return logits[:, -1:].argmax(-1)
+        nxt, self.state = _steps(self.model, self.name, nxt, self.state, 1)
+        return nxt
+
+    def final_state(self):
+        if self.graph is not None:
+            from bdh import BDHState
+            return BDHState(self.state.layers, self.state.position + self.taken,
+                            self.state.config)
+        return self.state
+
+
 def decode(model, name, nxt, state, cfg, device):
     """The decode phase at the current context: `decode_warmup` untimed steps, then
     `decode_steps` timed ones. The peak covers the whole phase (KV cache / state resident), and
     is reset when the phase starts. Returns (ms per token, peak, seconds, state, next token)."""
     with PeakMemory(device) as m:
-        nxt, state = _steps(model, name, nxt, state, cfg.decode_warmup)
+        step = _Stepper(model, name, state, device)
+        for _ in range(cfg.decode_warmup):
+            nxt = step(nxt)
         sync(device)
         t0 = time.perf_counter()
-        nxt, state = _steps(model, name, nxt, state, cfg.decode_steps)
+        for _ in range(cfg.decode_steps):
+            nxt = step(nxt)
         sync(device)
         secs = time.perf_counter() - t0
-    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, state, nxt
+    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, step.final_state(), nxt
+
+
+def _static_context(model, tokens, L, cfg, device, chunk):
+    """gpt2-static: a StaticCache sized for L tokens plus the decode phase, filled with the
+    context in pieces. Returns (last logits, (decoder, cache, next position), cache bytes)."""
+    from baselines.gpt2_decode import GPT2StaticDecoder, make_static_cache
+    dec = GPT2StaticDecoder(model.hf, "auto")
+    cache = make_static_cache(model.hf, 1, L + cfg.decode_warmup + cfg.decode_steps + 1)
+    logits = None
+    for s in range(0, tokens.shape[1], chunk):
+        logits = dec.prefill(tokens[:, s:s + chunk], cache, s)
+    return logits, (dec, cache, tokens.shape[1]), _cache_bytes(cache)
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def sync(device):
@@ -281,6 +349,21 @@ def sweep(name: str, mode: str, cfg: WallConfig, emit, budget_s: float | None = 
                     point = _point(name, mode, L, m.peak, sb, 1e3 * m.seconds / L)
                     peak, secs = m.peak, m.seconds
                     del idx
+                elif name == "gpt2-static":
+                    # A static cache has a fixed length: a new one per context, filled anew.
+                    state = None
+                    free_memory(device)
+                    fill = torch.randint(0, 256, (1, L), generator=gen).to(device)
+                    phase = "consuming the context"
+                    with PeakMemory(device) as pre:
+                        logits, state, sb = _static_context(model, fill, L, cfg, device, chunk)
+                    ctx_peak = pre.peak
+                    nxt = logits[:, -1:].argmax(-1)
+                    del fill, logits
+                    phase = "decoding"
+                    ms, peak, dsecs, state, nxt = decode(model, name, nxt, state, cfg, device)
+                    point = _point(name, mode, L, peak, sb, ms)
+                    secs = pre.seconds + dsecs
                 else:
                     fill = torch.randint(0, 256, (1, L - consumed), generator=gen).to(device)
                     phase = "consuming the context"
@@ -324,6 +407,8 @@ def jobs(cfg: WallConfig) -> list[tuple[str, str]]:
             out += [("gpt2-sdpa", "decode"), ("gpt2-sdpa", "prefill"), ("gpt2-eager", "prefill")]
         elif m == "gpt2-eager":                 # eager decode adds nothing over sdpa's
             out += [(m, "prefill")]
+        elif m == "gpt2-static":                # the tuned decode; its prefill is sdpa's
+            out += [(m, "decode")]
         elif m in GPT2_ATTN:
             out += [(m, "decode"), (m, "prefill")]
         else:
@@ -447,7 +532,7 @@ def table(points: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
-MODEL_NAMES = ("bdh", "gpt2", "gpt2-sdpa", "gpt2-eager", "gpt2-25m")
+MODEL_NAMES = ("bdh", "gpt2", "gpt2-sdpa", "gpt2-eager", "gpt2-25m", "gpt2-static")
 
 
 def model_list(text: str) -> tuple[str, ...]:
@@ -482,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"largest context (default: {_per_preset('max_tokens')})")
     p.add_argument("--models", type=model_list, default=late,
                    help="comma list of bdh, gpt2 (= gpt2-sdpa decode+prefill and gpt2-eager "
-                        "prefill), gpt2-sdpa, gpt2-eager, gpt2-25m (default: bdh,gpt2; h100 "
-                        "adds gpt2-25m)")
+                        "prefill), gpt2-sdpa, gpt2-eager, gpt2-25m, gpt2-static (the tuned "
+                        "decode: StaticCache + one SDPA kernel) (default: bdh,gpt2; h100 adds "
+                        "gpt2-static and gpt2-25m)")
     p.add_argument("--out", default=default_out("memory_wall"),
                    help="output folder (gitignored by default; the committed figures are "
                         "rewritten only with --out results/memory_wall)")

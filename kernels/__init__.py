@@ -6,6 +6,7 @@ Imports nothing else of ours. Every public name is importable from here
 from .atomic_file import CorruptFileError, atomic_write, load_checked, save_checked
 from .bsbr import BACKENDS as BSBR_BACKENDS
 from .bsbr import bsbr_attention, chunk_local_attention, chunk_states, routed_readout_step
+from .deltanet import chunk_delta_rule_torch, delta_rule, delta_rule_recurrent, delta_rule_step
 from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
                       hebbian_recurrent, hebbian_step)
 from .sampling import sample_next
@@ -13,4 +14,5 @@ from .sampling import sample_next
 __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
            "hebbian_recurrent", "chunk_hebbian_torch", "sample_next", "atomic_write", "save_checked", "load_checked",
            "CorruptFileError", "BSBR_BACKENDS", "bsbr_attention", "chunk_local_attention",
-           "chunk_states", "routed_readout_step"]
+           "chunk_states", "routed_readout_step", "delta_rule", "delta_rule_step",
+           "delta_rule_recurrent", "chunk_delta_rule_torch"]

@@ -1,0 +1,185 @@
+"""A generic decoder LM whose blocks differ only in the token mixer (the attention module).
+
+    x = embed(idx)
+    per block:  x = x + drop(mixer(LN(x)));  x = x + drop(MLP(LN(x)))       (pre-LN)
+    logits = LN(x) @ head                    (head tied to the embedding unless tie_weights=False)
+
+Mixers: "softmax", "linear", "sliding", "deltanet" (this package), "hebbian" (`bdh.BDHAttention`)
+and "bsbr" (`bsbr.BSBRAttention`, imported when first used). Every mixer obeys the streaming
+protocol, so the model does too:
+
+    logits, loss  = model(idx, targets=None)
+    logits, state = model(idx, state=None, return_state=True)   # MixerLMState: one per block
+    model.generate(idx, max_new_tokens, temperature=1.0, top_k=None, generator=None)
+
+`generate` consumes the prompt once and then decodes one token at a time from the state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import sample_next
+
+from .deltanet import DeltaNetAttention
+from .linear import LinearAttention
+from .projected import check_positive_int
+from .sliding import SlidingWindowAttention
+from .softmax import SoftmaxAttention
+
+MIXERS = ("softmax", "linear", "sliding", "deltanet", "hebbian", "bsbr")
+
+
+def build_mixer(mixer: str, d_model: int, n_head: int, **kwargs) -> nn.Module:
+    """One attention module x [B,T,D] → y [B,T,D] by name; kwargs go to its constructor."""
+    if mixer == "softmax":
+        return SoftmaxAttention(d_model, n_head, **kwargs)
+    if mixer == "linear":
+        return LinearAttention(d_model, n_head, **kwargs)
+    if mixer == "sliding":
+        return SlidingWindowAttention(d_model, n_head, **kwargs)
+    if mixer == "deltanet":
+        return DeltaNetAttention(d_model, n_head, **kwargs)
+    if mixer == "hebbian":
+        from bdh import BDHAttention
+        return BDHAttention(d_model, n_head, **kwargs)
+    if mixer == "bsbr":
+        from bsbr import BSBRAttention      # lazily: bsbr may be absent or still being built
+        kwargs.setdefault("chunk_size", 64)
+        return BSBRAttention(d_model, n_head, **kwargs)
+    raise ValueError(f"mixer: expected one of {MIXERS}, got {mixer!r}")
+
+
+@dataclass
+class MixerLMConfig:
+    mixer: str = "softmax"
+    vocab_size: int = 256
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    tie_weights: bool = True
+    mixer_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "mlp_ratio"):
+            check_positive_int(name, getattr(self, name))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class MixerLMState:
+    """One mixer state per block, and the number of tokens consumed."""
+    layers: list
+    position: int = 0
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.layers)
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, cfg: MixerLMConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.mixer = build_mixer(cfg.mixer, D, cfg.n_head, **cfg.mixer_kwargs)
+        self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(),
+                                 nn.Linear(cfg.mlp_ratio * D, D))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, state=None, return_state=False):
+        if return_state:
+            a, state = self.mixer(self.ln1(x), state=state, return_state=True)
+        else:
+            a = self.mixer(self.ln1(x))
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return (x, state) if return_state else x
+
+
+class MixerLM(nn.Module):
+    def __init__(self, config: MixerLMConfig):
+        super().__init__()
+        self.config = C = config
+        self.embed = nn.Embedding(C.vocab_size, C.d_model)
+        self.blocks = nn.ModuleList(MixerBlock(C) for _ in range(C.n_layer))
+        self.ln_f = nn.LayerNorm(C.d_model)
+        self.head = nn.Linear(C.d_model, C.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.normal_(blk.mlp[0].weight, std=0.02)
+            nn.init.normal_(blk.mlp[2].weight, std=0.02 / math.sqrt(2 * C.n_layer))
+        if C.tie_weights:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_idx(self, idx) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise TypeError(f"idx: expected a 2-D torch.long tensor [B,T], got "
+                            f"{getattr(idx, 'dtype', type(idx).__name__)} "
+                            f"{list(getattr(idx, 'shape', []))}")
+        if idx.shape[1] == 0:
+            raise ValueError("idx: expected at least one token (T >= 1), got T = 0")
+        V = self.config.vocab_size
+        if int(idx.min()) < 0 or int(idx.max()) >= V:
+            raise ValueError(f"idx: token ids must lie in [0, {V}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+
+    def forward(self, idx, targets=None, state: MixerLMState | None = None,
+                return_state: bool = False):
+        self._check_idx(idx)
+        if state is not None:
+            if not isinstance(state, MixerLMState) or len(state.layers) != len(self.blocks):
+                raise TypeError(f"state: expected a MixerLMState with {len(self.blocks)} layers "
+                                f"or None, got {type(state).__name__}")
+        x = self.embed(idx)
+        if return_state or state is not None:
+            new_layers = []
+            for i, blk in enumerate(self.blocks):
+                x, s = blk(x, state=None if state is None else state.layers[i],
+                           return_state=True)
+                new_layers.append(s)
+            position = (0 if state is None else state.position) + idx.shape[1]
+            new_state = MixerLMState(new_layers, position)
+        else:
+            for blk in self.blocks:
+                x = blk(x)
+        logits = self.head(self.ln_f(x))
+        if return_state:
+            return logits, new_state
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                   targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 generator: torch.Generator | None = None):
+        """Prompt + ``max_new_tokens`` sampled tokens: the prompt is consumed once, then every
+        new token is one step from the state (never re-running the prefix). top_k=1: greedy."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        logits, state = self(idx, return_state=True)
+        out = [idx]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, state = self(nxt, state=state, return_state=True)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,200 @@
+"""An `nn.MultiheadAttention`-shaped causal self-attention backed by BSBR or Hebbian attention.
+
+    from bsbr.mha import RecurrentMultiheadAttention
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, batch_first=True)
+    layer.self_attn = RecurrentMultiheadAttention.from_mha(layer.self_attn, "bsbr", chunk_size=32)
+    mask = nn.Transformer.generate_square_subsequent_mask(T)
+    y = layer(x, src_mask=mask)                              # causal, as before
+
+Same parameters as `nn.MultiheadAttention` (`in_proj_weight`, `in_proj_bias`, `out_proj`), same
+call: ``attn(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+average_attn_weights=True, is_causal=True) -> (out, None)``. The heads use the shared kernels of
+the Hugging Face path (`bsbr.hf.bsbr_continue`, `bdh.hf.normalised_hebbian`): BSBR is softmax
+attention inside each chunk (scale 1/√head_dim, as nn.MultiheadAttention) plus routed chunk states;
+Hebbian is normalised elu+1 linear attention, inclusive.
+
+What it cannot do raises ValueError: cross-attention (key or value not the query tensor), a
+non-causal request (attn_mask None with is_causal=False, or a mask that is not the causal one),
+padding (a key_padding_mask with a True), need_weights=True (there is no weight matrix), and
+attention-weight dropout. `_qkv_same_embed_dim = False` keeps `nn.TransformerEncoderLayer`'s
+fused inference fast path (which would call the softmax kernel directly) from bypassing it.
+
+Streaming (the project's protocol): ``out, state = attn(x, x, x, state=state, return_state=True)``
+continues a sequence; `state.nbytes()` is its memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bdh.hf import FEATURE_MAPS, normalised_hebbian
+
+from .hf import bsbr_continue, check_long_scale, empty_stream
+
+KINDS = ("bsbr", "hebbian")
+
+
+@dataclass
+class MHAState:
+    """Streaming state of a `RecurrentMultiheadAttention`: Hebbian {"S"}; BSBR {"bank_F",
+    "bank_h", "keys", "values"} (bank + partial chunk); `position` tokens seen."""
+    kind: str
+    tensors: dict = field(default_factory=dict)
+    position: int = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _same_tensor(a, b) -> bool:
+    return a is b or (a.shape == b.shape and a.stride() == b.stride()
+                      and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype)
+
+
+def is_causal_mask(mask: torch.Tensor, T: int) -> bool:
+    """True if ``mask`` ([T,T] or [N,T,T]; bool True = blocked, or float with -inf above the
+    diagonal and 0 elsewhere) is exactly the causal mask."""
+    if mask.shape[-2:] != (T, T):
+        return False
+    blocked = torch.ones(T, T, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool((mask == blocked).all())
+    allowed_ok = (mask == 0) | blocked
+    blocked_ok = (torch.isinf(mask) & (mask < 0)) | ~blocked
+    return bool((allowed_ok & blocked_ok).all())
+
+
+class RecurrentMultiheadAttention(nn.Module):
+    """Causal self-attention with the interface of `nn.MultiheadAttention` (kind "bsbr" or
+    "hebbian"). Options: chunk_size, top_k (BSBR); feature_map, eps (Hebbian); backend."""
+
+    _qkv_same_embed_dim = False      # opt out of nn.TransformerEncoderLayer's fused fast path
+
+    def __init__(self, embed_dim: int, num_heads: int, kind: str = "bsbr", *, dropout: float = 0.0,
+                 bias: bool = True, batch_first: bool = False, chunk_size: int = 64,
+                 top_k: int | None = None, long_scale: float | None = None,
+                 feature_map: str = "elu", eps: float = 1e-6,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim: must be divisible by num_heads = {num_heads}, "
+                             f"got {embed_dim}")
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+        if dropout:
+            raise ValueError(f"dropout: attention-weight dropout has no equivalent here (there is "
+                             f"no weight matrix); expected 0.0, got {dropout!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        check_long_scale(long_scale, "long_scale")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map: expected one of {FEATURE_MAPS}, got {feature_map!r}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kind, self.batch_first, self.dropout = kind, batch_first, 0.0
+        self.chunk_size, self.top_k = chunk_size, top_k
+        self.feature_map, self.eps = feature_map, eps
+        self.backend, self.long_scale = backend, long_scale
+        kw = dict(device=device, dtype=dtype)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        nn.init.xavier_uniform_(self.in_proj_weight)       # as nn.MultiheadAttention
+        if bias:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention, kind: str = "bsbr", **opts):
+        """``mha``'s weights behind ``kind`` attention (mha.dropout is not carried over)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha: expected nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("mha: expected a self-attention nn.MultiheadAttention (one in_proj, "
+                             "no bias_k/bias_v, no add_zero_attn)")
+        w = mha.in_proj_weight
+        new = cls(mha.embed_dim, mha.num_heads, kind, bias=mha.in_proj_bias is not None,
+                  batch_first=mha.batch_first, device=w.device, dtype=w.dtype, **opts)
+        new.load_state_dict({k: v for k, v in mha.state_dict().items()
+                             if k in dict(new.named_parameters())})
+        return new
+
+    def init_state(self) -> MHAState:
+        return MHAState(self.kind)
+
+    def _check(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        if not isinstance(query, torch.Tensor) or not query.is_floating_point():
+            got = query.dtype if isinstance(query, torch.Tensor) else type(query).__name__
+            raise TypeError(f"query: expected a floating tensor, got {got}")
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query: expected 3 dims with last = embed_dim = {self.embed_dim}, "
+                             f"got shape {list(query.shape)}")
+        if not (_same_tensor(key, query) and _same_tensor(value, query)):
+            raise ValueError("key/value: only self-attention is supported (key and value must be "
+                             "the query tensor); cross-attention cannot be computed causally "
+                             "from a recurrent state")
+        if need_weights:
+            raise ValueError("need_weights: expected False; BSBR/Hebbian attention never forms "
+                             "the attention weight matrix")
+        if key_padding_mask is not None:
+            pad = key_padding_mask
+            pad = pad if pad.dtype == torch.bool else pad != 0
+            if bool(pad.any()):
+                raise ValueError("key_padding_mask: padding is not supported (a recurrent state "
+                                 "would absorb the padded tokens); got a mask with padded keys")
+        T = query.shape[1] if self.batch_first else query.shape[0]
+        if attn_mask is None and not is_causal:
+            raise ValueError("attn_mask: None with is_causal=False asks for bidirectional "
+                             "attention; this module is causal only (pass the causal mask, or "
+                             "is_causal=True)")
+        if attn_mask is not None and not is_causal_mask(attn_mask, T):
+            raise ValueError(f"attn_mask: only the causal mask is supported (True / -inf above "
+                             f"the diagonal, shape [{T},{T}]); got a different mask of shape "
+                             f"{list(attn_mask.shape)}")
+        w = self.in_proj_weight
+        if query.dtype != w.dtype and not torch.is_autocast_enabled(query.device.type):
+            raise TypeError(f"query: dtype {query.dtype} differs from the module's {w.dtype}; "
+                            f"cast the module (.to({query.dtype})) or run under torch.autocast")
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = False,
+                attn_mask=None, average_attn_weights: bool = True, is_causal: bool = True, *,
+                state: MHAState | None = None, return_state: bool = False):
+        self._check(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        x = query if self.batch_first else query.transpose(0, 1)          # [B,T,E]
+        B, T, E = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if state is not None and state.kind != self.kind:
+            raise ValueError(f"state: expected a {self.kind!r} MHAState, got {state.kind!r}")
+        tensors = state.tensors if state is not None else {}
+        if self.kind == "hebbian":
+            S_in = tensors.get("S")
+            if S_in is not None and T == 1 and not torch.is_grad_enabled():
+                S_in = S_in.clone()          # the step kernel updates in place; keep the caller's
+            o, S = normalised_hebbian(q, k, v, S_in, kind=self.feature_map,
+                                      eps=self.eps, backend=self.backend,
+                                      output_final_state=return_state)
+            new = {"S": S}
+        else:
+            stream = tensors or empty_stream(q, k, v)
+            o, new = bsbr_continue(q, k, v, stream, chunk_size=self.chunk_size, top_k=self.top_k,
+                                   scale=1.0 / math.sqrt(self.head_dim), backend=self.backend,
+                                   long_scale=self.long_scale, keep_state=return_state)
+        y = self.out_proj(o.to(v.dtype).transpose(1, 2).reshape(B, T, E))
+        y = y if self.batch_first else y.transpose(0, 1)
+        if return_state:
+            position = state.position if state is not None else 0
+            return y, MHAState(self.kind, new, position + T)
+        return y, None
+
+
+__all__ = ["RecurrentMultiheadAttention", "MHAState", "is_causal_mask"]
