@@ -229,6 +229,13 @@ class _Stepper:
         nxt, self.state = _steps(self.model, self.name, nxt, self.state, 1)
         return nxt
 
+    def close(self):
+        """Release the captured graph and its private memory pool now, so that the next
+        point's peak holds nothing of this one (a pool lives until its graph is reset)."""
+        if self.graph is not None:
+            self.graph.graph.reset()
+            self.graph.logits = self.graph._out = None
+
     def final_state(self):
         if self.graph is not None:
             from bdh import BDHState
@@ -251,7 +258,11 @@ def decode(model, name, nxt, state, cfg, device):
             nxt = step(nxt)
         sync(device)
         secs = time.perf_counter() - t0
-    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, step.final_state(), nxt
+    step.close()
+    state = step.final_state()
+    del step
+    free_memory(device)
+    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, state, nxt
 
 
 def _static_context(model, tokens, L, cfg, device, chunk):
