@@ -1,6 +1,6 @@
 """Train BDH or a parameter-matched GPT-2 on the offline Shakespeare corpus.
 
-    python -m experiments.train --model bdh|gpt2 [--preset cpu|h100] [--steps N] [--out DIR]
+    python -m experiments.train --model bdh|gpt2|bsbr [--preset cpu|h100] [--steps N] [--out DIR]
                                 [--ckpt-dir DIR] [--resume] [--max-minutes M] [--compile]
                                 [--bdh n_layer=2,n_embd=64] ...
 
@@ -36,7 +36,7 @@ EVAL_SEED = 10_000          # the validation batches: the same ones at every eva
 
 @dataclass
 class TrainConfig:
-    model: str = "bdh"                 # "bdh" | "gpt2"
+    model: str = "bdh"                 # "bdh" | "gpt2" | "bsbr"
     preset: str = "cpu"
     device: str = "cpu"
     steps: int = 300
@@ -97,10 +97,37 @@ def build_model(cfg: TrainConfig):
         info = {"gpt2_config": {k: getattr(gcfg, k) for k in
                                 ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
                 "matched_to_bdh_params": bdh_params}
+    elif cfg.model == "bsbr":
+        from bsbr import BSBRLM, BSBRLMConfig
+        bdh_params = sum(p.numel() for p in BDH(bdh_cfg).parameters())
+        bcfg = match_bsbr_config(bdh_params, n_layer=bdh_cfg.n_layer, n_head=bdh_cfg.n_head,
+                                 block_size=cfg.block_size, dropout=bdh_cfg.dropout)
+        torch.manual_seed(cfg.seed)
+        model = BSBRLM(bcfg)
+        info = {"bsbr_config": asdict(bcfg), "matched_to_bdh_params": bdh_params}
     else:
-        raise ValueError(f"--model: expected 'bdh' or 'gpt2', got {cfg.model!r}")
+        raise ValueError(f"--model: expected 'bdh', 'gpt2' or 'bsbr', got {cfg.model!r}")
     info["params"] = sum(p.numel() for p in model.parameters())
     return model.to(cfg.device), info
+
+
+def match_bsbr_config(target_params: int, *, n_layer: int, n_head: int, block_size: int,
+                      dropout: float):
+    """The BSBR LM with ``n_layer`` blocks whose width (a multiple of 8·n_head) brings its
+    parameter count closest to ``target_params``. Chunks of block_size/8 tokens (at least 8)
+    and top-k 4, so a training block holds several completed chunks to route between."""
+    from bsbr import BSBRLM, BSBRLMConfig
+
+    def make(d):
+        return BSBRLMConfig(n_layer=n_layer, d_model=d, n_head=n_head,
+                            chunk_size=max(8, block_size // 8), top_k=4, dropout=dropout)
+
+    def count(d):
+        with torch.device("meta"):
+            return sum(p.numel() for p in BSBRLM(make(d)).parameters())
+
+    step = 8 * n_head
+    return make(min(range(step, 64 * step + 1, step), key=lambda d: abs(count(d) - target_params)))
 
 
 def _rng_state(device):
@@ -337,8 +364,8 @@ def build_parser(description=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.train",
                                 description=description or __doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=["bdh", "gpt2"], default="bdh",
-                   help="BDH, or a GPT-2 matched to the preset's BDH by parameter count")
+    p.add_argument("--model", choices=["bdh", "gpt2", "bsbr"], default="bdh",
+                   help="BDH, or a GPT-2 or BSBR LM matched to the preset's BDH by parameter count")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="cpu: a tiny model for about a minute on a laptop; h100: the official "
                         "BDH training setting")
