@@ -98,7 +98,7 @@ def build_model(cfg: TrainConfig):
                                 ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
                 "matched_to_bdh_params": bdh_params}
     elif cfg.model == "bsbr":
-        from bsbr import BSBRLM, BSBRLMConfig
+        from bsbr import BSBRLM
         bdh_params = sum(p.numel() for p in BDH(bdh_cfg).parameters())
         bcfg = match_bsbr_config(bdh_params, n_layer=bdh_cfg.n_layer, n_head=bdh_cfg.n_head,
                                  block_size=cfg.block_size, dropout=bdh_cfg.dropout)
