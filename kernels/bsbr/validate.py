@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..checks import _shape, check_same_device, check_tensor
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_MAX_CHUNK = 256
 TRITON_MAX_HEAD_DIM = 256
@@ -25,27 +26,6 @@ class Dims:
     V: int
     M: int = 0
     n: int = 0
-
-
-def _shape(t) -> list[int]:
-    return list(t.shape)
-
-
-def check_tensor(name, t, ndim, layout):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor {layout}, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, "
-                        f"float64), got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims {layout}, got shape {_shape(t)}")
-
-
-def check_same_device(**tensors):
-    devices = {n: t.device for n, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
 def check_chunk_size(chunk_size):
