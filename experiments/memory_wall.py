@@ -372,8 +372,11 @@ def sweep(name: str, mode: str, cfg: WallConfig, emit, budget_s: float | None = 
                     nxt = logits[:, -1:].argmax(-1)
                     del fill, logits
                     phase = "decoding"
+                    held = (torch.cuda.memory_allocated(device) if device.type == "cuda"
+                            else None)        # what is live when decoding starts (diagnostic)
                     ms, peak, dsecs, state, nxt = decode(model, name, nxt, state, cfg, device)
                     point = _point(name, mode, L, peak, sb, ms)
+                    point["held_bytes"] = held
                     secs = pre.seconds + dsecs
                 else:
                     fill = torch.randint(0, 256, (1, L - consumed), generator=gen).to(device)
@@ -384,9 +387,12 @@ def sweep(name: str, mode: str, cfg: WallConfig, emit, budget_s: float | None = 
                     nxt = logits[:, -1:].argmax(-1)
                     del fill, logits                  # only the state may be resident now
                     phase = "decoding"
+                    held = (torch.cuda.memory_allocated(device) if device.type == "cuda"
+                            else None)        # what is live when decoding starts (diagnostic)
                     ms, peak, dsecs, state, nxt = decode(model, name, nxt, state, cfg, device)
                     consumed += cfg.decode_warmup + cfg.decode_steps
                     point = _point(name, mode, L, peak, sb, ms)
+                    point["held_bytes"] = held
                     secs = pre.seconds + dsecs
         except Exception as exc:                                    # noqa: BLE001
             if not is_oom(exc):
@@ -673,6 +679,9 @@ def main(argv=None) -> dict:
                            "with only the model loaded: on CUDA torch.cuda.memory_allocated "
                            "(weights and buffers); on the CPU the worker's RSS (Python, torch, "
                            "libraries, weights); the table's 'above baseline' is peak minus it",
+                           "held_bytes (extra key, decode on CUDA): torch.cuda.memory_allocated "
+                           "when the decode phase starts, to tell resident memory from the "
+                           "decode's own transient",
                            "a decode point's OOM can happen while consuming the context (chunked "
                            "prefill into the cache) or while decoding: meta.stopped says which",
                            "CPU: a worker killed by a signal (the kernel's OOM killer) is "

@@ -11,7 +11,7 @@ import torch
 from experiments import memory_wall
 
 KEYS = {"model", "mode", "context", "peak_bytes", "state_bytes", "ms_per_token", "oom"}
-EXTRA = {"baseline_bytes"}
+EXTRA = {"baseline_bytes", "held_bytes"}
 
 
 @pytest.fixture(scope="module")
