@@ -36,7 +36,7 @@ OPTIONS = {
     HEBBIAN: {"feature_map": "hebbian_feature_map", "eps": "hebbian_eps",
               "chunk_size": "hebbian_chunk_size", "backend": "hebbian_backend"},
     BSBR: {"chunk_size": "bsbr_chunk_size", "top_k": "bsbr_top_k",
-           "long_scale": "bsbr_long_scale", "backend": "bsbr_backend"},
+           "long_scale": "bsbr_long_scale", "backend": "bsbr_backend", "bank": "bsbr_bank"},
 }
 
 

@@ -28,12 +28,16 @@ the model config:
     bsbr_top_k        routed chunks per token, None=all    default None
     bsbr_long_scale   λ, None = scaling / C                default None
     bsbr_backend      kernels.bsbr backend                 default "auto"
+    bsbr_bank         None (exact bank) or slots per level default None
+                      of the bounded bank, e.g. [8, 4, 4]
 
 The recurrent cache (`bdh.hf.RecurrentStateLayer`) holds the bank of completed-chunk states
 (F [B,H,n,D,D] float32, h [B,H,n,D]) and the keys/values of the current partial chunk (< C
-tokens). The bank is exact and unbounded here: it grows by one D×D slot per C tokens per head,
-which is D/(2C) of a KV cache's growth; the bounded hierarchical bank lives in the `bsbr`
-attention module. A prompt runs through the chunked kernel in one call; a decoded token runs
+tokens). By default the bank is exact and unbounded: it grows by one D×D slot per C tokens per
+head, which is D/(2C) of a KV cache's growth. With `bsbr_bank` set it is the bounded
+hierarchical bank of `bsbr.bank` (merges of the oldest slots, salience, an archive slot): the
+cache then has one size at any length, and equals the exact bank while the completed chunks fit
+in level 0. A prompt runs through the chunked kernel in one call; a decoded token runs
 `chunk_local_attention` over its partial chunk plus `routed_readout_step` over the bank
 (O(C + n) work, no re-run of the prefix).
 """
@@ -60,7 +64,22 @@ def bsbr_options(config) -> dict:
     long_scale = getattr(config, "bsbr_long_scale", None)
     check_long_scale(long_scale, "config.bsbr_long_scale")
     return dict(chunk_size=C, top_k=top_k, backend=config_option(config, "bsbr_backend", "auto"),
-                long_scale=long_scale)
+                long_scale=long_scale, bank=bank_config(getattr(config, "bsbr_bank", None)))
+
+
+def bank_config(spec):
+    """config.bsbr_bank: None (the exact, growing bank) or the slots per level of the bounded
+    hierarchical bank, e.g. [8, 4, 4] (a list, so the config stays JSON)."""
+    if spec is None:
+        return None
+    from .config import BankConfig
+    if isinstance(spec, BankConfig):
+        return spec
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(n, int) and not
+                                                      isinstance(n, bool) for n in spec):
+        raise ValueError(f"config.bsbr_bank: expected None or a list of slots per level "
+                         f"(e.g. [8, 4, 4]), got {spec!r}")
+    return BankConfig(slots_per_level=tuple(spec))
 
 
 def check_long_scale(long_scale, name: str) -> None:
@@ -71,18 +90,50 @@ def check_long_scale(long_scale, name: str) -> None:
                          f"got {long_scale!r}")
 
 
-def empty_stream(q, k, v) -> dict:
-    """A stream with no history: empty bank, empty partial chunk."""
+def empty_stream(q, k, v, bank=None) -> dict:
+    """A stream with no history: empty bank, empty partial chunk. With a bounded ``bank``
+    (BankConfig) the bank tensors are allocated at its capacity at once, so the cache has one
+    size from the first token on, plus the slots' salience, levels and chunk counts (int64
+    [B, capacity], -1 past the valid slots: per batch row, so beam reordering indexes them like
+    every other tensor)."""
     B, H, _, D = k.shape
     Dv = v.shape[-1]
-    return {"bank_F": k.new_zeros(B, H, 0, D, Dv, dtype=torch.float32),
-            "bank_h": k.new_zeros(B, H, 0, D, dtype=torch.float32),
-            "keys": k[:, :, :0], "values": v[:, :, :0]}
+    if bank is None:
+        return {"bank_F": k.new_zeros(B, H, 0, D, Dv, dtype=torch.float32),
+                "bank_h": k.new_zeros(B, H, 0, D, dtype=torch.float32),
+                "keys": k[:, :, :0], "values": v[:, :, :0]}
+    from .bank import empty_bank
+    return _stream_of(empty_bank(B, H, D, Dv, D, bank, device=k.device), k[:, :, :0],
+                      v[:, :, :0])
+
+
+def _stream_of(bank, keys, values) -> dict:
+    B, S = keys.shape[0], bank.F.shape[2]
+
+    def as_rows(xs):                # padded with -1 to the capacity: a constant-size cache
+        t = torch.full((S,), -1, dtype=torch.int64)
+        t[:len(xs)] = torch.tensor(xs, dtype=torch.int64)
+        return t.to(keys.device).expand(B, -1)
+
+    return {"bank_F": bank.F, "bank_h": bank.h, "bank_s": bank.salience,
+            "bank_levels": as_rows(bank.levels), "bank_counts": as_rows(bank.counts),
+            "keys": keys, "values": values}
+
+
+def _bank_of(stream):
+    from .state import BankState
+    # levels/counts are the same in every row (one stream shape per batch): read row 0.
+    levels = [x for x in stream["bank_levels"][0].tolist() if x >= 0]
+    counts = [x for x in stream["bank_counts"][0].tolist() if x >= 0]
+    return BankState(stream["bank_F"], stream["bank_h"], stream["bank_s"], tuple(levels),
+                     tuple(counts))
 
 
 def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, backend="auto",
-                  long_scale=None, keep_state=True):
+                  long_scale=None, keep_state=True, bank=None):
     """Run BSBR for new tokens (q, k, v [B,H,T,D]) after `stream` (bank + partial chunk).
+    ``bank``: None (exact: one slot per completed chunk) or the BankConfig of the bounded
+    hierarchical bank (`bsbr.bank`: merges, salience, archive; constant size).
 
     Returns (o [B,H,T,D] in v's dtype, the stream after these tokens or None)."""
     from kernels.bsbr import (bsbr_attention, chunk_local_attention, chunk_states,
@@ -92,8 +143,12 @@ def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, 
     k_all = torch.cat([stream["keys"].to(dtype), k], dim=2)     # partial chunk, then the new keys
     v_all = torch.cat([stream["values"].to(dtype), v], dim=2)
     offset = stream["keys"].shape[2]
-    bank_F, bank_h = stream["bank_F"], stream["bank_h"]
-    has_bank = bank_F.shape[2] > 0
+    bounded = bank is not None
+    state_bank = _bank_of(stream) if bounded else None
+    n = state_bank.n if bounded else stream["bank_F"].shape[2]
+    bank_F, bank_h = stream["bank_F"][:, :, :n], stream["bank_h"][:, :, :n]
+    has_bank = n > 0
+    weights = None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     long_scale = scale / chunk_size if long_scale is None else long_scale
     if q.shape[2] == 1 and not torch.is_grad_enabled():
@@ -102,8 +157,8 @@ def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, 
         o = chunk_local_attention(q, k_all, v_all, chunk_size=chunk_size, offset=offset,
                                   scale=scale, backend=backend)
         if has_bank:
-            long, _ = routed_readout_step(q[:, :, 0] * long_scale, q[:, :, 0], bank_F,
-                                          bank_h.to(dtype), top_k)
+            long, weights = routed_readout_step(q[:, :, 0] * long_scale, q[:, :, 0], bank_F,
+                                                bank_h.to(dtype), top_k)
             o = (o.float() + long.unsqueeze(2)).to(v.dtype)
     else:
         # long = long_scale · q Σ p F: pass q·long_scale and the local scale divided by it, so
@@ -111,13 +166,24 @@ def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, 
         o = bsbr_attention(q * long_scale, k_all, v_all, q, k_all, chunk_size=chunk_size,
                            top_k=top_k, scale=scale / long_scale, offset=offset,
                            bank_F=bank_F if has_bank else None,
-                           bank_h=bank_h.to(dtype) if has_bank else None, backend=backend)
+                           bank_h=bank_h.to(dtype) if has_bank else None,
+                           return_slot_weights=bounded and has_bank, backend=backend)
+        if bounded and has_bank:
+            o, weights = o
     if not keep_state:
         return o, None
     done = (k_all.shape[2] // chunk_size) * chunk_size          # tokens in chunks completed now
+    F = h = None
     if done:
         F, h = chunk_states(k_all[:, :, :done], v_all[:, :, :done], k_all[:, :, :done],
                             chunk_size=chunk_size, backend=backend)
+    if bounded:
+        from .bank import push_chunks, update_salience
+        new_bank = update_salience(state_bank, weights, q.shape[2], bank)
+        if done:
+            new_bank = push_chunks(new_bank, F.float(), h.float(), bank)
+        return o, _stream_of(new_bank, k_all[:, :, done:], v_all[:, :, done:])
+    if done:
         bank_F = torch.cat([bank_F, F.float()], dim=2)
         bank_h = torch.cat([bank_h, h.float()], dim=2)
     return o, {"bank_F": bank_F, "bank_h": bank_h,
@@ -137,11 +203,12 @@ def bsbr_attention_forward(module, query, key, value, attention_mask=None, scali
     elif layer is None and key.shape[2] > Tq:
         # An ordinary KV cache: replay the history into a bank first (correct, O(context)).
         hist_k, hist_v = key[:, :, :-Tq], value[:, :, :-Tq]
-        _, stream = bsbr_continue(hist_k, hist_k, hist_v, empty_stream(query, key, value),
+        _, stream = bsbr_continue(hist_k, hist_k, hist_v,
+                                  empty_stream(query, key, value, opts["bank"]),
                                   scale=scaling, **opts)
         key, value = key[:, :, -Tq:], value[:, :, -Tq:]
     else:
-        stream = empty_stream(query, key, value)
+        stream = empty_stream(query, key, value, opts["bank"])
     o, stream = bsbr_continue(query, key, value, stream, scale=scaling,
                               keep_state=layer is not None, **opts)
     if layer is not None:

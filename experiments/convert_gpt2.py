@@ -68,6 +68,7 @@ class ConvertConfig:
     eval_batches: int = 8
     chunk_size: int = 16              # BSBR chunk (shorter than the block, so routing matters)
     top_k: int | None = None
+    bsbr_bank: list | None = None     # None: the exact bank; e.g. [8, 4, 4]: the bounded one
     contexts: list = field(default_factory=lambda: [256, 1024, 4096])
     autocast: str = "none"            # "none" | "bfloat16" (CUDA)
     seed: int = 1337
@@ -189,7 +190,9 @@ def extend_positions(model: GPT2LMHeadModel, n_positions: int) -> None:
 
 
 def convert_opts(kind: str, cfg: ConvertConfig) -> dict:
-    return {"chunk_size": cfg.chunk_size, "top_k": cfg.top_k} if kind == "bsbr" else {}
+    if kind != "bsbr":
+        return {}
+    return {"chunk_size": cfg.chunk_size, "top_k": cfg.top_k, "bank": cfg.bsbr_bank}
 
 
 def run(cfg: ConvertConfig, corpus: dict | None = None) -> dict:
@@ -223,7 +226,9 @@ def run(cfg: ConvertConfig, corpus: dict | None = None) -> dict:
         result["train"][kind] = train_steps(model, corpus["train"], cfg, ft_steps, cfg.finetune_lr,
                                             cfg.seed + 1, f"fine-tune {kind}")
         after = evaluate(model, corpus["val"], cfg)
-        name = f"{kind}" + (f" (C={cfg.chunk_size}, top_k={cfg.top_k})" if kind == "bsbr" else
+        name = f"{kind}" + (f" (C={cfg.chunk_size}, top_k={cfg.top_k}"
+                            f"{', bank ' + str(cfg.bsbr_bank) if cfg.bsbr_bank else ''})"
+                            if kind == "bsbr" else
                             " (elu+1)")
         result["losses"] += [
             {"model": name, "stage": "converted", "val_loss": before, "steps": 0},
@@ -298,22 +303,34 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 def config_from_args(argv=None) -> ConvertConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--device")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--finetune-frac", type=float)
-    p.add_argument("--chunk-size", type=int)
-    p.add_argument("--top-k", type=int)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: a 2-layer byte GPT-2, about 30 s; h100: 6 layers, width 384")
+    p.add_argument("--device", help="override the preset's device")
+    p.add_argument("--steps", type=int, help="training steps of the original GPT-2 "
+                   "(preset default)")
+    p.add_argument("--finetune-frac", type=float,
+                   help="fine-tune steps after conversion, as a fraction of --steps (<= 0.1)")
+    p.add_argument("--chunk-size", type=int, help="BSBR chunk size (preset default)")
+    p.add_argument("--top-k", type=int, help="BSBR routed chunks per token (default: all)")
+    p.add_argument("--bsbr-bank", help="slots per level of the bounded BSBR bank, e.g. 8,4,4 "
+                   "(default: the exact, growing bank)")
     p.add_argument("--contexts", help="comma-separated context lengths for the memory table")
-    p.add_argument("--out")
+    p.add_argument("--out", help="output folder (default runs/convert_gpt2)")
     a = p.parse_args(argv)
     cfg = ConvertConfig(preset=a.preset, **PRESETS[a.preset])
     for name in ("device", "steps", "finetune_frac", "chunk_size", "top_k", "out"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
-    if a.contexts:
-        cfg.contexts = [int(c) for c in a.contexts.split(",")]
+    try:
+        if a.contexts:
+            cfg.contexts = [int(c) for c in a.contexts.split(",")]
+        if a.bsbr_bank:
+            cfg.bsbr_bank = [int(c) for c in a.bsbr_bank.split(",")]
+    except ValueError:
+        raise SystemExit(f"--contexts / --bsbr-bank: expected comma-separated integers, got "
+                         f"{a.contexts!r} / {a.bsbr_bank!r}")
     if not 0 < cfg.finetune_frac <= 0.1:
         raise SystemExit(f"--finetune-frac: expected a fraction in (0, 0.1], "
                          f"got {cfg.finetune_frac}")

@@ -313,3 +313,46 @@ def test_triton_backends_generate(kind):
         full = model(g.sequences, use_cache=False).logits
     for i, step_logits in enumerate(g.logits):
         assert_rel_close(step_logits, full[:, 5 + i], 1e-4, name=f"step {i}")
+
+
+# ------------------------------------------------------------- BSBR: the bounded bank in the cache
+def test_bsbr_bounded_bank_within_capacity_equals_exact_generate():
+    """While the completed chunks fit in level 0, the bounded bank is the exact bank: cached
+    greedy generate gives the same logits as the full forward (which routes over every chunk)."""
+    model = swap(tiny("gpt2"), "bsbr", chunk_size=4)
+    model.config.bsbr_bank = [8, 2, 2]               # 16 tokens in 4 chunks: all in level 0
+    ids = torch.randint(1, V, (2, 7))
+    g = model.generate(ids, max_new_tokens=9, do_sample=False, return_dict_in_generate=True,
+                       output_logits=True)
+    with torch.no_grad():
+        full = model(g.sequences, use_cache=False).logits
+    for i, step_logits in enumerate(g.logits):
+        assert_rel_close(step_logits, full[:, 6 + i], 1e-5, name=f"step {i}")
+
+
+def test_bsbr_bounded_bank_cache_has_one_size_at_any_length():
+    """Past capacity the bank merges and archives: the cache's bytes are the same after 20 and
+    after 60 tokens (the exact bank's grow), and decoding past capacity stays finite."""
+    model = swap(tiny("llama"), "bsbr", chunk_size=4)
+    model.config.bsbr_bank = [2, 2, 1]               # capacity 5 slots + archive
+    sizes = {}
+    with torch.no_grad():
+        for bank in ([2, 2, 1], None):
+            model.config.bsbr_bank = bank
+            for T in (20, 60):
+                cache = RecurrentCache(model.config)
+                out = model(torch.randint(0, V, (1, T)), use_cache=True, **{CACHE_KW: cache})
+                assert torch.isfinite(out.logits).all()
+                sizes[(str(bank), T)] = cache_nbytes(cache)
+    assert sizes[("[2, 2, 1]", 20)] == sizes[("[2, 2, 1]", 60)]
+    assert sizes[("None", 60)] > sizes[("None", 20)]
+    model.config.bsbr_bank = [2, 2, 1]
+    g = model.generate(torch.randint(1, V, (1, 30)), max_new_tokens=10, do_sample=False)
+    assert g.shape == (1, 40)
+
+
+def test_bsbr_bank_option_is_checked():
+    model = swap(tiny("gpt2"), "bsbr")
+    model.config.bsbr_bank = "big"
+    with pytest.raises(ValueError, match="bsbr_bank"):
+        model(torch.randint(0, V, (1, 5)))
