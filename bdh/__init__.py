@@ -10,9 +10,10 @@ from .attention import BDHAttention
 from .config import BDHConfig
 from .model import BDH
 from .probes import SparsityProbe
+from .sparse_decode import sparse_decode_step
 from .state import BDHState, load_state, save_state
 from . import hf  # noqa: F401 (registers attn_implementation="hebbian")
 from .hf import RecurrentCache, use_recurrent_cache
 
 __all__ = ["BDHConfig", "BDH", "BDHAttention", "BDHState", "save_state", "load_state",
-           "SparsityProbe", "RecurrentCache", "use_recurrent_cache"]
+           "SparsityProbe", "RecurrentCache", "use_recurrent_cache", "sparse_decode_step"]

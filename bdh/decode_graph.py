@@ -35,10 +35,12 @@ class DecodeGraph:
         g.step(next_token)                                       # steps 2, 3, …
     """
 
-    def __init__(self, model, states: list, position: int, token: torch.Tensor):
+    def __init__(self, model, states: list, position: int, token: torch.Tensor, *,
+                 sparse: bool = False):
         if not torch.cuda.is_available() or token.device.type != "cuda":
             raise ValueError(f"DecodeGraph: CUDA graphs need a CUDA model, got {token.device}")
         self.model = model
+        self.sparse = sparse       # capture bdh.sparse_decode.sparse_decode_step instead of _run
         self.states = states
         self.idx = token.detach().clone().view(-1, 1)
         self.pos = torch.tensor([int(position)], dtype=torch.int64, device=token.device)
@@ -52,6 +54,11 @@ class DecodeGraph:
             self._out = self._forward()            # recorded, not run
 
     def _forward(self) -> torch.Tensor:
+        if self.sparse:
+            from .sparse_decode import sparse_decode_step
+            logits, _ = sparse_decode_step(self.model, self.idx, self.states, self.pos)
+            self.pos.add_(1)
+            return logits
         logits, _ = self.model._run(self.idx, self.states, self.pos, want_state=True,
                                     inplace=True, last_only=True)
         self.pos.add_(1)

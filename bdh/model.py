@@ -251,7 +251,7 @@ class BDH(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None, *,
                  seed: int | None = None, state: BDHState | None = None,
                  return_state: bool = False, prefill_chunk: int = PREFILL_CHUNK,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, sparse: bool = False):
         """Returns idx followed by ``max_new_tokens`` sampled tokens, [B, T0 + max_new_tokens].
 
         The prompt is consumed once by the chunked kernel (in pieces of ``prefill_chunk``
@@ -268,6 +268,11 @@ class BDH(nn.Module):
         cuda_graph: decode through one captured CUDA graph per token (`bdh.decode_graph`)
         instead of ~90 eager launches. None (default) uses it on CUDA when nothing needs the
         eager path (eval mode or dropout 0, no probe) and at least 3 tokens are to be decoded.
+
+        sparse: decode each token with `bdh.sparse_decode.sparse_decode_step`, which reads and
+        writes only the active neurons' state rows and decoder rows (same result up to float32
+        summation order). Needs eval mode (or dropout 0) and no probe; the prompt still runs
+        through the dense chunked kernel.
         """
         C = self.config
         idx = check_token_ids(idx, C.vocab_size)
@@ -290,6 +295,8 @@ class BDH(nn.Module):
             raise ValueError("generator, seed: pass at most one of them")
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
+        if not isinstance(sparse, bool):
+            raise ValueError(f"sparse: expected True or False, got {sparse!r}")
         if cuda_graph not in (None, True, False):
             raise ValueError(f"cuda_graph: expected None, True or False, got {cuda_graph!r}")
         eager_only = (self.training and self.drop.p > 0) or self._probe is not None
@@ -297,6 +304,8 @@ class BDH(nn.Module):
             raise ValueError("cuda_graph=True: needs a CUDA model in eval mode (or dropout 0) "
                              f"with no probe attached; got device {device}, "
                              f"training={self.training}, probe={self._probe is not None}")
+        if sparse and eager_only:
+            raise ValueError("sparse=True: needs eval mode (or dropout 0) and no probe attached")
         if cuda_graph is None:
             cuda_graph = device.type == "cuda" and not eager_only and max_new_tokens >= 4
         if generator is not None and top_k != 1 and generator.device.type != device.type:
@@ -338,8 +347,12 @@ class BDH(nn.Module):
                     logits = graph.step(nxt)
                 elif cuda_graph:
                     from .decode_graph import DecodeGraph
-                    graph = DecodeGraph(self, states, position, nxt)  # this step, then capture
+                    graph = DecodeGraph(self, states, position, nxt,  # this step, then capture
+                                        sparse=sparse)
                     logits = graph.logits
+                elif sparse:
+                    from .sparse_decode import sparse_decode_step
+                    logits, states = sparse_decode_step(self, nxt, states, position)
                 else:
                     logits, states = self._run(nxt, states, position, want_state=True,
                                                inplace=True, last_only=True)

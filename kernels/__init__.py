@@ -15,4 +15,16 @@ __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
            "hebbian_recurrent", "chunk_hebbian_torch", "sample_next", "atomic_write", "save_checked", "load_checked",
            "CorruptFileError", "BSBR_BACKENDS", "bsbr_attention", "chunk_local_attention",
            "chunk_states", "routed_readout_step", "delta_rule", "delta_rule_step",
-           "delta_rule_recurrent", "chunk_delta_rule_torch"]
+           "delta_rule_recurrent", "chunk_delta_rule_torch", "SPARSE_BACKENDS", "compact_nonzero",
+           "sparse_hebbian_step", "sparse_rows_matmul"]
+
+# The sparse decoding step (issue #15) is exported lazily (PEP 562): importing the package must
+# not load Triton, and sparse_step.py defines its kernels at import.
+_SPARSE = ("SPARSE_BACKENDS", "compact_nonzero", "sparse_hebbian_step", "sparse_rows_matmul")
+
+
+def __getattr__(name):
+    if name in _SPARSE:
+        from .hebbian import sparse_step
+        return getattr(sparse_step, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,4 +4,16 @@ from .reference import hebbian_quadratic, hebbian_recurrent
 from .torch_chunk import chunk_hebbian_torch
 
 __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
-           "hebbian_recurrent", "chunk_hebbian_torch"]
+           "hebbian_recurrent", "chunk_hebbian_torch", "SPARSE_BACKENDS", "compact_nonzero",
+           "sparse_hebbian_step", "sparse_rows_matmul"]
+
+# The sparse decoding step (issue #15) is exported lazily (PEP 562): importing the package must
+# not load Triton, and sparse_step.py defines its kernels at import.
+_SPARSE = ("SPARSE_BACKENDS", "compact_nonzero", "sparse_hebbian_step", "sparse_rows_matmul")
+
+
+def __getattr__(name):
+    if name in _SPARSE:
+        from . import sparse_step
+        return getattr(sparse_step, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
