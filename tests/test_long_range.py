@@ -1,0 +1,101 @@
+"""experiments.long_range: a tiny run into tmp_path (JSON / Markdown / PNG contract), resume
+that continues rather than restarts, and clear errors for bad flags."""
+import json
+
+import pytest
+
+from experiments import long_range
+
+TINY = ["--mixers", "linear,sliding", "--eval-tasks", "copy,mqar", "--eval-lengths", "16,24",
+        "--vocab", "24", "--d-model", "16", "--n-head", "2", "--n-layer", "1",
+        "--batch-size", "4", "--eval-batch", "4", "--log-every", "1", "--window", "8"]
+
+
+def test_tiny_run_writes_the_json_contract_and_resumes(tmp_path):
+    out = str(tmp_path)
+    res = long_range.main(TINY + ["--steps", "3", "--out", out])
+    data = json.loads((tmp_path / "long_range.json").read_text())
+    assert set(data) >= {"meta", "config", "curriculum", "mixers"}
+    assert list(data["mixers"]) == ["linear", "sliding"] == list(res["mixers"])
+    for name, r in data["mixers"].items():
+        assert r["status"] == "finished", name
+        assert [e["step"] for e in r["train"]] == [1, 2, 3]
+        assert r["params"] > 0 and r["sessions"] == [r["sessions"][0]]
+        cells = {(e["task"], e["length"]) for e in r["eval"]}
+        assert cells == {(t, L) for t in ("copy", "mqar") for L in (16, 24)}
+        for e in r["eval"]:
+            assert 0.0 <= e["acc"] <= 1.0 and 0.0 <= e["seq_acc"] <= 1.0 and e["answers"] > 0
+        assert set(r["state_bytes"]) == {"16", "24"}
+        assert all(b > 0 for b in r["state_bytes"].values())
+        assert (tmp_path / name / "ckpt" / "state.pt").is_file()
+    # the linear state is fixed-size; the sliding window's KV cache stops growing at its window
+    assert data["mixers"]["linear"]["state_bytes"]["16"] == \
+        data["mixers"]["linear"]["state_bytes"]["24"]
+    md = (tmp_path / "long_range.md").read_text()
+    assert "| mixer | task | T=16 | T=24 |" in md and "bytes T=24" in md
+    assert (tmp_path / "long_range.png").stat().st_size > 1000
+
+    # Resume with more steps: each mixer continues from step 3, it does not restart.
+    res2 = long_range.main(TINY + ["--steps", "5", "--out", out, "--resume"])
+    for name, r in res2["mixers"].items():
+        assert [s["start_step"] for s in r["sessions"]] == [0, 3], name
+        assert [s["end_step"] for s in r["sessions"]] == [3, 5], name
+        assert [e["step"] for e in r["train"]] == [1, 2, 3, 4, 5], name
+        assert r["status"] == "finished"
+    # A finished mixer resumed at the same step count is not retrained.
+    res3 = long_range.main(TINY + ["--steps", "5", "--out", out, "--resume"])
+    assert res3["mixers"]["linear"]["sessions"] == res2["mixers"]["linear"]["sessions"]
+
+
+def test_time_limit_stops_cleanly_and_resume_finishes(tmp_path):
+    out = str(tmp_path)
+    res = long_range.main(TINY + ["--mixers", "linear", "--steps", "2", "--out", out,
+                                  "--max-minutes", "0"])
+    r = res["mixers"]["linear"]
+    assert r["status"] == "interrupted" and "eval" not in r
+    assert (tmp_path / "linear" / "ckpt" / "state.pt").is_file()
+    assert json.loads((tmp_path / "long_range.json").read_text())["mixers"]["linear"][
+        "status"] == "interrupted"
+    res = long_range.main(TINY + ["--mixers", "linear", "--steps", "2", "--out", out,
+                                  "--resume"])
+    r = res["mixers"]["linear"]
+    assert r["status"] == "finished" and [s["start_step"] for s in r["sessions"]] == [0, 0]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = str(tmp_path)
+    long_range.main(TINY + ["--mixers", "linear", "--steps", "1", "--out", out])
+    with pytest.raises(SystemExit, match="lr"):
+        long_range.main(TINY + ["--mixers", "linear", "--steps", "2", "--out", out, "--resume",
+                                "--lr", "0.5"])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--mixers", "softmax,nope"], ["--mixers", "nope"]),
+    (["--eval-tasks", "copy,zzz"], ["--eval-tasks", "zzz"]),
+    (["--eval-lengths", "16,x"], ["--eval-lengths", "16,x"]),
+    (["--eval-lengths", "2"], ["--eval-lengths", "4"]),
+    (["--steps", "0"], ["--steps", "0"]),
+    (["--threshold", "1.5"], ["--threshold", "1.5"]),
+    (["--d-model", "33", "--n-head", "2"], ["--d-model", "33"]),
+    (["--vocab", "6"], ["--vocab", "6"]),
+    (["--curriculum", "nope"], ["--curriculum", "nope"]),
+    (["--preset", "tpu"], ["--preset", "tpu"]),
+])
+def test_bad_flags_exit_with_a_clear_message(flags, words, capsys):
+    with pytest.raises(SystemExit):
+        long_range.main(flags + ["--out", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err
+
+
+def test_presets_and_help():
+    cfg = long_range.config_from_args(["--preset", "h100"])
+    assert cfg.vocab == 8192 and cfg.curriculum == "mqar" and cfg.eval_lengths == (256, 512, 1024)
+    assert 64 <= cfg.d_model <= 128 and cfg.n_layer == 2
+    cpu = long_range.config_from_args([])
+    assert cpu.out == "runs/long_range" and max(cpu.eval_lengths) <= 256
+    text = long_range.build_parser().format_help()
+    for flag in ("--mixers", "--max-minutes", "--resume", "--eval-lengths", "--preset"):
+        assert flag in text
