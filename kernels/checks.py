@@ -2,6 +2,8 @@
 and what was expected."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,3 +29,16 @@ def check_same_device(**tensors) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def resolve_backend(backend: str, device: torch.device, allowed: tuple) -> str:
+    """The backend a call runs: "auto" is Triton on CUDA and the PyTorch path ("torch") on the
+    CPU; "triton" on the CPU needs TRITON_INTERPRET=1 (set before import: how CI runs it)."""
+    if backend not in allowed:
+        raise ValueError(f"backend: expected one of {allowed}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend: 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
+                         f"import to run on the CPU; got tensors on {device}")
+    return backend

@@ -10,25 +10,17 @@ Backends:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import dense, reference, torch_chunk
+from ..checks import resolve_backend
 from .validate import check_attention_inputs, check_step_inputs
 
 BACKENDS = ("auto", "triton", "torch", "dense", "reference")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend: 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
-                         f"import to run on the CPU; got tensors on {device}")
-    return backend
+    return resolve_backend(backend, device, BACKENDS)
 
 
 def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_state=None,

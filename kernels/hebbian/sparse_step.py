@@ -30,11 +30,12 @@ Decay is not offered: γ S touches every row, which a sparse step cannot avoid.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..checks import resolve_backend
 
 from .common import INTERPRET
 from .function import check_grid
@@ -193,14 +194,7 @@ def sparse_rows_matmul_triton(x, weight, idx, count):
 # ----------------------------------------------------------------------------- public API
 
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in SPARSE_BACKENDS:
-        raise ValueError(f"backend: expected one of {SPARSE_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend: 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
-                         f"import to run on the CPU; got tensors on {device}")
-    return backend
+    return resolve_backend(backend, device, SPARSE_BACKENDS)
 
 
 def _check_index_buffers(idx, count, R: int, L: int, device) -> None:
