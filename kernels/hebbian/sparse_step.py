@@ -30,7 +30,6 @@ Decay is not offered: γ S touches every row, which a sparse step cannot avoid.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
