@@ -391,7 +391,10 @@ def _sweep(cfg: ScalingConfig, device, dtype, out: Path) -> dict:
                 states[m].clear()
             release(device, collect=point["oom"] or "error" in point)
         point["seconds"] = time.perf_counter() - t0
-        if point["seconds"] > cfg.max_point_s and (m, pass_name) not in stopped:
+        # A mixer/pass's first point pays compilation and autotuning (fla, flex, Triton): it
+        # does not predict the next T's cost, so it never ends the sweep by time.
+        first = not any(p["mixer"] == m and p["pass"] == pass_name for p in result["points"])
+        if not first and point["seconds"] > cfg.max_point_s and (m, pass_name) not in stopped:
             stopped[(m, pass_name)] = ("time", T + 1)       # this T counts; larger ones not
         result["points"].append(point)
         result["slopes"] = slopes(result["points"])

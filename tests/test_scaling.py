@@ -109,3 +109,13 @@ def test_decode_alone_streams_its_own_context(tmp_path):
     got = {p["T"]: p["state_bytes"] for p in res["points"]}
     assert got == {T: 2 * 2 * T * 8 * 4 for T in (16, 32, 48)}
     assert {p["pass"] for p in res["points"]} == {"decode"}
+
+
+def test_point_time_cap_spares_the_first_point(tmp_path):
+    """--max-point-s 0: every mixer/pass keeps its first point (which pays compilation), and
+    the cap ends the sweep after its second."""
+    res = scaling.main(TINY + ["--mixers", "linear", "--passes", "fwd", "--max-point-s", "0",
+                               "--out", str(tmp_path)])
+    Ts = [p["T"] for p in res["points"]]
+    assert len(Ts) == 2 and Ts == sorted(Ts)
+    assert res["meta"]["stopped"]["linear/fwd"]["reason"] == "time"
