@@ -256,10 +256,19 @@ def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
         release(dev)
 
 
-def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype) -> None:
+def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype,
+                  deadline_s: float | None = None) -> None:
+    """Shortest T first across all methods, so a run cut short (by --kernel-deadline-s or a
+    time limit) still has every method at the lengths it reached."""
     stopped = {}                                    # (method, pass) -> T where it ran out
-    jobs = [(m, T) for m in methods for T in sz.lengths]
+    jobs = [(m, T) for T in sz.lengths for m in methods]
+    start = time.perf_counter()
     for m, T in tqdm(jobs, desc="kernels"):
+        if m in b.data["skipped"]:
+            continue
+        if deadline_s is not None and time.perf_counter() - start > deadline_s:
+            b.data.setdefault("not_run", []).append(f"{m}/{T}")
+            continue
         row = {"method": m, "T": T, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_peak_bytes": None,
                "fwd_bwd_peak_bytes": None, "note": None}
         try:
@@ -517,6 +526,9 @@ def main(argv=None) -> dict:
     p.add_argument("--exact-max", type=int, default=None,
                    help="decode sweep: longest context for the exact bank")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-memory sweep")
+    p.add_argument("--kernel-deadline-s", type=float, default=None,
+                   help="start no kernel row after this many seconds (leaves time for the "
+                        "decode sweep; skipped rows are listed under not_run)")
     p.add_argument("--out", default="runs/bench_bsbr")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -561,7 +573,7 @@ def main(argv=None) -> dict:
     b = Bench(out, meta)
     b.save()
     check_against_reference(b, sz, dev, dtype)
-    bench_kernels(b, sz, methods, dev, dtype)
+    bench_kernels(b, sz, methods, dev, dtype, a.kernel_deadline_s)
     b.save()
     if not a.no_decode:
         bench_decode(b, sz, dev, dtype)

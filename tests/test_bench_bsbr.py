@@ -60,3 +60,13 @@ def test_bad_flags(tmp_path):
         bench_bsbr.main(["--bank", "1,2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--chunk"):
         bench_bsbr.main(["--chunk", "0", "--out", str(tmp_path)])
+
+
+def test_kernel_deadline_leaves_time_for_the_decode_sweep(tmp_path):
+    """--kernel-deadline-s 0: no kernel row starts (all listed under not_run, shortest T first
+    across methods), and the decode sweep still runs."""
+    data = bench_bsbr.main(TINY + ["--methods", "bsbr,sdpa", "--kernel-deadline-s", "0",
+                                   "--out", str(tmp_path)])
+    assert data["rows"] == []
+    assert data["not_run"] == ["bsbr/32", "sdpa/32", "bsbr/48", "sdpa/48"]
+    assert {r["bank"] for r in data["decode"]} == {"bounded", "exact"}
