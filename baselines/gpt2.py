@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from bdh.hf import cache_nbytes
 from kernels import sample_next
 
 from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
@@ -66,14 +67,7 @@ class GPT2State:
     position: int = 0
 
     def nbytes(self) -> int:
-        if self.cache is None:
-            return 0
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        return 0 if self.cache is None else cache_nbytes(self.cache)
 
 
 class GPT2LM(nn.Module):

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from kernels.checks import check_sequence
+
 
 def check_positive_int(name: str, val) -> int:
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -35,14 +37,7 @@ class ProjectedAttention(nn.Module):
         nn.init.normal_(self.o_proj.weight, std=1.0 / math.sqrt(d_model))
 
     def check_x(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x: expected a floating tensor [B,T,D], got "
-                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected shape [B,T,D] with D = {self.d_model}, "
-                             f"got {list(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError("x: expected at least one token (T >= 1), got T = 0")
+        check_sequence(x, self.d_model)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, _ = t.shape

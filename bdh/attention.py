@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import hebbian_attention, hebbian_step
+from kernels.checks import check_sequence
 
 from .config import ATTENTION_BACKENDS
 from kernels.rope import official_freqs, rope_dense_attention, rotate_at, rotate_neurons
@@ -135,15 +136,8 @@ class BDHAttention(nn.Module):
                     self.encoder.device, owner="BDHAttention")
 
     def forward(self, x: torch.Tensor, state: BDHState | None = None, return_state: bool = False):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x: expected a floating tensor [B,T,D], got "
-                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected shape [B,T,D] with D = {self.d_model}, "
-                             f"got {list(x.shape)}")
+        check_sequence(x, self.d_model)
         B, T, D = x.shape
-        if T == 0:
-            raise ValueError("x: expected at least one token (T >= 1), got T = 0")
         S, position = None, 0
         if state is not None:
             self.check_state(state, B)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kernels import bsbr as kb
+from kernels.checks import check_sequence
 
 from .bank import empty_bank, push_chunks, update_salience
 from .config import BACKENDS, BankConfig, bank_from, check_int, check_optional_int
@@ -126,14 +127,8 @@ class BSBRAttention(nn.Module):
     # ----------------------------------------------------------------- forward
 
     def _check_x(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a floating tensor [B,T,D], got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating tensor [B,T,D], got dtype {x.dtype}")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x: expected shape [B,T,D] with D = {self.d_model}, "
-                             f"got {list(x.shape)}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
+        check_sequence(x, self.d_model)
+        if x.shape[0] == 0:
             raise ValueError(f"x: expected B >= 1 and T >= 1, got shape {list(x.shape)}")
 
     def _heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:

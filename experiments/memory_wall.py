@@ -274,16 +274,8 @@ def _static_context(model, tokens, L, cfg, device, chunk):
     logits = None
     for s in range(0, tokens.shape[1], chunk):
         logits = dec.prefill(tokens[:, s:s + chunk], cache, s)
-    return logits, (dec, cache, tokens.shape[1]), _cache_bytes(cache)
-
-
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    from bdh.hf import cache_nbytes
+    return logits, (dec, cache, tokens.shape[1]), cache_nbytes(cache)
 
 
 def sync(device):

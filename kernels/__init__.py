@@ -7,6 +7,7 @@ from .atomic_file import CorruptFileError, atomic_write, load_checked, save_chec
 from .bsbr import BACKENDS as BSBR_BACKENDS
 from .bsbr import bsbr_attention, chunk_local_attention, chunk_states, routed_readout_step
 from .deltanet import chunk_delta_rule_torch, delta_rule, delta_rule_recurrent, delta_rule_step
+from .hebbian import _SPARSE as hebbian_lazy_names
 from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
                       hebbian_recurrent, hebbian_step)
 from .sampling import sample_next
@@ -18,13 +19,11 @@ __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
            "delta_rule_recurrent", "chunk_delta_rule_torch", "SPARSE_BACKENDS", "compact_nonzero",
            "sparse_hebbian_step", "sparse_rows_matmul"]
 
-# The sparse decoding step (issue #15) is exported lazily (PEP 562): importing the package must
-# not load Triton, and sparse_step.py defines its kernels at import.
-_SPARSE = ("SPARSE_BACKENDS", "compact_nonzero", "sparse_hebbian_step", "sparse_rows_matmul")
-
 
 def __getattr__(name):
-    if name in _SPARSE:
-        from .hebbian import sparse_step
-        return getattr(sparse_step, name)
+    # The sparse decoding step is exported lazily, through kernels.hebbian's own lazy export:
+    # importing the package must not load Triton.
+    if name in hebbian_lazy_names:
+        from . import hebbian
+        return getattr(hebbian, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,3 +42,14 @@ def resolve_backend(backend: str, device: torch.device, allowed: tuple) -> str:
         raise ValueError(f"backend: 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
                          f"import to run on the CPU; got tensors on {device}")
     return backend
+
+
+def check_sequence(x, d_model: int) -> None:
+    """An attention module's input: a floating tensor x [B,T,D] with D = d_model and T >= 1."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating tensor [B,T,D], got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x: expected shape [B,T,D] with D = {d_model}, got {list(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("x: expected at least one token (T >= 1), got T = 0")

@@ -24,7 +24,6 @@ from .common import INTERPRET, _tile
 
 FWD_MODES = ("auto", "split", "fused")
 FUSED_MIN_PROGRAMS = 256      # ~2 per SM on an H100: fewer and the fused forward idles SMs
-MAX_CHUNK = 128               # the [BT, BT] score tile and [BT, BV] accumulators in registers
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 from ..checks import _shape, check_same_device, check_tensor
 
-MAX_CHUNK = 128      # kernels.hebbian.plan.MAX_CHUNK (kept import-free: validation loads no Triton)
+MAX_CHUNK = 128      # the chunk cap: a [BT, BT] score tile and [BT, BV] accumulators sit in registers
 
 
 def check_decay(decay, H: int) -> None:
