@@ -38,6 +38,19 @@ def check_args(task: str, batch, length, difficulty, vocab, seed, *, max_difficu
                          f"most {top}, got {difficulty}")
 
 
+def start(task: str, batch, length, difficulty, vocab, seed, *, default_difficulty,
+          max_difficulty, min_length: int = 2):
+    """The opening every make() shares: the task's default difficulty when none is given, the
+    argument checks, the seeded generator, an all-PAD stream [B, T+1] and its answer marks.
+    Returns (difficulty, rng, stream, answer)."""
+    if difficulty is None:
+        difficulty = default_difficulty(length, vocab)
+    check_args(task, batch, length, difficulty, vocab, seed, max_difficulty=max_difficulty,
+               min_length=min_length)
+    stream = np.full((batch, length + 1), PAD, dtype=np.int64)
+    return difficulty, np.random.default_rng(seed), stream, np.zeros_like(stream, dtype=bool)
+
+
 def finish(stream: np.ndarray, answer: np.ndarray):
     """(input_ids, targets, loss_mask) from a stream [B,T+1] and its answer marks [B,T+1]."""
     s = torch.from_numpy(np.ascontiguousarray(stream, dtype=np.int64))

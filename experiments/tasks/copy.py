@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import N_SPECIAL, PAD, SEP, check_args, finish
+from .common import N_SPECIAL, SEP, finish, start
 
 NAME = "copy"
 
@@ -21,13 +21,10 @@ def default_difficulty(length: int, vocab: int) -> int:
 
 
 def make(batch: int, length: int, difficulty: int | None = None, vocab: int = 128, seed: int = 0):
-    if difficulty is None:
-        difficulty = default_difficulty(length, vocab)
-    check_args(NAME, batch, length, difficulty, vocab, seed, max_difficulty=max_difficulty)
-    rng = np.random.default_rng(seed)
+    difficulty, rng, s, ans = start(NAME, batch, length, difficulty, vocab, seed,
+                                    default_difficulty=default_difficulty,
+                                    max_difficulty=max_difficulty)
     L = difficulty
-    s = np.full((batch, length + 1), PAD, dtype=np.int64)
-    ans = np.zeros_like(s, dtype=bool)
     c = rng.integers(N_SPECIAL, vocab, size=(batch, L))
     s[:, :L], s[:, L], s[:, L + 1:2 * L + 1] = c, SEP, c
     ans[:, L + 1:2 * L + 1] = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import N_SPECIAL, PAD, check_args, finish, follower_of_first, power_law_slots
+from .common import N_SPECIAL, finish, follower_of_first, power_law_slots, start
 
 NAME = "mqar"
 
@@ -32,14 +32,11 @@ def default_difficulty(length: int, vocab: int) -> int:
 
 def make(batch: int, length: int, difficulty: int | None = None, vocab: int = 128, seed: int = 0,
          alpha: float = 0.1):
-    if difficulty is None:
-        difficulty = default_difficulty(length, vocab)
-    check_args(NAME, batch, length, difficulty, vocab, seed, max_difficulty=max_difficulty)
-    rng = np.random.default_rng(seed)
+    difficulty, rng, s, ans = start(NAME, batch, length, difficulty, vocab, seed,
+                                    default_difficulty=default_difficulty,
+                                    max_difficulty=max_difficulty)
     N = difficulty
     n_keys, v0 = _halves(vocab)
-    s = np.full((batch, length + 1), PAD, dtype=np.int64)
-    ans = np.zeros_like(s, dtype=bool)
     ctx = 2 * N
     space = (length + 1 - ctx) // 2
     for b in range(batch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import N_SPECIAL, PAD, SEP, check_args, finish, follower_of_first
+from .common import N_SPECIAL, SEP, finish, follower_of_first, start
 
 NAME = "multihop"
 
@@ -23,13 +23,10 @@ def default_difficulty(length: int, vocab: int) -> int:
 
 
 def make(batch: int, length: int, difficulty: int | None = None, vocab: int = 128, seed: int = 0):
-    if difficulty is None:
-        difficulty = default_difficulty(length, vocab)
-    check_args(NAME, batch, length, difficulty, vocab, seed, max_difficulty=max_difficulty)
-    rng = np.random.default_rng(seed)
+    difficulty, rng, s, ans = start(NAME, batch, length, difficulty, vocab, seed,
+                                    default_difficulty=default_difficulty,
+                                    max_difficulty=max_difficulty)
     n = difficulty
-    s = np.full((batch, length + 1), PAD, dtype=np.int64)
-    ans = np.zeros_like(s, dtype=bool)
     P = 4 * n                                   # pair-section tokens
     for b in range(batch):
         a, m, c = (N_SPECIAL + rng.choice(vocab - N_SPECIAL, size=3 * n, replace=False)

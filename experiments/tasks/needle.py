@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import N_SPECIAL, PAD, SEP, check_args, finish, follower_of_first
+from .common import N_SPECIAL, SEP, finish, follower_of_first, start
 
 NAME = "needle"
 
@@ -29,15 +29,12 @@ def default_difficulty(length: int, vocab: int) -> int:
 
 
 def make(batch: int, length: int, difficulty: int | None = None, vocab: int = 128, seed: int = 0):
-    if difficulty is None:
-        difficulty = default_difficulty(length, vocab)
-    check_args(NAME, batch, length, difficulty, vocab, seed, max_difficulty=max_difficulty)
-    rng = np.random.default_rng(seed)
+    difficulty, rng, s, ans = start(NAME, batch, length, difficulty, vocab, seed,
+                                    default_difficulty=default_difficulty,
+                                    max_difficulty=max_difficulty)
     n = difficulty
     q, k0, v0, f0 = _ranges(vocab)
     hay = length - 4 * n                       # filler tokens: T+1 = hay + 2n + 1 + 2n
-    s = np.full((batch, length + 1), PAD, dtype=np.int64)
-    ans = np.zeros_like(s, dtype=bool)
     for b in range(batch):
         keys = k0 + rng.choice(q, size=n, replace=False)
         vals = v0 + rng.choice(q, size=n, replace=False)
