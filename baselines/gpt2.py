@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bdh.hf import cache_nbytes
-from kernels import sample_next
+from kernels import generate_from_state
 
 from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
 
@@ -126,10 +126,4 @@ class GPT2LM(nn.Module):
             self._check_idx(idx, max_new_tokens)
             decoder = GPT2StaticDecoder(self.hf, sdpa_backend, compile_step)
             return decoder.generate(idx, max_new_tokens, temperature, top_k, generator)
-        logits, state = self(idx, return_state=True)
-        out = [idx]
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, generator)
-            out.append(nxt)
-            logits, state = self(nxt, state=state, return_state=True)
-        return torch.cat(out, dim=1)
+        return generate_from_state(self, idx, max_new_tokens, temperature, top_k, generator)

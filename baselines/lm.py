@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import sample_next
+from kernels import generate_from_state
 
 from .deltanet import DeltaNetAttention
 from .linear import LinearAttention
@@ -175,11 +175,4 @@ class MixerLM(nn.Module):
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-        logits, state = self(idx, return_state=True)
-        out = [idx]
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k, generator)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, state = self(nxt, state=state, return_state=True)
-        return torch.cat(out, dim=1)
+        return generate_from_state(self, idx, max_new_tokens, temperature, top_k, generator)

@@ -26,3 +26,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def generate_from_state(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, generator: torch.Generator | None = None):
+    """The decoding loop of a model on the streaming protocol: the prompt once
+    (`model(idx, return_state=True)`), then one step per token from the state, never the prefix
+    again. Returns idx followed by ``max_new_tokens`` sampled tokens. Arguments are the
+    caller's to check."""
+    logits, state = model(idx, return_state=True)
+    out = [idx]
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_k, generator)
+        out.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits, state = model(nxt, state=state, return_state=True)
+    return torch.cat(out, dim=1)
