@@ -1,7 +1,7 @@
 """Baselines that speak Glass Brain's streaming protocol."""
-from .deltanet import DeltaNetAttention
 from kernels import sample_next
 
+from .deltanet import DeltaNetAttention
 from .gpt2 import GPT2LM, GPT2State, gpt2_config, gpt2_param_count, match_gpt2_config
 from .linear import LinearAttention
 from .lm import MIXERS, MixerLM, MixerLMConfig, MixerLMState, build_mixer
