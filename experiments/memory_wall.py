@@ -201,40 +201,39 @@ def _steps(model, name, nxt, state, n):
 
 
 class _Stepper:
-    """One greedy decode step per call, the way a user who cares decodes each model:
-    BDH on CUDA replays a captured CUDA graph of its step (`bdh.decode_graph`; the first call
-    runs the step eagerly and captures it, so it belongs in the untimed warm-up); GPT-2
-    "gpt2-static" steps a StaticCache (fixed shapes) under the memory-efficient SDPA kernel;
-    everything else runs `_steps` eagerly (GPT-2: the plain transformers loop, DynamicCache)."""
+    """Greedy decoding the way a user who cares decodes each model: BDH on CUDA replays a
+    captured CUDA graph of its step (`bdh.decode_graph`; the first step runs eagerly and
+    captures it, so it belongs in the untimed warm-up); GPT-2 "gpt2-static" steps a StaticCache
+    (fixed shapes) under the memory-efficient SDPA kernel; everything else runs `_steps`
+    eagerly, all n tokens in one call (GPT-2: the plain transformers loop, DynamicCache)."""
 
     def __init__(self, model, name, state, device):
         self.model, self.name, self.state, self.device = model, name, state, device
         self.graph, self.taken = None, 0
 
-    def __call__(self, nxt):
+    def run(self, nxt, n: int):
+        """n greedy tokens after nxt; returns the last one."""
         if self.name == "bdh" and self.device.type == "cuda":
-            if self.graph is None:
-                from bdh.decode_graph import DecodeGraph
-                self.graph = DecodeGraph(self.model, self.state.layers, self.state.position, nxt)
-                logits = self.graph.logits
-            else:
-                logits = self.graph.step(nxt)
-            self.taken += 1
-            return logits[:, -1:].argmax(-1)
+            for _ in range(n):
+                if self.graph is None:
+                    from bdh.decode_graph import DecodeGraph
+                    self.graph = DecodeGraph(self.model, self.state.layers,
+                                             self.state.position, nxt)
+                    logits = self.graph.logits
+                else:
+                    logits = self.graph.step(nxt)
+                self.taken += 1
+                nxt = logits[:, -1:].argmax(-1)
+            return nxt
         if self.name == "gpt2-static":
             dec, cache, pos = self.state
-            logits = dec.step(nxt, cache, pos)
-            self.state = (dec, cache, pos + 1)
-            return logits[:, -1:].argmax(-1)
-        nxt, self.state = _steps(self.model, self.name, nxt, self.state, 1)
+            for _ in range(n):
+                nxt = dec.step(nxt, cache, pos)[:, -1:].argmax(-1)
+                pos += 1
+            self.state = (dec, cache, pos)
+            return nxt
+        nxt, self.state = _steps(self.model, self.name, nxt, self.state, n)
         return nxt
-
-    def close(self):
-        """Release the captured graph and its private memory pool now, so that the next
-        point's peak holds nothing of this one (a pool lives until its graph is reset)."""
-        if self.graph is not None:
-            self.graph.graph.reset()
-            self.graph.logits = self.graph._out = None
 
     def final_state(self):
         if self.graph is not None:
@@ -250,19 +249,13 @@ def decode(model, name, nxt, state, cfg, device):
     is reset when the phase starts. Returns (ms per token, peak, seconds, state, next token)."""
     with PeakMemory(device) as m:
         step = _Stepper(model, name, state, device)
-        for _ in range(cfg.decode_warmup):
-            nxt = step(nxt)
+        nxt = step.run(nxt, cfg.decode_warmup)
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(cfg.decode_steps):
-            nxt = step(nxt)
+        nxt = step.run(nxt, cfg.decode_steps)
         sync(device)
         secs = time.perf_counter() - t0
-    step.close()
-    state = step.final_state()
-    del step
-    free_memory(device)
-    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, state, nxt
+    return 1e3 * secs / cfg.decode_steps, m.peak, m.seconds, step.final_state(), nxt
 
 
 def _static_context(model, tokens, L, cfg, device, chunk):
