@@ -6,6 +6,8 @@ three frames deep in a kernel.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..checks import _shape, check_same_device, check_tensor
@@ -33,7 +35,6 @@ def check_decay(decay, H: int) -> None:
 
 
 def check_scale(scale) -> None:
-    import math
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float, got {type(scale).__name__}")
     if not math.isfinite(scale):
