@@ -434,7 +434,8 @@ def plot(data: dict, path: Path) -> None:
             ax.plot(*zip(*pts), "-o", ms=4, label=label)
         ax.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="ms", title=title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:                    # a run whose kernel rows were all cut has no lines
+            ax.legend(fontsize=8)
     ax = axes[2]
     for name in dict.fromkeys(r["bank"] for r in data["decode"]):
         ok = [r for r in data["decode"] if r["bank"] == name and r["decode_peak_bytes"]]
