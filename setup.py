@@ -16,7 +16,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "matplotlib",
-        "transformers>=5.0",       # bdh.hf / bsbr.hf: AttentionInterface, Cache layers
+        # bdh.hf / bsbr.hf need AttentionInterface and Cache layers (5.0). From 5.25 transformers
+        # requires Hugging Face's `kernels` distribution, whose import name is ours: with both
+        # installed, transformers imports our `kernels` as its hub-kernels package and fails.
+        "transformers>=5.0,<5.25",
         "tqdm",
     ],
     extras_require={"dev": ["pytest>=7"]},

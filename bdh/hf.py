@@ -53,6 +53,12 @@ try:    # transformers 5.x: attention/mask interfaces and per-layer cache classe
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 except ImportError as exc:                         # pragma: no cover - depends on the install
+    if "from 'kernels'" in str(exc):
+        # transformers >= 5.25 imports Hugging Face's hub `kernels` package, whose import name
+        # is ours (README, "Layout").
+        raise ImportError(f"transformers {transformers.__version__} imported Glass Brain's "
+                          f"`kernels` as Hugging Face's hub-kernels package ({exc}); install "
+                          f"transformers<5.25 and `pip uninstall kernels`") from exc
     raise ImportError(f"bdh.hf / bsbr.hf need transformers >= 5.0 (AttentionInterface, "
                       f"AttentionMaskInterface, cache layers); found transformers "
                       f"{transformers.__version__}") from exc

@@ -10,6 +10,9 @@
             8192 and 16384 tokens (ours; memory must grow linearly) and of T = 16384 (official);
             then ours streaming 65,536, 262,144 and 1,048,576 tokens in 16,384-token chunks
             (memory must stay flat).
+* sparse:   dense against sparse decoding (`experiments.bench_sparse`): tok/s at batch 1 after
+            each prompt and at batch 1–64 after the first, with random weights and, given
+            --checkpoint, a trained BDH; the density measured while decoding in each row's note.
 * generate: batch 1, greedy: tokens/s of decoding 64 tokens after a 1k and a 100k-token prompt
             (ours: the prompt goes once through the chunked kernel, then the fixed-size state;
             the prompt's prefill time is in the note); the official `generate` after the 1k
@@ -20,6 +23,7 @@ Targets (issue 4), checked in the "meets" column on a GPU:
     prefill:  ours at T=16384 ≥ 5× the official forward's tok/s in this run (without
               --official-bdh: its 276 ms anchor, i.e. ≤ 55.2 ms)
     generate: ours ≥ 1,000 tok/s after both prompts
+    sparse:   trained weights, batch 1, sparse decode ≥ 5,000 tok/s after both prompts (issue 15)
 
 "vs official" is ours' tok/s over the official model's tok/s at the same item and shape, in the
 same process (eager against eager, compiled against compiled). Peak memory is
@@ -51,13 +55,14 @@ import torch
 from .measure import PeakMemory, free_memory, is_oom
 from .results import markdown_table, run_meta, write_json
 
-ITEMS = ("train", "prefill", "generate")
+ITEMS = ("train", "prefill", "generate", "sparse")
 COLUMNS = ["item", "impl", "shape", "ms", "tok/s", "peak GB", "vs official", "target", "meets",
            "note"]
 # Anchors measured on one H100 (DESIGN.md); used only where the official model is not loaded.
 OFFICIAL_PREFILL_16K_MS = 276.0
 TRAIN_TOKS_TARGET, TRAIN_PEAK_TARGET = 131e3, 32e9
 PREFILL_SPEEDUP_TARGET, GENERATE_TOKS_TARGET = 5.0, 1000.0
+SPARSE_TOKS_TARGET = 5000.0
 
 
 @dataclass
@@ -73,13 +78,15 @@ class Sizes:
     prompts: tuple = (1024, 100_000)
     new_tokens: int = 256
     official_new_tokens: int = 4
+    sparse_batches: tuple = (1, 4, 16, 64)          # at the first prompt; batch 1 at every prompt
+    density_tokens: int = 16
 
 
 GPU_SIZES = Sizes()
 SMOKE_SIZES = Sizes(model=dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8),
                     batch=2, seq=64, reps=2, prefill=(128, 256), prefill_reps=2,
                     stream=(512, 1024), stream_chunk=256, prompts=(128, 300), new_tokens=4,
-                    official_new_tokens=2)
+                    official_new_tokens=2, sparse_batches=(1, 2), density_tokens=2)
 
 
 def load_official(folder: str | None):
@@ -274,9 +281,20 @@ def judge(rows: list[dict], gpu: bool) -> None:
                 limit = OFFICIAL_PREFILL_16K_MS / PREFILL_SPEEDUP_TARGET
                 r["target"] = f"<= {limit:.1f} ms (5x the official 276 ms anchor)"
                 r["meets"] = r["ms"] <= limit
+        elif r["item"] == "sparse decode" and "sparse" in r["impl"] \
+                and r.get("weights") == "trained" and r.get("batch") == 1:
+            r["target"] = f">= {SPARSE_TOKS_TARGET:.0f} tok/s (trained, batch 1)"
+            r["meets"] = r["tok/s"] >= SPARSE_TOKS_TARGET
         elif r["item"] == "generate":
             r["target"] = f">= {GENERATE_TOKS_TARGET:.0f} tok/s"
             r["meets"] = r["tok/s"] >= GENERATE_TOKS_TARGET
+    for r in rows:                       # sparse rows: speed over the dense row of the same run
+        if r["item"] == "sparse decode" and "sparse" in r["impl"] and r["tok/s"] is not None:
+            dense = [d for d in rows if d["item"] == r["item"] and d["shape"] == r["shape"]
+                     and d.get("weights") == r.get("weights") and "dense" in d["impl"]
+                     and d["tok/s"] is not None]
+            if dense:
+                r["note"] += f"; {r['tok/s'] / dense[0]['tok/s']:.2f}x dense"
     first_stream = find("prefill stream", "ours")
     for r in rows:
         if r["item"] == "prefill stream" and r["tok/s"] is not None and first_stream:
@@ -295,6 +313,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default="runs/bench_bdh")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile train steps")
     p.add_argument("--reps", type=int, default=None, help="timed training steps (GPU default 10)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="sparse item: also decode with this trained BDH (a checkpoint of "
+                        "`python -m experiments.train --model bdh`; prompts from the corpus)")
     a = p.parse_args(argv)
     items = [i.strip() for i in a.items.split(",") if i.strip()]
     bad = [i for i in items if i not in ITEMS]
@@ -394,6 +415,25 @@ def main(argv=None) -> list[dict]:
                       lambda: bench_generate_official(b, mo, P, sz))
                 del mo
                 free_memory(dev)
+
+    if "sparse" in items:
+        from .bench_sparse import bench_sparse_decode, load_trained_bdh
+        sets = [("random", lambda: ours(dropout=0.0).to(dt).eval(), None)]
+        if a.checkpoint:
+            model, info = load_trained_bdh(a.checkpoint, dev, dt)
+            meta["checkpoint"] = info
+            from .data import load_corpus
+            sets.insert(0, ("trained", lambda: model, load_corpus("shakespeare")["val"]))
+        for weights, make, text in sets:
+            m = make()
+            runs = [(P, 1) for P in sz.prompts] + [(sz.prompts[0], B) for B in sz.sparse_batches
+                                                   if B != 1]
+            for P, B in runs:
+                b.run("sparse decode", "ours", f"B{B} prompt {P} ({weights})",
+                      lambda: bench_sparse_decode(b, m, weights, P, B, sz.new_tokens,
+                                                  sz.density_tokens, text))
+            del m
+            free_memory(dev)
 
     judge(b.rows, gpu)
     b.save()

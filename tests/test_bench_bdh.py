@@ -69,6 +69,44 @@ def test_bench_bdh_cpu_smoke_with_official_stand_in(tmp_path):
     assert (tmp_path / "out" / "bench_bdh.md").read_text().count("\n| ") == len(rows) + 1
 
 
+def test_bench_bdh_sparse_item_with_a_trained_checkpoint(tmp_path):
+    """The sparse item decodes a train checkpoint and random weights, dense and sparse, and says
+    how often the two greedy continuations agree (eager on the CPU, so they must agree)."""
+    from experiments import train
+    corpus = {"train": bytes(range(256)) * 8, "val": bytes(range(256)) * 2,
+              "test": bytes(range(256))}
+    train.main(["--steps", "2", "--eval-every", "2", "--ckpt-dir", str(tmp_path / "ck"),
+                "--out", str(tmp_path / "tr"), "--bdh", "n_layer=1,n_embd=32,n_head=2,"
+                "mlp_internal_dim_multiplier=8"], corpus=corpus)
+    import experiments.data as data
+    real = data.load_corpus
+    data.load_corpus = lambda name="shakespeare": corpus
+    try:
+        rows = bench_bdh.main(["--items", "sparse", "--checkpoint",
+                               str(tmp_path / "ck" / "bdh.pt"), "--out", str(tmp_path / "out")])
+    finally:
+        data.load_corpus = real
+    assert not [r for r in rows if r["note"].startswith("failed")]
+    got = {(r["weights"], r["impl"], r["batch"], r["prompt"]) for r in rows}
+    assert got == {(w, f"ours {k} (eager)", B, P) for w in ("trained", "random")
+                   for k in ("dense", "sparse") for B, P in ((1, 128), (1, 300), (2, 128))}
+    for r in rows:
+        assert r["tok/s"] > 0 and 0 < r["density"]["xs"] < 1 and 0 < r["density"]["xy"] < 1
+        if "sparse" in r["impl"]:
+            assert r["same_sequences"] == r["batch"] and r["token_agreement"] == 1.0
+            assert "x dense" in r["note"]
+    saved = json.loads((tmp_path / "out" / "bench_bdh.json").read_text())
+    assert saved["meta"]["checkpoint"]["step"] == 2
+
+
+def test_bench_bdh_sparse_refuses_a_foreign_checkpoint(tmp_path):
+    from kernels.atomic_file import save_checked
+    save_checked({"model": {}, "config": {"model": "gpt2"}}, tmp_path / "g.pt")
+    with pytest.raises(SystemExit, match="not a BDH training checkpoint"):
+        bench_bdh.main(["--items", "sparse", "--checkpoint", str(tmp_path / "g.pt"),
+                        "--out", str(tmp_path / "out")])
+
+
 def test_bench_bdh_bad_flags(tmp_path):
     with pytest.raises(SystemExit, match="--items"):
         bench_bdh.main(["--items", "train,fly", "--out", str(tmp_path)])

@@ -1,0 +1,140 @@
+"""Sparse against dense BDH decoding (issue #15): the "sparse" item of `experiments.bench_bdh`.
+
+For each weight set (a trained checkpoint from `experiments.train` when --checkpoint is given,
+and random weights, labelled as such), each prompt length and each batch size:
+
+* the prompt goes once through the chunked kernel (`model.generate(prompt, 0, return_state)`);
+* from a copy of that state, greedy decoding replays a captured CUDA graph of the dense step
+  (`BDH._run`), and from another copy one of the sparse step (`bdh.sparse_decode`); the first
+  step of each runs eagerly and captures the graph (untimed), the next ``new_tokens`` are timed;
+* tok/s counts every sequence of the batch (B · new_tokens / seconds);
+* "same tokens" compares the two greedy continuations (they differ only by float32 summation
+  order, so a near-tie in the logits can flip a token and everything after it);
+* the density is measured while decoding: a `SparsityProbe` over ``density_tokens`` eager steps
+  from the same state, the mean over layers of the fraction of xs and xy entries > 0 (the sparse
+  step reads the state rows of RoPE(xs) ≠ 0, a superset of xs's pairs, and the decoder rows of
+  xy ≠ 0).
+
+A trained model reads text: its prompts are windows of the corpus's validation split. Random
+weights read random bytes. On the CPU the same code runs eagerly (no graphs) on a tiny model.
+"""
+from __future__ import annotations
+
+import torch
+
+CHECKPOINT_FIX = "pass a checkpoint written by `python -m experiments.train --model bdh`"
+
+
+def load_trained_bdh(path: str, device, dtype):
+    """(model in eval mode with dropout 0, info) from a `experiments.train` BDH checkpoint."""
+    from bdh import BDH, BDHConfig
+
+    from .results import load_torch
+    saved = load_torch(path, "training checkpoint", map_location="cpu", fix=CHECKPOINT_FIX)
+    cfg = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(cfg, dict) or cfg.get("model") != "bdh" or "model" not in saved:
+        raise SystemExit(f"--checkpoint: {path} is not a BDH training checkpoint; {CHECKPOINT_FIX}")
+    model = BDH(BDHConfig(**{**cfg.get("bdh", {}), "dropout": 0.0}))
+    model.load_state_dict(saved["model"])
+    val = saved.get("log", {}).get("val") or [{}]
+    info = {"checkpoint": str(path), "step": saved.get("step"),
+            "val_loss": val[-1].get("loss"), "bdh": cfg.get("bdh", {})}
+    return model.to(device, dtype).eval(), info
+
+
+def make_prompts(B: int, P: int, device, text: bytes | None, seed: int = 0) -> torch.Tensor:
+    """[B, P] byte ids: B windows of ``text`` (evenly spaced) or, without text, random bytes."""
+    g = torch.Generator().manual_seed(seed)
+    if text is None:
+        return torch.randint(0, 256, (B, P), generator=g).to(device)
+    if len(text) < P:
+        text = text * (P // len(text) + 1)
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    starts = torch.linspace(0, len(data) - P, B).long()
+    return torch.stack([data[s:s + P] for s in starts.tolist()]).to(device)
+
+
+class _Decoder:
+    """Greedy single-token steps from ``state`` (its layers are updated in place): a captured
+    CUDA graph on CUDA (`bdh.decode_graph.DecodeGraph`), eager steps on the CPU."""
+
+    def __init__(self, model, state, first, sparse: bool):
+        self.model, self.state, self.sparse = model, state, sparse
+        self.pos = state.position
+        self.graph = None
+        if first.device.type == "cuda":
+            from bdh.decode_graph import DecodeGraph
+            self.graph = DecodeGraph(model, state.layers, state.position, first, sparse=sparse)
+            self.logits = self.graph.logits
+        else:
+            self.logits = self._eager(first)
+
+    def _eager(self, tok):
+        if self.sparse:
+            from bdh.sparse_decode import sparse_decode_step
+            logits, _ = sparse_decode_step(self.model, tok, self.state.layers, self.pos)
+        else:
+            logits, _ = self.model._run(tok, self.state.layers, self.pos, want_state=True,
+                                        inplace=True, last_only=True)
+        self.pos += 1
+        return logits
+
+    def step(self, tok):
+        self.logits = self.graph.step(tok) if self.graph is not None else self._eager(tok)
+        return self.logits
+
+
+@torch.no_grad()
+def decode_greedy(model, state, first, n: int, sparse: bool):
+    """n greedy tokens after ``first`` [B,1] from a copy of ``state``.
+    Returns (tokens [B, n] on the CPU, seconds of the n timed steps, their peak memory)."""
+    from .measure import PeakMemory
+    dec = _Decoder(model, state.clone(), first, sparse)       # step 1 (and capture): untimed
+    nxt = dec.logits[:, -1].argmax(-1, keepdim=True)
+    out = torch.empty(first.shape[0], n, dtype=torch.long, device=first.device)
+    with PeakMemory(first.device) as m:                       # synchronises on entry and exit
+        for i in range(n):
+            out[:, i:i + 1] = nxt
+            nxt = dec.step(nxt)[:, -1].argmax(-1, keepdim=True)
+    return out.cpu(), m.seconds, m.peak
+
+
+@torch.no_grad()
+def decode_density(model, state, first, n: int) -> dict:
+    """Mean over layers of the xs / xy density over n eager greedy steps from ``state``."""
+    from bdh.probes import SparsityProbe
+    probe = SparsityProbe(model)
+    with probe:
+        model.generate(first, n, top_k=1, state=state, cuda_graph=False)
+    per_layer = probe.densities()
+    return {k: sum(d[k] for d in per_layer) / len(per_layer) for k in ("xs", "ys", "xy")}
+
+
+def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
+                        density_tokens: int, text: bytes | None) -> None:
+    """Two rows (dense graph, sparse graph) of `experiments.bench_bdh`'s Bench ``b``."""
+    from .bench_bdh import make_row
+    prompt = make_prompts(B, P, b.dev, text)
+    with torch.no_grad():
+        _, st = model.generate(prompt, 0, return_state=True)  # all but the last prompt token
+    first = prompt[:, -1:]
+    dens = decode_density(model, st, first, density_tokens)
+    runs = {}
+    for sparse in (False, True):
+        runs[sparse] = decode_greedy(model, st, first, new_tokens, sparse)
+    same = int((runs[True][0] == runs[False][0]).all(dim=1).sum())
+    agree = float((runs[True][0] == runs[False][0]).float().mean())
+    shape = f"B{B} prompt {P}, {new_tokens} new"
+    where = "graph" if b.dev.type == "cuda" else "eager"
+    for sparse in (False, True):
+        note = (f"{weights} weights; density while decoding xs {dens['xs']:.3f}, "
+                f"xy {dens['xy']:.4f}")
+        if sparse:
+            note += (f"; same greedy tokens as dense in {same}/{B} sequences "
+                     f"({100 * agree:.1f}% of tokens)")
+        row = make_row("sparse decode", f"ours {'sparse' if sparse else 'dense'} ({where})",
+                       shape, runs[sparse][1], B * new_tokens, runs[sparse][2], note=note)
+        row.update(weights=weights, batch=B, prompt=P, density=dens,
+                   same_sequences=same if sparse else None,
+                   token_agreement=agree if sparse else None)
+        b.add(row)
