@@ -17,8 +17,9 @@ trained on, with each task's difficulty scaled to the length (MQAR: T/4 pairs). 
 is ``state.nbytes()`` of the model's streaming state after one eval sequence of that length.
 
 Checkpoints are atomic, per mixer, under OUT/<mixer>/ckpt/state.pt (model, optimizer,
-curriculum, step, log): --max-minutes stops cleanly and a rerun with --resume continues each
-mixer from its step (a finished mixer is not retrained). Writes OUT/long_range.json,
+curriculum, step, log): --max-minutes stops cleanly (a stopped mixer is still scored, with status
+"interrupted") and a rerun with --resume continues each mixer from its step (a finished mixer is
+not retrained). Writes OUT/long_range.json,
 OUT/long_range.md and OUT/long_range.png (accuracy vs length per mixer; accuracy vs state bytes).
 """
 from __future__ import annotations
@@ -298,9 +299,12 @@ def run_mixer(cfg: LongRangeConfig, mixer: str, deadline: float | None) -> dict:
     acc_sum, loss_sum, n = 0.0, 0.0, 0
     while step < cfg.steps:
         if deadline is not None and time.time() > deadline:
+            # Score what it has learned so far (a resumed run drops these scores and trains on).
+            log["eval"], log["state_bytes"] = evaluate(model, cfg)
             save("interrupted")
             bar.close()
-            print(f"{mixer}: time limit reached at step {step}; rerun with --resume")
+            print(f"{mixer}: time limit reached at step {step}; scored as it is; rerun with "
+                  f"--resume to continue")
             return log
         task, L, d = cur.sample(np.random.default_rng([cfg.seed, step]))
         x, y, m = T.make(task, cfg.batch_size, L, d, cfg.vocab, seed=batch_seed(cfg, step))

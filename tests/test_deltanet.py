@@ -143,3 +143,16 @@ def test_auto_backend_on_cuda_matches_reference():
     o, S = delta_rule(*cu[:4], scale=0.125, initial_state=cu[4], output_final_state=True)
     assert_rel_close(o, o_ref, 1e-3, "o")
     assert_rel_close(S, S_ref, 1e-3, "S")
+
+
+@pytest.mark.gpu
+def test_auto_backend_bf16_on_cuda_matches_reference():
+    """16-bit CUDA inputs take fla's kernel when fla is installed (our chunked form otherwise);
+    float32 ones always take ours (fla refuses them)."""
+    q, k, v, beta, S0 = _inputs(B=2, H=4, T=200, K=64, V=64)
+    o_ref, S_ref = delta_rule_recurrent(q, k, v, beta, scale=0.125, initial_state=S0)
+    cu = [t.to("cuda", torch.bfloat16) for t in (q, k, v, beta)] + [S0.float().cuda()]
+    o, S = delta_rule(*cu[:4], scale=0.125, initial_state=cu[4], output_final_state=True)
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    assert_rel_close(o, o_ref, 3e-2, "o")
+    assert_rel_close(S, S_ref, 3e-2, "S")

@@ -52,7 +52,9 @@ def test_time_limit_stops_cleanly_and_resume_finishes(tmp_path):
     res = long_range.main(TINY + ["--mixers", "linear", "--steps", "2", "--out", out,
                                   "--max-minutes", "0"])
     r = res["mixers"]["linear"]
-    assert r["status"] == "interrupted" and "eval" not in r
+    # stopped at step 0, and still scored (every eval task at every length)
+    assert r["status"] == "interrupted" and r["sessions"][-1]["end_step"] == 0
+    assert len(r["eval"]) == len(res["config"]["eval_tasks"]) * len(res["config"]["eval_lengths"])
     assert (tmp_path / "linear" / "ckpt" / "state.pt").is_file()
     assert json.loads((tmp_path / "long_range.json").read_text())["mixers"]["linear"][
         "status"] == "interrupted"
@@ -60,6 +62,7 @@ def test_time_limit_stops_cleanly_and_resume_finishes(tmp_path):
                                   "--resume"])
     r = res["mixers"]["linear"]
     assert r["status"] == "finished" and [s["start_step"] for s in r["sessions"]] == [0, 0]
+    assert r["sessions"][-1]["end_step"] == 2 and "eval" in r
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

@@ -44,7 +44,7 @@ def dense_step64(q, k, v, S, scale, strict):
 # ----------------------------------------------------------------------------- compaction
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("R,L", [(1, 70), (6, 130)])
+@pytest.mark.parametrize("R,L", [(1, 70), (6, 130), (2, 5000)])
 def test_compact_nonzero_lists_the_nonzeros_in_order(kernel_device, pattern, R, L):
     x = sparse_like((R, L), pattern, device=kernel_device)
     idx, count = compact_nonzero(x)

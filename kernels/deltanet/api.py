@@ -2,8 +2,9 @@
 `delta_rule_step` (decoding).
 
 Backends:
-  "auto"      fla's `chunk_delta_rule` on CUDA when fla is importable, else "torch".
-  "fla"       flash-linear-attention's Triton kernel (a peer library; CUDA only).
+  "auto"      fla's `chunk_delta_rule` for 16-bit CUDA inputs when fla is importable, else
+              "torch" (fla 0.6 refuses float32 inputs).
+  "fla"       flash-linear-attention's Triton kernel (a peer library; CUDA, fp16/bf16 only).
   "torch"     our chunked WY / UT-transform form (`chunk.py`).
   "reference" the token-by-token recurrence (`naive.py`; slow, the oracle).
 """
@@ -72,8 +73,8 @@ def delta_rule(q, k, v, beta, *, scale=1.0, initial_state=None, output_final_sta
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "fla" if (q.is_cuda and q.dtype != torch.float64 and fla_available()) \
-            else "torch"
+        backend = "fla" if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                             and fla_available()) else "torch"
     if backend == "fla":
         o, S = _fla_chunk(q, k, v, beta, scale, initial_state, output_final_state)
     elif backend == "torch":
@@ -88,6 +89,9 @@ def _fla_chunk(q, k, v, beta, scale, initial_state, output_final_state):
     """fla's kernel takes [B,T,H,*] tensors and a float32 state."""
     if not q.is_cuda:
         raise ValueError(f"backend: 'fla' needs CUDA tensors, got {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"backend: 'fla' takes float16 or bfloat16 inputs, got {q.dtype}; use "
+                         "'torch' or 'auto'")
     from fla.ops.delta_rule import chunk_delta_rule
     t = lambda x: x.transpose(1, 2)                                     # noqa: E731
     h0 = None if initial_state is None else initial_state.float()

@@ -9,12 +9,12 @@ of the decoder are dead weight at a decoding step:
 
 Three kernels, all free of host synchronisation (so the step can live inside a CUDA graph):
 
-  compact   one program per row r of x [R, L] writes the ascending positions of x's non-zeros
-            (or of x's and y's: the union) into a fixed-capacity int32 buffer idx[r, :L] and
-            their number into count[r]. It walks L in BL-wide tiles: a tile's mask is
-            prefix-summed (tl.cumsum) to give each non-zero its slot after the running count.
-            Deterministic (the order is ascending), no atomics; entries past count[r] are left
-            unwritten and never read.
+  compact   writes the ascending positions of the non-zeros of each row r of x [R, L] (or of
+            x's and y's: the union) into a fixed-capacity int32 buffer idx[r, :L] and their
+            number into count[r]. Two launches over (BL-wide tile, row): the tiles' counts,
+            then each tile prefix-sums its mask (tl.cumsum) and writes after the counts of the
+            tiles before it. Deterministic (ascending order), no atomics; entries past count[r]
+            are left unwritten and never read.
   step      grid (NS, cdiv(V, BV), B·H). Program (s, ·, bh) takes the index tiles s, s+NS,
             s+2·NS, … of row bh, BK indices each, up to count[bh] (a loop with a device-side
             bound, masked in its last tile): it gathers those rows of S ([BK, BV] tiles),
@@ -49,21 +49,37 @@ SPARSE_TILES: dict = {}
 
 
 @triton.jit
-def compact_nonzero_kernel(x, y, idx, count, L, BL: tl.constexpr, HAS_Y: tl.constexpr):
-    """idx[r, :count[r]] = ascending j with x[r, j] ≠ 0 (or y[r, j] ≠ 0). grid (R,)."""
-    i_r = tl.program_id(0).to(tl.int64)
-    n = tl.full([], 0, tl.int32)
-    for start in range(0, L, BL):
-        o_l = start + tl.arange(0, BL)
-        m_l = o_l < L
-        b_m = (tl.load(x + i_r * L + o_l, mask=m_l, other=0.) != 0) & m_l
-        if HAS_Y:
-            b_m = b_m | ((tl.load(y + i_r * L + o_l, mask=m_l, other=0.) != 0) & m_l)
-        b_i = b_m.to(tl.int32)
-        b_slot = n + tl.cumsum(b_i, axis=0) - 1          # where each non-zero goes
-        tl.store(idx + i_r * L + b_slot, o_l.to(tl.int32), mask=b_m)
-        n += tl.sum(b_i, axis=0)
-    tl.store(count + i_r, n)
+def _active(x, y, i_r, o_l, m_l, L, HAS_Y: tl.constexpr):
+    """The mask of non-zeros of x (or of x or y) at positions o_l of row i_r."""
+    b_m = (tl.load(x + i_r * L + o_l, mask=m_l, other=0.) != 0) & m_l
+    if HAS_Y:
+        b_m = b_m | ((tl.load(y + i_r * L + o_l, mask=m_l, other=0.) != 0) & m_l)
+    return b_m
+
+
+@triton.jit
+def count_tile_nonzero_kernel(x, y, tiles, L, NT, BL: tl.constexpr, HAS_Y: tl.constexpr):
+    """tiles[r, t] = number of non-zeros of row r in positions [t·BL, (t+1)·BL). grid (NT, R)."""
+    i_t, i_r = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_l = i_t * BL + tl.arange(0, BL)
+    b_m = _active(x, y, i_r, o_l, o_l < L, L, HAS_Y)
+    tl.store(tiles + i_r * NT + i_t, tl.sum(b_m.to(tl.int32), axis=0))
+
+
+@triton.jit
+def compact_tile_kernel(x, y, tiles, idx, count, L, NT, BL: tl.constexpr, BT: tl.constexpr,
+                        HAS_Y: tl.constexpr):
+    """Writes tile t's non-zero positions after those of tiles < t (an exclusive sum of the
+    tile counts), so idx[r, :count[r]] is ascending. grid (NT, R)."""
+    i_t, i_r = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    b_c = tl.load(tiles + i_r * NT + o_t, mask=o_t < NT, other=0)
+    before = tl.sum(tl.where(o_t < i_t, b_c, 0), axis=0)
+    o_l = i_t * BL + tl.arange(0, BL)
+    b_m = _active(x, y, i_r, o_l, o_l < L, L, HAS_Y)
+    b_slot = before + tl.cumsum(b_m.to(tl.int32), axis=0) - 1          # where each one goes
+    tl.store(idx + i_r * L + b_slot, o_l.to(tl.int32), mask=b_m)
+    tl.store(count + i_r, tl.sum(b_c, axis=0), mask=i_t == 0)
 
 
 @triton.jit
@@ -144,15 +160,29 @@ def _reduce(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def compact_nonzero_triton(x, y=None, *, idx=None, count=None):
-    """x (and y) [R, L] contiguous → (idx int32 [R, L], count int32 [R]). Validated by caller."""
+    """x (and y) [R, L] contiguous → (idx int32 [R, L], count int32 [R]). Validated by caller.
+
+    Two launches, each with one program per (tile, row): tile counts, then each tile writes its
+    positions after the exclusive sum of the counts before it. Why not one program per row
+    walking L: at decode (R = B·nh = 4 rows of 8192, or 1 row of 32768 for the decoder) that is
+    4 programs in a serial loop, and it cost more than the rows it saved (H200, bench_bdh)."""
     R, L = x.shape
     if idx is None:
         idx = torch.empty(R, L, dtype=torch.int32, device=x.device)
     if count is None:
         count = torch.empty(R, dtype=torch.int32, device=x.device)
-    BL = _pow2_tile(L, SPARSE_TILES.get("BL", 1024) if not INTERPRET else 64)
-    compact_nonzero_kernel[(R,)](x, y if y is not None else x, idx, count, L, BL=BL,
-                                 HAS_Y=y is not None, num_warps=4)
+    # ~32 tiles per row (at most 64 under BL's floor), so the tile-count row fits one block.
+    BL = SPARSE_TILES.get("BL") or (64 if INTERPRET else max(128, triton.next_power_of_2(
+        triton.cdiv(L, 32))))
+    BL = _pow2_tile(L, BL)
+    NT = triton.cdiv(L, BL)
+    tiles = torch.empty(R, NT, dtype=torch.int32, device=x.device)
+    y = y if y is not None else x
+    count_tile_nonzero_kernel[(NT, R)](x, y, tiles, L, NT, BL=BL, HAS_Y=y is not x,
+                                       num_warps=4)
+    compact_tile_kernel[(NT, R)](x, y, tiles, idx, count, L, NT, BL=BL,
+                                 BT=max(16, triton.next_power_of_2(NT)), HAS_Y=y is not x,
+                                 num_warps=4)
     return idx, count
 
 
