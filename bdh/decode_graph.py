@@ -23,6 +23,22 @@ from __future__ import annotations
 import torch
 
 
+# One side stream per device for every DecodeGraph's eager first step. Why not a new stream per
+# graph: cuBLAS gets a workspace per (handle, stream) that PyTorch keeps for the life of the
+# process (32 MiB on Hopper), so each new stream's first matmul left 32 MiB allocated for good.
+# The memory wall showed it as BDH's decode peak rising by exactly 32 MiB per context point (a
+# new DecodeGraph per point); a memory snapshot on the H200 traced the blocks to
+# at::cuda::setWorkspaceForHandle under the eager step's bmm.
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 class DecodeGraph:
     """A captured single-token step of ``model`` on the float32 ``states`` (a list of
     [B,nh,N,D] tensors, updated in place on every step) starting at RoPE ``position``.
@@ -44,7 +60,7 @@ class DecodeGraph:
         self.states = states
         self.idx = token.detach().clone().view(-1, 1)
         self.pos = torch.tensor([int(position)], dtype=torch.int64, device=token.device)
-        side = torch.cuda.Stream(device=token.device)
+        side = _side_stream(token.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             self.logits = self._forward()          # the first real step, eager

@@ -74,3 +74,22 @@ def test_graph_decoding_equals_eager_decoding_on_gpu(dtype):
     a = model.generate(prompt, 16, top_k=5, seed=3, cuda_graph=True)
     b = model.generate(prompt, 16, top_k=5, seed=3, cuda_graph=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_repeated_graph_decoding_holds_no_memory():
+    """Each generate(cuda_graph=True) builds and drops a DecodeGraph: memory held afterwards must
+    not grow with the number of calls (a new side stream per graph once left a 32 MiB cuBLAS
+    workspace behind per call)."""
+    import gc
+    model = make_model(n_embd=64, mlp_internal_dim_multiplier=16, backend="auto").cuda()
+    prompt = torch.randint(0, 256, (1, 20), device="cuda")
+    model.generate(prompt, 8, top_k=1, cuda_graph=True)        # first: workspaces, kernels
+    gc.collect()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    for _ in range(4):
+        model.generate(prompt, 8, top_k=1, cuda_graph=True)
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == held
