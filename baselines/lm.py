@@ -1,7 +1,8 @@
 """A generic decoder LM whose blocks differ only in the token mixer (the attention module).
 
     x = embed(idx)
-    per block:  x = x + drop(mixer(LN(x)));  x = x + drop(MLP(LN(x)))       (pre-LN)
+    per block:  x = x + drop(mixer(conv(LN(x))));  x = x + drop(MLP(LN(x)))  (pre-LN)
+    conv: a causal depthwise short convolution of width short_conv (`short_conv.py`), or none (0)
     logits = LN(x) @ head                    (head tied to the embedding unless tie_weights=False)
 
 Mixers: "softmax", "linear", "sliding", "deltanet" (this package), "hebbian" (`bdh.BDHAttention`)
@@ -28,6 +29,7 @@ from kernels import generate_from_state
 from .deltanet import DeltaNetAttention
 from .linear import LinearAttention
 from .projected import check_positive_int
+from .short_conv import ConvMixerState, ShortConv
 from .sliding import SlidingWindowAttention
 from .softmax import SoftmaxAttention
 
@@ -64,11 +66,16 @@ class MixerLMConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     tie_weights: bool = True
+    short_conv: int = 0                # width of the causal short convolution before the mixer
     mixer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
+        if isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int) \
+                or self.short_conv < 0:
+            raise ValueError(f"short_conv: expected an int >= 0 (0: none), "
+                             f"got {self.short_conv!r}")
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "mlp_ratio"):
             check_positive_int(name, getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
@@ -91,15 +98,28 @@ class MixerBlock(nn.Module):
         D = cfg.d_model
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
         self.mixer = build_mixer(cfg.mixer, D, cfg.n_head, **cfg.mixer_kwargs)
+        self.conv = ShortConv(D, cfg.short_conv) if cfg.short_conv else None
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * D, D))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, state=None, return_state=False):
-        if return_state:
-            a, state = self.mixer(self.ln1(x), state=state, return_state=True)
+        h = self.ln1(x)
+        if self.conv is None:
+            if return_state:
+                a, state = self.mixer(h, state=state, return_state=True)
+            else:
+                a = self.mixer(h)
+        elif return_state:
+            if state is not None and not isinstance(state, ConvMixerState):
+                raise TypeError(f"state: a block with a short convolution takes a "
+                                f"ConvMixerState, got {type(state).__name__}")
+            h, conv_state = self.conv(h, None if state is None else state.conv, True)
+            a, mixer_state = self.mixer(h, state=None if state is None else state.mixer,
+                                        return_state=True)
+            state = ConvMixerState(conv_state, mixer_state)
         else:
-            a = self.mixer(self.ln1(x))
+            a = self.mixer(self.conv(h))
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln2(x)))
         return (x, state) if return_state else x

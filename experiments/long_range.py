@@ -58,6 +58,7 @@ class LongRangeConfig:
     n_layer: int = 2
     n_head: int = 2
     window: int = 16                  # sliding-window mixer
+    short_conv: int = 4               # causal short convolution before every mixer (0: none)
     chunk: int = 16                   # BSBR chunk size
     steps: int = 200
     batch_size: int = 16
@@ -85,7 +86,8 @@ PRESETS = {
 }
 
 # A checkpoint resumes only a run with the same model, data and optimizer settings.
-RESUME_MUST_MATCH = ("curriculum", "vocab", "d_model", "n_layer", "n_head", "window", "chunk",
+RESUME_MUST_MATCH = ("curriculum", "vocab", "d_model", "n_layer", "n_head", "window",
+                     "short_conv", "chunk",
                      "batch_size", "lr", "weight_decay", "threshold", "window_reports", "seed")
 
 HELP = {
@@ -101,6 +103,8 @@ HELP = {
     "n_head": "heads per mixer",
     "window": "window of the sliding-window mixer (tokens)",
     "chunk": "chunk size of the BSBR mixer (tokens)",
+    "short_conv": "width of the causal depthwise convolution in front of every mixer (0: none; "
+                  "without it no mixer sees positions, and MQAR stalls at ~20%)",
     "steps": "optimizer steps per mixer (a resumed run continues up to this many)",
     "batch_size": "training sequences per step",
     "eval_batch": "sequences per (task, length) evaluation",
@@ -189,7 +193,7 @@ def check_config(cfg: LongRangeConfig) -> None:
         v = getattr(cfg, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {v}")
-    for name in ("lr", "weight_decay", "ckpt_every"):
+    for name in ("lr", "weight_decay", "ckpt_every", "short_conv"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.threshold <= 1:
@@ -222,7 +226,8 @@ def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
     kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk}}.get(mixer, {})
     torch.manual_seed(cfg.seed)        # the same embedding / MLP initialisation for every mixer
     mcfg = MixerLMConfig(mixer=mixer, vocab_size=cfg.vocab, n_layer=cfg.n_layer,
-                         d_model=cfg.d_model, n_head=cfg.n_head, mixer_kwargs=kw)
+                         d_model=cfg.d_model, n_head=cfg.n_head, short_conv=cfg.short_conv,
+                         mixer_kwargs=kw)
     return MixerLM(mcfg).to(cfg.device)
 
 

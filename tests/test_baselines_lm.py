@@ -35,9 +35,10 @@ def tiny(mixer, **kw):
     return MixerLM(cfg).eval()
 
 
+@pytest.mark.parametrize("short_conv", [0, 4])
 @pytest.mark.parametrize("mixer", _mixers())
-def test_streaming_pieces_equal_one_call(mixer):
-    model = tiny(mixer)
+def test_streaming_pieces_equal_one_call(mixer, short_conv):
+    model = tiny(mixer, short_conv=short_conv)
     idx = torch.randint(0, 256, (2, 29))
     full, _ = model(idx)
     state, pieces = None, []
@@ -61,9 +62,10 @@ def test_greedy_generate_equals_rerunning_the_prefix(mixer):
     assert torch.equal(out, seq)
 
 
+@pytest.mark.parametrize("short_conv", [0, 3])
 @pytest.mark.parametrize("mixer", _mixers())
-def test_causality_and_loss(mixer):
-    model = tiny(mixer)
+def test_causality_and_loss(mixer, short_conv):
+    model = tiny(mixer, short_conv=short_conv)
     idx = torch.randint(0, 256, (1, 20))
     t = 11
     idx2 = idx.clone()
