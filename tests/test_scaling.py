@@ -119,3 +119,27 @@ def test_point_time_cap_spares_the_first_point(tmp_path):
     Ts = [p["T"] for p in res["points"]]
     assert len(Ts) == 2 and Ts == sorted(Ts)
     assert res["meta"]["stopped"]["linear/fwd"]["reason"] == "time"
+
+
+def test_stream_pass_warms_its_piece_shapes_before_the_timed_run(monkeypatch):
+    """The timed stream run must not be the first call of any piece shape (first piece without
+    a state, later pieces with one): those calls compile / autotune on a GPU."""
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, state=None, return_state=False):
+            calls.append((x.shape[1], state is not None))
+            return x, (state or 0) + 1
+
+    cfg = scaling.ScalingConfig(stream_chunk=4, batch=1, d_model=3)
+    timed_from = []
+    real = scaling.peak_bytes
+
+    def spy(fn, device):
+        timed_from.append(len(calls))
+        return real(fn, device)
+    monkeypatch.setattr(scaling, "peak_bytes", spy)
+    scaling.measure_point(Recorder(), "stream", 12, cfg, torch.device("cpu"), torch.float32)
+    warm, timed = calls[:timed_from[0]], calls[timed_from[0]:]
+    assert timed == [(4, False), (4, True), (4, True)]
+    assert set(timed) <= set(warm)
