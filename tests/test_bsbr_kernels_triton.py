@@ -76,6 +76,65 @@ def test_readout_triton(poison_empty, kernel_device, mode, dtype, T, S, NK, K, V
         assert_rel_close(a, b, TOL[dtype], name)
 
 
+@pytest.mark.parametrize("B,H,Tq,S,M,n,offset,C,kk", [
+    (1, 2, 37, 7, 12, 0, 0, 5, 3), (2, 1, 70, 9, 20, 3, 5, 8, 4), (1, 1, 40, 40, 16, 0, 0, 1, 5),
+    (1, 2, 33, 4, 8, 2, 0, 16, 4), (1, 1, 50, 6, 130, 1, 3, 9, 6)])
+def test_triton_routing_equals_the_torch_routing(kernel_device, B, H, Tq, S, M, n, offset, C,
+                                                 kk):
+    """Top-k selection (same slots, same order, -1 where fewer than k are valid), the selected
+    scores and the gradients of r and h, against the blockwise PyTorch form."""
+    from kernels.bsbr.routing import _SelectedScores
+    from kernels.bsbr.routing_triton import SelectedScoresTriton
+    r = torch.randn(B, H, Tq, M, device=kernel_device)
+    h = torch.randn(B, H, S, M, device=kernel_device)
+    outs = []
+    for fn in (_SelectedScores, SelectedScoresTriton):
+        r_, h_ = r.clone().requires_grad_(), h.clone().requires_grad_()
+        idx, sel = fn.apply(r_, h_, n, offset, C, kk)
+        g = torch.randn(sel.shape, generator=torch.Generator().manual_seed(1)).to(sel.device)
+        dr, dh = torch.autograd.grad((torch.where(idx >= 0, sel, 0.0) * g).sum(), (r_, h_))
+        outs.append((idx, sel, dr, dh))
+    (i1, s1, dr1, dh1), (i2, s2, dr2, dh2) = outs
+    assert i2.dtype == torch.int64 and torch.equal(i1, i2)
+    assert (i1 == -1).any() and (i1 >= 0).any()          # the shapes cover both cases
+    assert torch.equal(torch.isinf(s1), torch.isinf(s2))
+    ok = i1 >= 0
+    assert_rel_close(s2[ok], s1[ok], 1e-6, "selected scores")
+    assert_rel_close(dr2, dr1, 1e-6, "dr")
+    assert_rel_close(dh2, dh1, 1e-6, "dh")
+
+
+def test_grouped_readout_with_16bit_products(poison_empty, kernel_device, monkeypatch):
+    """The "lowp" products (F cast to the 16-bit input dtype, bf16 × bf16 on a GPU by default)
+    forced for fp16 so that the interpreter runs them: forward and every gradient against the
+    float64 readout within the 16-bit tolerance, and not the float32-F path's result."""
+    import kernels.bsbr.readout_grouped as grouped
+    monkeypatch.setattr(readout_triton, "READOUT_MODE", "grouped")
+    T, S, NK, K, V = 29, 6, 2, 12, 20
+    q = torch.randn(2, 3, T, K, device=kernel_device).to(fp16)
+    F = torch.randn(2, 3, S, K, V, device=kernel_device)
+    p = torch.rand(2, 3, T, NK, device=kernel_device)
+    idx = torch.rand(2, 3, T, S, device=kernel_device).argsort(-1)[..., :NK].to(torch.int32)
+    idx[:, :, :4] = -1
+    p = torch.where(idx >= 0, p, 0.0)
+    do = torch.randn(2, 3, T, V, dtype=f64, device=kernel_device)
+    call = lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode="grouped")  # noqa: E731
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", False)
+    o32, _ = grads_of(call, [q, F, p], do)
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", True)
+    assert grouped.use_lowp(fp16) and not grouped.use_lowp(fp32)
+    o, g = grads_of(call, [q, F, p], do)
+    o_r, g_r = grads_of(lambda q_, F_, p_: dense_readout(q_, F_, idx.long(), p_),
+                        [t.double() for t in (q, F, p)], do)
+    assert not torch.equal(o, o32)                  # the 16-bit products did run
+    assert_rel_close(o, o_r, TOL[fp16], "long")
+    g_r = list(g_r)
+    g_r[2] = torch.where(idx >= 0, g_r[2], 0.0)
+    for name, a, b in zip(("dq", "dF", "dp"), g, g_r):
+        assert a.dtype == {"dq": fp16, "dF": fp32, "dp": fp32}[name]
+        assert_rel_close(a, b, TOL[fp16], name)
+
+
 @pytest.mark.parametrize("dtype,C,top_k,offset,n", [
     (fp32, 8, 2, 0, 0), (fp32, 8, None, 5, 3), (fp32, 6, 1, 4, 2), (fp16, 8, 2, 3, 2)])
 def test_bsbr_attention_triton(poison_empty, kernel_device, dtype, C, top_k, offset, n):

@@ -3,8 +3,9 @@
 Backends:
   "auto"       Triton on CUDA (when it takes the inputs: not float64, chunk_size and head dims
                <= 256), else the blockwise PyTorch path (always on the CPU).
-  "triton"     Triton kernels (local attention and routed readout, fwd + bwd); routing scores,
-               top-k and chunk states in PyTorch. On the CPU only under TRITON_INTERPRET=1.
+  "triton"     Triton kernels (local attention, chunk states, top-k routing for top_k <= 16,
+               routed readout; fwd + bwd); dense routing and h in PyTorch. On the CPU only
+               under TRITON_INTERPRET=1.
   "torch"      blockwise PyTorch: never builds a T×T matrix.
   "reference"  naive.py: dense masks, an oracle for short sequences.
 """
@@ -89,7 +90,8 @@ def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset
         o = local
         w = torch.zeros(d.B, d.H, 0, dtype=sd, device=q.device)
     else:
-        idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k)
+        idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k,
+                       backend="triton" if kind == "triton" else "torch")
         if kind == "triton":
             from .readout_triton import routed_readout_triton
             long = routed_readout_triton(q, F, idx, p)

@@ -19,6 +19,16 @@ and each F_j is read once per block of BE entries that picked it.
   dF     readout_triton._readout_bwd_dF: per slot, its entries in sorted order (deterministic).
 The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
 T = 32k, k = 8, d = 128 that is 64 MiB per head in bf16), alive only inside the call.
+
+Precision of the products ("lowp"): for bf16 inputs F is cast to bf16 once per call and the
+fwd and dq/dp products run bf16 × bf16 on the tensor cores (float32 accumulation); otherwise
+they run on float32 F (tf32 for fp16 inputs, "ieee" for float32). Why: the H200 profile at
+T = 32k (BENCHMARKS.md, 2026-11-29) put these two passes at 2.6 + 4.5 ms, and their main
+traffic is F, re-read once per block of BE entries (~8.6 GB at 32k in float32). Expected from
+bf16 F: that traffic and the MMA time halve, about −3 ms at 32k; not yet measured on a GPU.
+fp16 keeps float32 F by default (F = KᵀV over a chunk can pass fp16's 65504); `GROUPED_READOUT`
+pins the choice (benchmarks A/B it in one process; tests force it for fp16 under the
+interpreter, where bf16 cannot run).
 """
 from __future__ import annotations
 
@@ -30,11 +40,22 @@ from .readout_triton import _bv, _inverse_index, _prec, _readout_bwd_dF
 
 BE = 32          # entries per block (rows of one tl.dot)
 
+# {"lowp": True/False} pins the product precision above; empty: bf16 inputs only.
+GROUPED_READOUT: dict = {}
+
+
+def use_lowp(dtype: torch.dtype) -> bool:
+    """Whether the products run on F cast to ``dtype`` (see the module docstring)."""
+    pin = GROUPED_READOUT.get("lowp")
+    if pin is None:
+        return dtype == torch.bfloat16
+    return bool(pin) and dtype in (torch.float16, torch.bfloat16)
+
 
 @triton.jit
 def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
                  K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, PREC: tl.constexpr):
+                 BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     i_b, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
     j = tl.load(blk_slot + bh * NB + i_b).to(tl.int64)
@@ -58,7 +79,11 @@ def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
                       other=0.).to(tl.float32)
         b_F = tl.load(F + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
-        b_y = tl.dot(b_q * b_w[:, None], b_F, input_precision=PREC)
+        b_a = b_q * b_w[:, None]
+        if LOWP:                    # F is already 16-bit: a 16-bit product, fp32 accumulation
+            b_y = tl.dot(b_a.to(F.dtype.element_ty), b_F)
+        else:
+            b_y = tl.dot(b_a, b_F, input_precision=PREC)
         tl.store(Y + b_ent[:, None].to(tl.int64) * V + o_v[None, :], b_y.to(Y.dtype.element_ty),
                  mask=m_e[:, None] & (o_v[None, :] < V))
 
@@ -66,7 +91,7 @@ def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
 @triton.jit
 def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, NK, NB,
                    K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, PREC: tl.constexpr):
+                   BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     i_b, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
     j = tl.load(blk_slot + bh * NB + i_b).to(tl.int64)
@@ -97,8 +122,12 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
                           mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
             b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
                            mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
-            b_g += tl.sum(tl.dot(b_q, b_F, input_precision=PREC) * b_do, 1)     # (q_t F_j)·do_t
-            b_dq += tl.dot(b_do, tl.trans(b_F), input_precision=PREC)
+            if LOWP:
+                b_g += tl.sum(tl.dot(b_q.to(F.dtype.element_ty), b_F) * b_do, 1)
+                b_dq += tl.dot(b_do.to(F.dtype.element_ty), tl.trans(b_F))
+            else:
+                b_g += tl.sum(tl.dot(b_q, b_F, input_precision=PREC) * b_do, 1)  # (q_t F_j)·do_t
+                b_dq += tl.dot(b_do, tl.trans(b_F), input_precision=PREC)
         tl.store(dp + b_ent, b_g * b_real, mask=m_e)
         tl.store(DQ + b_ent[:, None].to(tl.int64) * K + o_k[None, :],
                  (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
@@ -137,29 +166,31 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)
         BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
+        lowp = use_lowp(q.dtype)
+        Fk = F.to(q.dtype) if lowp else F            # the operand both product kernels read
         _grouped_fwd[(NB, triton.cdiv(V, BV), B * H)](
-            q, F, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=BE, BK=BK, BV=BV,
-            PREC=_prec(q.dtype))
+            q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=BE, BK=BK, BV=BV,
+            PREC=_prec(q.dtype), LOWP=lowp)
         out = Y.sum(3, dtype=torch.float32)                    # Σ over the k picks, in fp32
-        ctx.save_for_backward(q, F, idx, p32, order, starts, slot, e0, e1)
-        ctx.NB, ctx.p_dtype = NB, p.dtype
+        ctx.save_for_backward(q, Fk, idx, p32, order, starts, slot, e0, e1)
+        ctx.NB, ctx.p_dtype, ctx.F_dtype, ctx.lowp = NB, p.dtype, F.dtype, lowp
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, F, idx, p, order, starts, slot, e0, e1 = ctx.saved_tensors
+        q, Fk, idx, p, order, starts, slot, e0, e1 = ctx.saved_tensors
         do = do.to(torch.float32).contiguous()
         B, H, T, K = q.shape
-        S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
+        S, V, NK = Fk.shape[2], Fk.shape[4], idx.shape[3]
         BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
         meta = dict(K=K, V=V, BK=BK, BV=BV, PREC=_prec(q.dtype))
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         DQ = torch.empty(B, H, T, NK, K, dtype=buf_dtype, device=q.device)
         dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
-        _grouped_bwd_q[(ctx.NB, B * H)](q, F, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
-                                        ctx.NB, BE=BE, **meta)
+        _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
+                                        ctx.NB, BE=BE, LOWP=ctx.lowp, **meta)
         dq = DQ.sum(3, dtype=torch.float32).to(q.dtype)
-        dF = torch.empty_like(F)
+        dF = torch.empty(Fk.shape, dtype=ctx.F_dtype, device=Fk.device)
         _readout_bwd_dF[(S, triton.cdiv(V, BV), B * H)](q, p, do, order, starts, dF, T, S, NK,
                                                          BE=BE, **meta)
         return dq, dF, None, dp.to(ctx.p_dtype)

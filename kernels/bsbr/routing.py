@@ -74,13 +74,25 @@ class _SelectedScores(torch.autograd.Function):
         return dr.to(r.dtype), dh, None, None, None, None
 
 
-def route(r, h, *, n, offset, chunk_size, top_k):
+# Benchmarks may pin {"triton": False} to time the PyTorch routing on the Triton backend.
+ROUTING: dict = {}
+
+
+def route(r, h, *, n, offset, chunk_size, top_k, backend="torch"):
     """r [B,H,Tq,M], h [B,H,S,M] (bank slots first, then the call's chunks; state dtype).
     Returns idx [B,H,Tq,k] int64 (-1 = no slot) and p [B,H,Tq,k] (h's dtype, 0 where idx = -1),
-    with k = min(top_k, S) (S when top_k is None). p is differentiable in r and h."""
+    with k = min(top_k, S) (S when top_k is None). p is differentiable in r and h.
+    backend "triton" selects with `routing_triton` (float32 h, k <= its MAX_TOP_K, M <= 256;
+    else the blockwise PyTorch form below)."""
     S = h.shape[2]
     kk = S if top_k is None else min(top_k, S)
-    idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk)
+    idx = None
+    if backend == "triton" and ROUTING.get("triton", True) and h.dtype == torch.float32:
+        from .routing_triton import MAX_TOP_K, SelectedScoresTriton
+        if kk <= MAX_TOP_K and h.shape[-1] <= 256:      # the meta dim is one register tile
+            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, kk)
+    if idx is None:
+        idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk)
     # Softmax over the kept scores; rows with no candidate at all (every entry -inf) give 0.
     m = sel.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
