@@ -9,6 +9,9 @@ Kernel sweep (random inputs, B1 H16 D128, T = 8k, 32k, 64k, 128k, chunk 256, top
 memory of one call (CUDA: torch.cuda.max_memory_allocated after a reset, inputs included; CPU:
 process RSS, rough). Methods:
   bsbr         ours, `kernels.bsbr.bsbr_attention` (backend auto: Triton on CUDA), meta dim = D
+  bsbr_v1      ours as measured on 2026-11-29: PyTorch top-k routing and float32-F readout
+               products (the pins `routing.ROUTING` / `readout_grouped.GROUPED_READOUT`), to
+               time the Triton routing and bf16 readout against it in the same process
   bsbr_torch   ours, the blockwise PyTorch backend
   sdpa         torch SDPA, causal (full softmax attention)
   flex_swa     torch.nn.attention.flex_attention with a causal sliding-window block mask of
@@ -36,6 +39,7 @@ against L).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -50,7 +54,7 @@ from tqdm import tqdm
 from .measure import PeakMemory, free_memory, is_oom
 from .results import markdown_table, run_meta, write_json
 
-METHODS = ("bsbr", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
+METHODS = ("bsbr", "bsbr_v1", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
 NSA_BLOCK = 64
 
 
@@ -136,18 +140,36 @@ def to_bthd(ins):
     return [t.transpose(1, 2).contiguous() for t in ins]
 
 
+@contextlib.contextmanager
+def v1_pins(on: bool):
+    """With on: the PyTorch routing and float32-F readout products (bsbr_v1), then restore."""
+    from kernels.bsbr import readout_grouped, routing
+    pins = ((routing.ROUTING, "triton"), (readout_grouped.GROUPED_READOUT, "lowp"))
+    saved = [dict(d) for d, _ in pins]
+    if on:
+        for d, key in pins:
+            d[key] = False
+    try:
+        yield
+    finally:
+        for (d, _), old in zip(pins, saved):
+            d.clear()
+            d.update(old)
+
+
 def build_method(name: str, sz: Sizes, T: int, dev, dtype):
     """(fn(q, k, v, r, hk) -> output, how many leading inputs it differentiates, prep), where
     prep(inputs) puts the [B,H,T,D] inputs into the method's layout once before timing.
     Raises ImportError when the peer is not available."""
     same = list
-    if name in ("bsbr", "bsbr_torch"):
+    if name in ("bsbr", "bsbr_v1", "bsbr_torch"):
         from kernels.bsbr import bsbr_attention
-        backend = "auto" if name == "bsbr" else "torch"
+        backend = "torch" if name == "bsbr_torch" else "auto"
 
         def fn(q, k, v, r, hk):
-            return bsbr_attention(q, k, v, r, hk, chunk_size=sz.chunk, top_k=sz.top_k,
-                                  backend=backend)
+            with v1_pins(name == "bsbr_v1"):   # the choice is made in the forward and kept
+                return bsbr_attention(q, k, v, r, hk, chunk_size=sz.chunk, top_k=sz.top_k,
+                                      backend=backend)
         return fn, 5, same
     if name == "sdpa":
         def fn(q, k, v, r, hk):

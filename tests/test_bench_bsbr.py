@@ -10,9 +10,19 @@ TINY = ["--lengths", "32,48", "--heads", "2", "--head-dim", "8", "--chunk", "8",
         "--window", "16", "--check-T", "24", "--decode-lengths", "32,96,160", "--reps", "1"]
 
 
+def test_v1_pins_select_the_old_paths_and_restore():
+    from kernels.bsbr import readout_grouped, routing
+    with bench_bsbr.v1_pins(True):
+        assert routing.ROUTING == {"triton": False}
+        assert readout_grouped.GROUPED_READOUT == {"lowp": False}
+    assert routing.ROUTING == {} and readout_grouped.GROUPED_READOUT == {}
+    with bench_bsbr.v1_pins(False):
+        assert routing.ROUTING == {} and readout_grouped.GROUPED_READOUT == {}
+
+
 def test_cpu_smoke_writes_the_json_contract(tmp_path):
-    data = bench_bsbr.main(TINY + ["--methods", "bsbr,bsbr_torch,sdpa,flex_swa,fla_linear",
-                                   "--out", str(tmp_path)])
+    methods = "bsbr,bsbr_v1,bsbr_torch,sdpa,flex_swa,fla_linear"
+    data = bench_bsbr.main(TINY + ["--methods", methods, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_bsbr.json").read_text())
     assert set(saved) == {"meta", "checks", "rows", "slopes", "decode", "decode_summary",
                           "skipped"}
@@ -23,7 +33,7 @@ def test_cpu_smoke_writes_the_json_contract(tmp_path):
     for key in ("out", "dq", "dk", "dv", "dr", "dhk"):
         assert check[key] < 1e-4, (key, check[key])
     by = {(r["method"], r["T"]): r for r in saved["rows"]}
-    for m in ("bsbr", "bsbr_torch", "sdpa"):
+    for m in ("bsbr", "bsbr_v1", "bsbr_torch", "sdpa"):
         for T in (32, 48):
             r = by[m, T]
             assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["note"] is None, r
