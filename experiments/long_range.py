@@ -6,6 +6,7 @@
     python -m experiments.long_range --preset h100 --curriculum full --vocab 512 \
         --eval-tasks copy,mqar,needle,infill,multihop --eval-lengths 512,1024,2048,4096
     python -m experiments.long_range --max-minutes 30 --resume        # split over sessions
+    python -m experiments.long_range --preset h100 --jobs 6 --max-minutes 9   # all at once
 
 One small `baselines.MixerLM` per mixer (same d_model, layers and heads: only the mixer
 differs) trains on the synthetic tasks of `experiments.tasks` (copy, Zoology MQAR, needle in a
@@ -71,6 +72,7 @@ class LongRangeConfig:
     ckpt_every: int = 0
     seed: int = 0
     max_minutes: float | None = None
+    jobs: int = 1
     resume: bool = False
     out: str = field(default_factory=lambda: default_out("long_range"))
 
@@ -117,6 +119,8 @@ HELP = {
     "seed": "seed of the model initialisation, the task batches and the curriculum draws",
     "max_minutes": "stop cleanly (checkpoints kept) after this many minutes over all mixers; "
                    "rerun with --resume to continue",
+    "jobs": "train this many mixers at once, one spawned process each, sharing the device "
+            "(small models leave a GPU mostly idle; --max-minutes then applies to each)",
     "resume": "continue every mixer from OUT/<mixer>/ckpt/state.pt (from step 0 if absent)",
     "out": "output folder",
 }
@@ -189,7 +193,7 @@ def config_from_args(argv=None) -> LongRangeConfig:
 def check_config(cfg: LongRangeConfig) -> None:
     """Raise ValueError naming the flag, the value and what was expected."""
     for name in ("vocab", "d_model", "n_layer", "n_head", "window", "chunk", "steps",
-                 "batch_size", "eval_batch", "log_every", "window_reports"):
+                 "batch_size", "eval_batch", "log_every", "window_reports", "jobs"):
         v = getattr(cfg, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {v}")
@@ -433,7 +437,17 @@ def main(argv=None) -> dict:
     out = Path(cfg.out)
     result = {"meta": run_meta(cfg.device), "config": asdict(cfg),
               "curriculum": [asdict(p) for p in T.CURRICULA[cfg.curriculum]], "mixers": {}}
+    if cfg.jobs > 1 and len(cfg.mixers) > 1:
+        # "spawn": a forked child cannot use CUDA. Each child trains, checkpoints and scores
+        # one mixer and returns its log.
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(min(cfg.jobs, len(cfg.mixers))) as pool:
+            logs = pool.starmap(run_mixer, [(cfg, m, deadline) for m in cfg.mixers])
+        result["mixers"] = dict(zip(cfg.mixers, logs))
+        write_outputs(result, out)
     for mixer in cfg.mixers:
+        if mixer in result["mixers"]:
+            continue
         result["mixers"][mixer] = run_mixer(cfg, mixer, deadline)
         write_outputs(result, out)                      # the results grow as the run goes
     rows = summary_rows(result)

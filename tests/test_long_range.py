@@ -65,6 +65,24 @@ def test_time_limit_stops_cleanly_and_resume_finishes(tmp_path):
     assert r["sessions"][-1]["end_step"] == 2 and "eval" in r
 
 
+def test_jobs_train_the_mixers_in_parallel_processes(tmp_path):
+    """--jobs 2: two spawned processes; the result has both mixers trained, scored and
+    checkpointed exactly as a sequential run has them."""
+    flags = TINY + ["--mixers", "linear,softmax", "--steps", "2"]
+    par = long_range.main(flags + ["--out", str(tmp_path / "par"), "--jobs", "2"])
+    seq = long_range.main(flags + ["--out", str(tmp_path / "seq")])
+    assert list(par["mixers"]) == ["linear", "softmax"]
+    for m in ("linear", "softmax"):
+        p, s = par["mixers"][m], seq["mixers"][m]
+        assert p["status"] == "finished" and p["sessions"][-1]["end_step"] == 2
+        assert (tmp_path / "par" / m / "ckpt" / "state.pt").is_file()
+        assert [e["task"] for e in p["eval"]] == [e["task"] for e in s["eval"]]
+        losses = [[round(e["loss"], 4) for e in r["train"]] for r in (p, s)]
+        assert losses[0] == losses[1] and losses[0]
+    saved = json.loads((tmp_path / "par" / "long_range.json").read_text())
+    assert set(saved["mixers"]) == {"linear", "softmax"}
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = str(tmp_path)
     long_range.main(TINY + ["--mixers", "linear", "--steps", "1", "--out", out])
