@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bdh.hf import cache_nbytes
 from kernels import generate_from_state
+from kernels.checks import next_token_loss
 
 from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
 
@@ -103,10 +103,7 @@ class GPT2LM(nn.Module):
             out = self.hf(input_ids=idx, use_cache=True, **{cache_argument(self.hf): past})
             return out.logits, GPT2State(output_cache(out), position + idx.shape[1])
         logits = self.hf(input_ids=idx, use_cache=False).logits
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                   targets.reshape(-1))
+        loss = None if targets is None else next_token_loss(logits, targets)
         return logits, loss
 
     @torch.no_grad()

@@ -21,10 +21,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels import generate_from_state
+from kernels.checks import next_token_loss
 
 from .deltanet import DeltaNetAttention
 from .linear import LinearAttention
@@ -179,10 +179,7 @@ class MixerLM(nn.Module):
         logits = self.head(self.ln_f(x))
         if return_state:
             return logits, new_state
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                   targets.reshape(-1))
+        loss = None if targets is None else next_token_loss(logits, targets)
         return logits, loss
 
     @torch.no_grad()

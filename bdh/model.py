@@ -25,11 +25,11 @@ is. Differences from the official code, none of which changes the function:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import sample_next
+from kernels.checks import next_token_loss
 
 from .attention import HebbianRoPE
 from .config import BDHConfig
@@ -233,12 +233,7 @@ class BDH(nn.Module):
         elif return_state and T == 1:
             states = self.init_state(B).layers
         logits, new_states = self._run(idx, states, position, return_state, inplace=False)
-        loss = None
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
-                raise ValueError(f"targets: expected a tensor of shape [B,T] = [{B}, {T}], "
-                                 f"got {getattr(targets, 'shape', type(targets).__name__)}")
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = None if targets is None else next_token_loss(logits, targets)
         if not return_state:
             return logits, loss
         new_state = BDHState(new_states, position + T, self.state_config())

@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels import sample_next
+from kernels.checks import next_token_loss
 
 from .attention import BSBRAttention
 from .config import BSBRLMConfig, check_int
@@ -147,12 +147,7 @@ class BSBRLM(nn.Module):
             position = state.position
         logits, new_states = self._run(idx, None if state is None else state.layers,
                                        return_state)
-        loss = None
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
-                raise ValueError(f"targets: expected a tensor of shape [B,T] = [{B}, {T}], "
-                                 f"got {getattr(targets, 'shape', type(targets).__name__)}")
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss = None if targets is None else next_token_loss(logits, targets)
         if not return_state:
             return logits, loss
         new_state = BSBRLMState(new_states, position + T, self.state_config())

@@ -53,3 +53,14 @@ def check_sequence(x, d_model: int) -> None:
         raise ValueError(f"x: expected shape [B,T,D] with D = {d_model}, got {list(x.shape)}")
     if x.shape[1] == 0:
         raise ValueError("x: expected at least one token (T >= 1), got T = 0")
+
+
+def next_token_loss(logits: torch.Tensor, targets) -> torch.Tensor:
+    """Mean cross-entropy of logits [B,T,vocab] against targets [B,T] (token ids), in float32;
+    the one loss of every language model here. A targets tensor of another shape raises."""
+    B, T = logits.shape[:2]
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
+        raise ValueError(f"targets: expected a tensor of shape [B,T] = [{B}, {T}], "
+                         f"got {getattr(targets, 'shape', type(targets).__name__)}")
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                             targets.reshape(-1))
