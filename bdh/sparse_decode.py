@@ -5,7 +5,9 @@ After training, xs is ~20% dense and xy ~2%, so at a decoding step
     a  = hebbian_step(RoPE(xs), RoPE(xs), x)   reads/writes only the state rows where RoPE(xs) ≠ 0
     y  = xy @ decoder                          reads only the decoder rows where xy ≠ 0
 
-(`kernels.hebbian.sparse_step`). Everything else — the encoder matvecs, RoPE, LayerNorms, the
+(`kernels.hebbian.sparse_step`); with a tileable N (BDH's 8192) the layer runs on the fused
+kernels of `kernels.hebbian.decode_fused` (8 launches a layer instead of ~20; the unfused loop
+below is its reference). Everything else — the encoder matvecs, RoPE, LayerNorms, the
 head — is the dense step of `BDH._run` unchanged, in the same order, so the logits and the
 states equal the dense step's up to float32 summation order. RoPE mixes the pairs (2i, 2i+1),
 so the active set of RoPE(xs) is the union of active pairs of xs; the compaction runs on
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.checks import resolve_backend
 from kernels.hebbian.sparse_step import SPARSE_BACKENDS, sparse_hebbian_step, sparse_rows_matmul
 
 
@@ -67,6 +70,38 @@ def _check_inputs(model, idx, states, position, backend) -> None:
                          f"dropout={model.drop.p}, probe={model._probe is not None}")
 
 
+# {"fused": False} pins the unfused kernels (benchmarks time both in one process).
+SPARSE_DECODE: dict = {}
+
+
+def _fused_ok(model, kind: str, dtype: torch.dtype) -> bool:
+    """The fused layer (kernels.hebbian.decode_fused) runs on the Triton backend when N has a
+    power-of-two factor >= 16 (its tiles) and, under the interpreter, not in bf16."""
+    from kernels.hebbian.common import INTERPRET
+    N = model.config.N
+    return (SPARSE_DECODE.get("fused", True) and kind == "triton" and (N & -N) >= 16
+            and not (INTERPRET and dtype == torch.bfloat16))
+
+
+def _fused_layer(model, x, S, pos, freqs64):
+    """One layer on the fused kernels: x [B, D] in the model dtype → the next x [B, D]; S is
+    updated in place. The same arithmetic as the unfused loop body below."""
+    from kernels.hebbian.decode_fused import encode_gate, encode_rope, reduce_layernorm
+    from kernels.hebbian.sparse_step import (compact_from_tiles, sparse_rows_partials,
+                                             sparse_step_partials)
+    B, D = x.shape
+    nh, N = model.config.n_head, model.config.N
+    eps = model.ln.eps
+    xs_h, qk, tiles, BL = encode_rope(x, model.encoder, freqs64, pos)
+    idx, count = compact_from_tiles(qk.view(B * nh, N), tiles, BL)
+    part = sparse_step_partials(qk, qk, x.view(B, 1, D), S, idx, count, strict=True)
+    a = reduce_layernorm(part, x.dtype, eps)                              # LN(o), [B·nh, D]
+    xy, tiles, BL = encode_gate(a.view(B, nh, D), model.encoder_v, xs_h, BN=min(128, N & -N))
+    idx, count = compact_from_tiles(xy, tiles, BL)
+    part = sparse_rows_partials(xy, model.decoder, idx, count)
+    return reduce_layernorm(part, x.dtype, eps, res=x)                   # LN(x + LN(y))
+
+
 @torch.no_grad()
 def sparse_decode_step(model, idx, states, position, *, backend: str = "auto"):
     """One decoding step of ``model`` (a `bdh.BDH`) on the sparse kernels.
@@ -83,6 +118,15 @@ def sparse_decode_step(model, idx, states, position, *, backend: str = "auto"):
     B = idx.shape[0]
     nh, N, D = C.n_head, C.N, C.n_embd
     x = model.ln(model.embed(idx.long()).unsqueeze(1))                    # [B,1,1,D]
+    kind = resolve_backend(backend, idx.device, SPARSE_BACKENDS)
+    if _fused_ok(model, kind, x.dtype):
+        from kernels.rope import pair_freqs64
+        pos = position if isinstance(position, torch.Tensor) else torch.tensor(
+            [position], dtype=torch.int64, device=idx.device)
+        x2 = x.reshape(B, D).contiguous()
+        for layer in range(C.n_layer):
+            x2 = _fused_layer(model, x2, states[layer], pos, pair_freqs64(N, idx.device))
+        return (x2 @ model.lm_head).view(B, 1, -1), states
     for layer in range(C.n_layer):
         S = states[layer]
         xh = x.reshape(1, B, D).expand(nh, B, D)                          # no copy

@@ -5,7 +5,8 @@ and random weights, labelled as such), each prompt length and each batch size:
 
 * the prompt goes once through the chunked kernel (`model.generate(prompt, 0, return_state)`);
 * from a copy of that state, greedy decoding replays a captured CUDA graph of the dense step
-  (`BDH._run`), and from another copy one of the sparse step (`bdh.sparse_decode`); the first
+  (`BDH._run`), and from other copies one of the sparse step (`bdh.sparse_decode`), with its
+  fused layer kernels and with the unfused ones (`SPARSE_DECODE` pinned); the first
   step of each runs eagerly and captures the graph (untimed), the next ``new_tokens`` are timed;
 * tok/s counts every sequence of the batch (B · new_tokens / seconds);
 * "same tokens" compares the two greedy continuations (they differ only by float32 summation
@@ -85,11 +86,20 @@ class _Decoder:
 
 
 @torch.no_grad()
-def decode_greedy(model, state, first, n: int, sparse: bool):
-    """n greedy tokens after ``first`` [B,1] from a copy of ``state``.
+def decode_greedy(model, state, first, n: int, sparse: bool, fused: bool = True):
+    """n greedy tokens after ``first`` [B,1] from a copy of ``state``; ``fused``: the sparse
+    step's fused layer kernels (pinned off: the unfused ones; a graph keeps what it captured).
     Returns (tokens [B, n] on the CPU, seconds of the n timed steps, their peak memory)."""
+    import bdh.sparse_decode as sd
+
     from .measure import PeakMemory
-    dec = _Decoder(model, state.clone(), first, sparse)       # step 1 (and capture): untimed
+    saved = dict(sd.SPARSE_DECODE)
+    sd.SPARSE_DECODE["fused"] = fused
+    try:
+        dec = _Decoder(model, state.clone(), first, sparse)   # step 1 (and capture): untimed
+    finally:
+        sd.SPARSE_DECODE.clear()
+        sd.SPARSE_DECODE.update(saved)
     nxt = dec.logits[:, -1].argmax(-1, keepdim=True)
     out = torch.empty(first.shape[0], n, dtype=torch.long, device=first.device)
     with PeakMemory(first.device) as m:                       # synchronises on entry and exit
@@ -119,22 +129,22 @@ def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
         _, st = model.generate(prompt, 0, return_state=True)  # all but the last prompt token
     first = prompt[:, -1:]
     dens = decode_density(model, st, first, density_tokens)
-    runs = {}
-    for sparse in (False, True):
-        runs[sparse] = decode_greedy(model, st, first, new_tokens, sparse)
-    same = int((runs[True][0] == runs[False][0]).all(dim=1).sum())
-    agree = float((runs[True][0] == runs[False][0]).float().mean())
+    # (label, sparse, fused): the unfused sparse kernels are timed too, for the A/B
+    variants = [("dense", False, True), ("sparse", True, True), ("sparse unfused", True, False)]
+    runs = {v[0]: decode_greedy(model, st, first, new_tokens, v[1], v[2]) for v in variants}
     shape = f"B{B} prompt {P}, {new_tokens} new"
     where = "graph" if b.dev.type == "cuda" else "eager"
-    for sparse in (False, True):
+    for label, sparse, _ in variants:
         note = (f"{weights} weights; density while decoding xs {dens['xs']:.3f}, "
                 f"xy {dens['xy']:.4f}")
+        same = agree = None
         if sparse:
+            eq = runs[label][0] == runs["dense"][0]
+            same, agree = int(eq.all(dim=1).sum()), float(eq.float().mean())
             note += (f"; same greedy tokens as dense in {same}/{B} sequences "
                      f"({100 * agree:.1f}% of tokens)")
-        row = make_row("sparse decode", f"ours {'sparse' if sparse else 'dense'} ({where})",
-                       shape, runs[sparse][1], B * new_tokens, runs[sparse][2], note=note)
-        row.update(weights=weights, batch=B, prompt=P, density=dens,
-                   same_sequences=same if sparse else None,
-                   token_agreement=agree if sparse else None)
+        row = make_row("sparse decode", f"ours {label} ({where})", shape, runs[label][1],
+                       B * new_tokens, runs[label][2], note=note)
+        row.update(weights=weights, batch=B, prompt=P, density=dens, same_sequences=same,
+                   token_agreement=agree)
         b.add(row)

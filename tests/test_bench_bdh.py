@@ -89,7 +89,8 @@ def test_bench_bdh_sparse_item_with_a_trained_checkpoint(tmp_path):
     assert not [r for r in rows if r["note"].startswith("failed")]
     got = {(r["weights"], r["impl"], r["batch"], r["prompt"]) for r in rows}
     assert got == {(w, f"ours {k} (eager)", B, P) for w in ("trained", "random")
-                   for k in ("dense", "sparse") for B, P in ((1, 128), (1, 300), (2, 128))}
+                   for k in ("dense", "sparse", "sparse unfused")
+                   for B, P in ((1, 128), (1, 300), (2, 128))}
     for r in rows:
         assert r["tok/s"] > 0 and 0 < r["density"]["xs"] < 1 and 0 < r["density"]["xy"] < 1
         if "sparse" in r["impl"]:

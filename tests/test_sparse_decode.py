@@ -239,6 +239,61 @@ def test_bdh_sparse_step_equals_dense_step(kernel_device, B, backend, sparse_bac
     assert (sparse[0] - st.layers[0]).abs().max() > 0               # the step did update it
 
 
+def fused_bdh(device, dtype=torch.float32):
+    """N = 128 per head (a power-of-two factor >= 16): the fused layer runs."""
+    cfg = BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8,
+                    vocab_size=37, dropout=0.0, backend="torch")
+    model = BDH(cfg).to(device).eval()
+    with torch.no_grad():
+        for p in (model.encoder, model.encoder_v, model.decoder, model.lm_head):
+            p.mul_(10)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("B,dtype,tol", [(1, torch.float32, 1e-5), (3, torch.float32, 1e-5),
+                                         (17, torch.float32, 1e-5), (2, torch.float16, 2e-2)])
+def test_fused_sparse_layer_equals_unfused_and_dense(kernel_device, monkeypatch, B, dtype, tol):
+    """The fused kernels (kernels.hebbian.decode_fused: 8 launches a layer) against the unfused
+    sparse step and the dense step, two steps in a row at a device-held position; B = 17
+    crosses the encoders' 16-row blocks."""
+    import bdh.sparse_decode as sd
+    from kernels.hebbian import decode_fused
+    model = fused_bdh(kernel_device, dtype)
+    assert sd._fused_ok(model, "triton", dtype)
+    calls = []
+    real = decode_fused.encode_rope
+    monkeypatch.setattr(decode_fused, "encode_rope", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    idx = torch.randint(0, 37, (B, 6), device=kernel_device)
+    with torch.no_grad():
+        _, st = model(idx, return_state=True)
+        runs = {name: [S.clone() for S in st.layers] for name in ("dense", "unfused", "fused")}
+        for step in range(2):
+            tok = torch.randint(0, 37, (B, 1), device=kernel_device)
+            pos = st.position + step
+            ref, _ = model._run(tok, runs["dense"], pos, want_state=True, inplace=True,
+                                last_only=True)
+            monkeypatch.setitem(sd.SPARSE_DECODE, "fused", False)
+            unf, _ = sparse_decode_step(model, tok, runs["unfused"], pos, backend="triton")
+            monkeypatch.setitem(sd.SPARSE_DECODE, "fused", True)
+            n = len(calls)
+            out, _ = sparse_decode_step(model, tok, runs["fused"],
+                                        torch.tensor([pos], device=kernel_device),
+                                        backend="triton")
+            assert len(calls) == n + 2                       # the fused path ran, per layer
+            assert out.dtype == dtype and out.shape == (B, 1, 37)
+            assert_rel_close(out, unf, tol, "logits vs unfused")
+            assert_rel_close(out, ref, tol, "logits vs dense")
+            for a, b in zip(runs["fused"], runs["dense"]):
+                assert_rel_close(a, b, tol / 10 if dtype == torch.float32 else tol, "state")
+
+
+def test_fused_layer_needs_a_tileable_N(kernel_device):
+    import bdh.sparse_decode as sd
+    assert not sd._fused_ok(tiny_bdh("torch", kernel_device), "triton", torch.float32)  # N=120
+    assert not sd._fused_ok(fused_bdh(kernel_device), "torch", torch.float32)
+
+
 def test_bdh_sparse_step_device_position_and_forward_state(kernel_device):
     """A device-held position (as DecodeGraph passes it) and the model's public step agree."""
     model = tiny_bdh("torch", kernel_device)
@@ -394,3 +449,26 @@ def test_gpu_bdh_sparse_step_captured_in_a_cuda_graph():
         assert_rel_close(out, ref, 1e-4, "logits (graph replay)")
         for a, b in zip(sparse, dense):
             assert_rel_close(a, b, 1e-5, "state (graph replay)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_gpu_fused_sparse_decode_in_generate(dtype, tol):
+    """generate(sparse=True) with its CUDA graph runs the fused layer (N = 128); its logits
+    path equals the dense graph's tokens on a float32 model and stays close in bf16."""
+    import bdh.sparse_decode as sd
+    model = fused_bdh("cuda", dtype)
+    assert sd._fused_ok(model, "triton", dtype)
+    prompt = torch.randint(0, 37, (3, 20), device="cuda")
+    with torch.no_grad():
+        _, st = model.generate(prompt, 0, return_state=True)
+        tok = prompt[:, -1:]
+        a = [S.clone() for S in st.layers]
+        b = [S.clone() for S in st.layers]
+        out, _ = sparse_decode_step(model, tok, a, st.position)
+        ref, _ = model._run(tok, b, st.position, want_state=True, inplace=True, last_only=True)
+    assert_rel_close(out, ref, tol, "logits")
+    dense = model.generate(prompt, 12, top_k=1, cuda_graph=True)
+    sparse = model.generate(prompt, 12, top_k=1, cuda_graph=True, sparse=True)
+    if dtype == torch.float32:
+        assert torch.equal(dense, sparse)

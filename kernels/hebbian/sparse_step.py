@@ -186,10 +186,36 @@ def compact_nonzero_triton(x, y=None, *, idx=None, count=None):
     return idx, count
 
 
+def compact_from_tiles(x, tiles, BL: int, idx=None, count=None):
+    """The second pass of the compaction, for tile counts another kernel already wrote:
+    x [R, L] contiguous, tiles int32 [R, cdiv(L, BL)] (non-zeros of x per BL-wide tile).
+    Returns (idx int32 [R, L], count int32 [R])."""
+    R, L = x.shape
+    NT = tiles.shape[1]
+    if idx is None:
+        idx = torch.empty(R, L, dtype=torch.int32, device=x.device)
+    if count is None:
+        count = torch.empty(R, dtype=torch.int32, device=x.device)
+    compact_tile_kernel[(NT, R)](x, x, tiles, idx, count, L, NT, BL=BL,
+                                 BT=max(16, triton.next_power_of_2(NT)), HAS_Y=False,
+                                 num_warps=4)
+    return idx, count
+
+
 def sparse_hebbian_step_triton(q, k, v, state, idx, count, *, scale=1.0, strict=True):
     """q, k [B,H,K] contiguous; v [B,H|1,V] contiguous; state [B,H,K,V] float32 contiguous,
     updated in place; idx int32 [B·H, K] / count int32 [B·H] (the union of q's and k's
     non-zeros, or any superset). Returns (o [B,H,V] in v's dtype, state)."""
+    part = sparse_step_partials(q, k, v, state, idx, count, scale=scale, strict=strict)
+    B, H = q.shape[:2]
+    o = torch.empty(B, H, v.shape[2], dtype=v.dtype, device=q.device)
+    _reduce(part, o.view(B * H, v.shape[2]))
+    return o, state
+
+
+def sparse_step_partials(q, k, v, state, idx, count, *, scale=1.0, strict=True):
+    """The step kernel alone: updates state in place and returns its float32 partial sums of
+    o, [B·H, NS, V] (o = their sum over NS, in a fixed order)."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     BK = _pow2_tile(K, SPARSE_TILES.get("BK", 32) if not INTERPRET else 16)
@@ -200,14 +226,19 @@ def sparse_hebbian_step_triton(q, k, v, state, idx, count, *, scale=1.0, strict=
     sparse_hebbian_step_kernel[(NS, n_v, B * H)](
         q, k, v, state, idx, count, part, float(scale), H, HV, K, V, NS,
         BK=BK, BV=BV, STRICT=bool(strict), num_warps=SPARSE_TILES.get("warps", 4))
-    o = torch.empty(B, H, V, dtype=v.dtype, device=q.device)
-    _reduce(part, o.view(B * H, V))
-    return o, state
+    return part
 
 
 def sparse_rows_matmul_triton(x, weight, idx, count):
     """x [R, L], weight [L, D] contiguous; idx/count: x's non-zeros.
     Returns y [R, D] in x's dtype."""
+    part = sparse_rows_partials(x, weight, idx, count)
+    return _reduce(part, torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype,
+                                     device=x.device))
+
+
+def sparse_rows_partials(x, weight, idx, count):
+    """The rows kernel alone: float32 partial sums [R, NS, D] of y = x @ weight."""
     R, L = x.shape
     D = weight.shape[1]
     BK = _pow2_tile(L, SPARSE_TILES.get("BK", 32) if not INTERPRET else 16)
@@ -217,7 +248,7 @@ def sparse_rows_matmul_triton(x, weight, idx, count):
     part = torch.empty(R, NS, D, dtype=torch.float32, device=x.device)
     sparse_rows_matmul_kernel[(NS, n_d, R)](x, weight, idx, count, part, L, D, NS,
                                             BK=BK, BD=BD, num_warps=SPARSE_TILES.get("warps", 4))
-    return _reduce(part, torch.empty(R, D, dtype=x.dtype, device=x.device))
+    return part
 
 
 # ----------------------------------------------------------------------------- public API
