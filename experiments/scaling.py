@@ -48,7 +48,7 @@ from tqdm import tqdm
 from baselines import build_mixer
 
 from .measure import PeakMemory, free_memory, is_oom, rss_bytes
-from .results import markdown_table, run_meta, write_json
+from .results import commit_label, markdown_table, run_meta, save_figure, write_json
 
 ALL_MIXERS = ("softmax", "linear", "sliding", "deltanet", "hebbian", "bsbr")
 PASSES = ("fwd", "fwd_bwd", "stream", "decode")
@@ -278,7 +278,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(points: list[dict], path: Path, meta: dict | None = None) -> None:
+    """fwd, fwd+bwd, decode time and decode memory against T, one line per mixer; the title
+    says where and at which commit it was measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,8 +310,14 @@ def plot(points: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     if axes[0, 0].lines:
         axes[0, 0].legend()
+    if meta:
+        cfg = meta.get("config", {})
+        fig.suptitle(f"scaling with context length — {meta.get('device', '?')}, "
+                     f"{meta.get('dtype', cfg.get('dtype', '?'))}, one layer of width "
+                     f"{cfg.get('d_model', '?')} ({cfg.get('n_head', '?')} heads), "
+                     f"{commit_label(meta)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -409,7 +417,7 @@ def _sweep(cfg: ScalingConfig, device, dtype, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
     (out / "scaling.md").write_text(md)
-    plot(result["points"], out / "scaling.png")
+    plot(result["points"], out / "scaling.png", result["meta"])
     write_json(out / "scaling.json", result)
     return result
 
