@@ -110,6 +110,42 @@ def decode_greedy(model, state, first, n: int, sparse: bool, fused: bool = True)
 
 
 @torch.no_grad()
+def profile_steps(model, state, first, sparse: bool, fused: bool = True, steps: int = 3,
+                  top: int = 15) -> list[dict]:
+    """CUDA time per kernel over ``steps`` eager decoding steps from a copy of ``state``
+    (torch.profiler; eager, so launch gaps are not in these numbers, only kernel times): the
+    ``top`` kernels by total time, [{"name", "calls", "us_total"}], per step. [] on the CPU."""
+    if first.device.type != "cuda":
+        return []
+    import bdh.sparse_decode as sd
+    from torch.profiler import ProfilerActivity, profile
+    saved = dict(sd.SPARSE_DECODE)
+    sd.SPARSE_DECODE["fused"] = fused
+    try:
+        layers, pos, tok = [S.clone() for S in state.layers], state.position, first
+        step = (lambda t, p: sd.sparse_decode_step(model, t, layers, p)) if sparse else \
+            (lambda t, p: model._run(t, layers, p, want_state=True, inplace=True,
+                                     last_only=True))
+        step(tok, pos)                                         # compile / warm outside the trace
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                logits, _ = step(tok, pos + 1 + i)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+    finally:
+        sd.SPARSE_DECODE.clear()
+        sd.SPARSE_DECODE.update(saved)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key[:120], "calls": e.count // steps, "us_total": t / steps})
+    rows.sort(key=lambda r: -r["us_total"])
+    return rows[:top]
+
+
+@torch.no_grad()
 def decode_density(model, state, first, n: int) -> dict:
     """Mean over layers of the xs / xy density over n eager greedy steps from ``state``."""
     from bdh.probes import SparsityProbe
@@ -147,4 +183,14 @@ def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
                        B * new_tokens, runs[label][2], note=note)
         row.update(weights=weights, batch=B, prompt=P, density=dens, same_sequences=same,
                    token_agreement=agree)
+        if B == 1 and P == min(b.meta.get("sizes", {}).get("prompts", [P])):
+            # Where a batch-1 step spends its GPU time, kernel by kernel (first prompt only).
+            try:
+                row["profile"] = profile_steps(model, st, first, sparse, fused=label == "sparse")
+            except Exception as exc:                # noqa: BLE001 (the timing row still counts)
+                row["profile"] = [{"name": f"profile failed: {type(exc).__name__}: {exc}"[:200],
+                                   "calls": 0, "us_total": 0.0}]
+            for k in row["profile"][:8]:
+                print(f"  {label:15s} {k['us_total']:8.1f} us/step  x{k['calls']:<3d} "
+                      f"{k['name'][:70]}")
         b.add(row)
