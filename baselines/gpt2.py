@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from bdh.hf import cache_nbytes
 from kernels import generate_from_state
-from kernels.checks import next_token_loss
+from kernels.checks import check_token_ids, next_token_loss
 
 from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
 
@@ -82,22 +82,19 @@ class GPT2LM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_idx(self, idx, position: int) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise TypeError(f"idx: expected a 2-D torch.long tensor [B,T], got "
-                            f"{getattr(idx, 'dtype', type(idx).__name__)} "
-                            f"{list(getattr(idx, 'shape', []))}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise ValueError(f"idx: token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+    def _check_idx(self, idx, position: int) -> torch.Tensor:
+        """Token ids [B,T] (int64 or int32, in range) that fit the position table after
+        ``position`` tokens; returns them as int64."""
+        idx = check_token_ids(idx, self.config.vocab_size)
         end = position + idx.shape[1]
         if end > self.config.n_positions:
             raise ValueError(f"idx: context of {end} tokens exceeds n_positions = "
                              f"{self.config.n_positions} (GPT-2's position table)")
+        return idx
 
     def forward(self, idx, targets=None, state: GPT2State | None = None, return_state=False):
         position = 0 if state is None else state.position
-        self._check_idx(idx, position)
+        idx = self._check_idx(idx, position)
         if return_state:
             past = None if state is None else state.cache
             out = self.hf(input_ids=idx, use_cache=True, **{cache_argument(self.hf): past})
@@ -120,7 +117,7 @@ class GPT2LM(nn.Module):
         if cache not in ("dynamic", "static"):
             raise ValueError(f"cache: expected 'dynamic' or 'static', got {cache!r}")
         if cache == "static":
-            self._check_idx(idx, max_new_tokens)
+            idx = self._check_idx(idx, max_new_tokens)
             decoder = GPT2StaticDecoder(self.hf, sdpa_backend, compile_step)
             return decoder.generate(idx, max_new_tokens, temperature, top_k, generator)
         return generate_from_state(self, idx, max_new_tokens, temperature, top_k, generator)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kernels import generate_from_state
-from kernels.checks import next_token_loss
+from kernels.checks import check_token_ids, next_token_loss
 
 from .deltanet import DeltaNetAttention
 from .linear import LinearAttention
@@ -145,21 +145,9 @@ class MixerLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_idx(self, idx) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise TypeError(f"idx: expected a 2-D torch.long tensor [B,T], got "
-                            f"{getattr(idx, 'dtype', type(idx).__name__)} "
-                            f"{list(getattr(idx, 'shape', []))}")
-        if idx.shape[1] == 0:
-            raise ValueError("idx: expected at least one token (T >= 1), got T = 0")
-        V = self.config.vocab_size
-        if int(idx.min()) < 0 or int(idx.max()) >= V:
-            raise ValueError(f"idx: token ids must lie in [0, {V}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-
     def forward(self, idx, targets=None, state: MixerLMState | None = None,
                 return_state: bool = False):
-        self._check_idx(idx)
+        idx = check_token_ids(idx, self.config.vocab_size)
         if state is not None:
             if not isinstance(state, MixerLMState) or len(state.layers) != len(self.blocks):
                 raise TypeError(f"state: expected a MixerLMState with {len(self.blocks)} layers "

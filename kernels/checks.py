@@ -64,3 +64,23 @@ def next_token_loss(logits: torch.Tensor, targets) -> torch.Tensor:
                          f"got {getattr(targets, 'shape', type(targets).__name__)}")
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                              targets.reshape(-1))
+
+
+def check_token_ids(idx, vocab_size: int, name: str = "idx") -> torch.Tensor:
+    """Validate a [B,T] tensor of token ids (int64 or int32, in [0, vocab)); returns int64."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids [B,T], "
+                        f"got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected token ids of dtype torch.long (int64), got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{name}: expected 2 dims [B,T], got shape {list(idx.shape)}")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"{name}: expected B >= 1 and T >= 1, got shape {list(idx.shape)}")
+    if torch.compiler.is_compiling():
+        return idx.long()     # the range check syncs with the device: eager calls only
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
+                         f"got values in [{lo}, {hi}]")
+    return idx.long()

@@ -30,8 +30,15 @@ def test_every_lm_checks_its_targets(make):
              "bsbr": lambda: BSBRLM(BSBRLMConfig(n_layer=1, d_model=32, n_head=2, chunk_size=4)),
              "mixer": lambda: MixerLM(MixerLMConfig(n_layer=1, d_model=32, n_head=2)),
              "gpt2": lambda: GPT2LM(gpt2_config(1, 32, 2, vocab_size=256, n_positions=16))}[make]()
+    model.eval()
     idx = torch.randint(0, 256, (2, 6))
     logits, loss = model(idx, torch.randint(0, 256, (2, 6)))
     assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
     with pytest.raises(ValueError, match="targets"):
         model(idx, torch.randint(0, 256, (2, 5)))
+    # one token-id check everywhere: int32 ids are the same ids, out-of-range ones are refused
+    assert torch.equal(model(idx.int())[0], model(idx)[0])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=256\)"):
+        model(torch.tensor([[0, 256]]))
+    with pytest.raises(TypeError, match="idx"):
+        model(torch.zeros(1, 4))
