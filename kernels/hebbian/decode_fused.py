@@ -31,7 +31,7 @@ import triton.language as tl
 
 @triton.jit
 def _tile_product(x_ptr, x_row, m_b, w_ptr, o_n, m_n, D, N, BB: tl.constexpr,
-                  BD: tl.constexpr, BN: tl.constexpr):
+                  BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Σ_d x[row_b, d] · w[d, n] for the BB rows x_row (element offsets of each row's start)
     and the BN columns o_n of w [D, N] (row-major), float32 [BB, BN]."""
     acc = tl.zeros([BB, BN], tl.float32)
@@ -42,13 +42,14 @@ def _tile_product(x_ptr, x_row, m_b, w_ptr, o_n, m_n, D, N, BB: tl.constexpr,
                       other=0.)
         b_w = tl.load(w_ptr + o_d[:, None] * N + o_n[None, :], mask=m_d[:, None] & m_n[None, :],
                       other=0.)
-        acc += tl.dot(b_x, b_w, input_precision="ieee")
+        acc += tl.dot(b_x, b_w, input_precision=PREC)
     return acc
 
 
 @triton.jit
 def encode_rope_kernel(x, enc, freqs, pos, xs, qk, tiles, B, D, N, NH, NT,
-                       BB: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+                       BB: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
+                       PREC: tl.constexpr):
     """grid (cdiv(N, 2·BP), NH, cdiv(B, BB)). x [B, D]; enc [NH, D, N]; freqs float64 [N/2];
     pos int64 [1]. Writes xs [NH, B, N], qk [B, NH, N] and tiles[b·NH + h, t]."""
     i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -57,7 +58,7 @@ def encode_rope_kernel(x, enc, freqs, pos, xs, qk, tiles, B, D, N, NH, NT,
     o_n = i_t * (2 * BP) + tl.arange(0, 2 * BP)
     m_n = o_n < N
     acc = _tile_product(x, o_b.to(tl.int64) * D, m_b, enc + i_h.to(tl.int64) * D * N, o_n, m_n,
-                        D, N, BB, BD, 2 * BP)
+                        D, N, BB, BD, 2 * BP, PREC)
     b_xs = tl.maximum(acc, 0.).to(xs.dtype.element_ty)          # as relu(bmm) in the model dtype
     m = m_b[:, None] & m_n[None, :]
     tl.store(xs + (i_h * B + o_b).to(tl.int64)[:, None] * N + o_n[None, :], b_xs, mask=m)
@@ -78,7 +79,8 @@ def encode_rope_kernel(x, enc, freqs, pos, xs, qk, tiles, B, D, N, NH, NT,
 
 @triton.jit
 def encode_gate_kernel(a, enc_v, xs, xy, tiles, B, D, N, NH, NT,
-                       BB: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+                       BB: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                       PREC: tl.constexpr):
     """grid (cdiv(N, BN), NH, cdiv(B, BB)). a [B, NH, D]; enc_v [NH, D, N]; xs [NH, B, N].
     Writes xy[b, h·N + n] = xs · relu(a @ enc_v) and tiles[b, h·cdiv(N, BN) + t]
     (NT = NH·cdiv(N, BN) tiles per row)."""
@@ -88,7 +90,7 @@ def encode_gate_kernel(a, enc_v, xs, xy, tiles, B, D, N, NH, NT,
     o_n = i_t * BN + tl.arange(0, BN)
     m_n = o_n < N
     acc = _tile_product(a, (o_b * NH + i_h).to(tl.int64) * D, m_b,
-                        enc_v + i_h.to(tl.int64) * D * N, o_n, m_n, D, N, BB, BD, BN)
+                        enc_v + i_h.to(tl.int64) * D * N, o_n, m_n, D, N, BB, BD, BN, PREC)
     b_ys = tl.maximum(acc, 0.).to(xy.dtype.element_ty)
     m = m_b[:, None] & m_n[None, :]
     b_xs = tl.load(xs + (i_h * B + o_b).to(tl.int64)[:, None] * N + o_n[None, :], mask=m,
@@ -129,6 +131,11 @@ def _bd(D: int) -> int:
     return max(16, min(64, triton.next_power_of_2(D)))
 
 
+def _prec(dtype: torch.dtype) -> str:
+    """float32 models multiply in IEEE float32 (as their cuBLAS bmm); 16-bit ones natively."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def encode_rope(x, enc, freqs64, pos, *, BP: int = 64):
     """x [B, D], enc [NH, D, N] (contiguous, one dtype), freqs64 [N/2] float64, pos int64 [1]:
     (xs [NH, B, N], qk [B, NH, N], tiles int32 [B·NH, cdiv(N, 2·BP)], tile width 2·BP)."""
@@ -142,7 +149,7 @@ def encode_rope(x, enc, freqs64, pos, *, BP: int = 64):
     BB = 16
     encode_rope_kernel[(NT, NH, triton.cdiv(B, BB))](x, enc, freqs64, pos, xs, qk, tiles, B, D,
                                                      N, NH, NT, BB=BB, BD=_bd(D), BP=BP,
-                                                     num_warps=4)
+                                                     PREC=_prec(x.dtype), num_warps=4)
     return xs, qk, tiles, 2 * BP
 
 
@@ -160,7 +167,7 @@ def encode_gate(a, enc_v, xs, *, BN: int = 128):
     BB = 16
     encode_gate_kernel[(N // BN, NH, triton.cdiv(B, BB))](a, enc_v, xs, xy, tiles, B, D, N, NH,
                                                           NT, BB=BB, BD=_bd(D), BN=BN,
-                                                          num_warps=4)
+                                                          PREC=_prec(a.dtype), num_warps=4)
     return xy, tiles, BN
 
 
