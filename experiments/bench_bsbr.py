@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .measure import PeakMemory, free_memory, is_oom
+from .measure import PeakMemory, free_memory, is_oom, pinned
 from .results import markdown_table, run_meta, write_json
 
 METHODS = ("bsbr", "bsbr_v1", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
@@ -140,21 +140,13 @@ def to_bthd(ins):
     return [t.transpose(1, 2).contiguous() for t in ins]
 
 
-@contextlib.contextmanager
 def v1_pins(on: bool):
-    """With on: the PyTorch routing and float32-F readout products (bsbr_v1), then restore."""
+    """With on: the PyTorch routing and float32-F readout products (bsbr_v1); a no-op else."""
     from kernels.bsbr import readout_grouped, routing
-    pins = ((routing.ROUTING, "triton"), (readout_grouped.GROUPED_READOUT, "lowp"))
-    saved = [dict(d) for d, _ in pins]
-    if on:
-        for d, key in pins:
-            d[key] = False
-    try:
-        yield
-    finally:
-        for (d, _), old in zip(pins, saved):
-            d.clear()
-            d.update(old)
+    if not on:
+        return contextlib.nullcontext()
+    return pinned((routing.ROUTING, "triton", False), (readout_grouped.GROUPED_READOUT, "lowp",
+                                                       False))
 
 
 def build_method(name: str, sz: Sizes, T: int, dev, dtype):

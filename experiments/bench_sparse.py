@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .measure import PeakMemory, pinned
+
 CHECKPOINT_FIX = "pass a checkpoint written by `python -m experiments.train --model bdh`"
 
 
@@ -91,15 +93,8 @@ def decode_greedy(model, state, first, n: int, sparse: bool, fused: bool = True)
     step's fused layer kernels (pinned off: the unfused ones; a graph keeps what it captured).
     Returns (tokens [B, n] on the CPU, seconds of the n timed steps, their peak memory)."""
     import bdh.sparse_decode as sd
-
-    from .measure import PeakMemory
-    saved = dict(sd.SPARSE_DECODE)
-    sd.SPARSE_DECODE["fused"] = fused
-    try:
+    with pinned((sd.SPARSE_DECODE, "fused", fused)):
         dec = _Decoder(model, state.clone(), first, sparse)   # step 1 (and capture): untimed
-    finally:
-        sd.SPARSE_DECODE.clear()
-        sd.SPARSE_DECODE.update(saved)
     nxt = dec.logits[:, -1].argmax(-1, keepdim=True)
     out = torch.empty(first.shape[0], n, dtype=torch.long, device=first.device)
     with PeakMemory(first.device) as m:                       # synchronises on entry and exit
@@ -119,9 +114,7 @@ def profile_steps(model, state, first, sparse: bool, fused: bool = True, steps: 
         return []
     import bdh.sparse_decode as sd
     from torch.profiler import ProfilerActivity, profile
-    saved = dict(sd.SPARSE_DECODE)
-    sd.SPARSE_DECODE["fused"] = fused
-    try:
+    with pinned((sd.SPARSE_DECODE, "fused", fused)):
         layers, pos, tok = [S.clone() for S in state.layers], state.position, first
         step = (lambda t, p: sd.sparse_decode_step(model, t, layers, p)) if sparse else \
             (lambda t, p: model._run(t, layers, p, want_state=True, inplace=True,
@@ -133,9 +126,6 @@ def profile_steps(model, state, first, sparse: bool, fused: bool = True, steps: 
                 logits, _ = step(tok, pos + 1 + i)
                 tok = logits[:, -1].argmax(-1, keepdim=True)
             torch.cuda.synchronize()
-    finally:
-        sd.SPARSE_DECODE.clear()
-        sd.SPARSE_DECODE.update(saved)
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
