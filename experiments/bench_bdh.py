@@ -431,7 +431,8 @@ def main(argv=None) -> list[dict]:
             for P, B in runs:
                 b.run("sparse decode", "ours", f"B{B} prompt {P} ({weights})",
                       lambda: bench_sparse_decode(b, m, weights, P, B, sz.new_tokens,
-                                                  sz.density_tokens, text))
+                                                  sz.density_tokens, text,
+                                                  profile=(P, B) == runs[0]))
             del m
             free_memory(dev)
 

@@ -147,8 +147,9 @@ def decode_density(model, state, first, n: int) -> dict:
 
 
 def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
-                        density_tokens: int, text: bytes | None) -> None:
-    """Two rows (dense graph, sparse graph) of `experiments.bench_bdh`'s Bench ``b``."""
+                        density_tokens: int, text: bytes | None, profile: bool = False) -> None:
+    """Three rows (dense, sparse fused, sparse unfused) of `experiments.bench_bdh`'s Bench
+    ``b``; with ``profile``, each row also gets the kernel profile of three eager steps."""
     from .bench_bdh import make_row
     prompt = make_prompts(B, P, b.dev, text)
     with torch.no_grad():
@@ -173,8 +174,7 @@ def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
                        B * new_tokens, runs[label][2], note=note)
         row.update(weights=weights, batch=B, prompt=P, density=dens, same_sequences=same,
                    token_agreement=agree)
-        if B == 1 and P == min(b.meta.get("sizes", {}).get("prompts", [P])):
-            # Where a batch-1 step spends its GPU time, kernel by kernel (first prompt only).
+        if profile:                         # where a step spends its GPU time, per kernel
             try:
                 row["profile"] = profile_steps(model, st, first, sparse, fused=label == "sparse")
             except Exception as exc:                # noqa: BLE001 (the timing row still counts)
