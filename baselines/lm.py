@@ -105,12 +105,11 @@ class MixerBlock(nn.Module):
 
     def forward(self, x, state=None, return_state=False):
         h = self.ln1(x)
-        if self.conv is None:
-            if return_state:
-                a, state = self.mixer(h, state=state, return_state=True)
-            else:
-                a = self.mixer(h)
-        elif return_state:
+        if not return_state:
+            a = self.mixer(h if self.conv is None else self.conv(h))
+        elif self.conv is None:
+            a, state = self.mixer(h, state=state, return_state=True)
+        else:
             if state is not None and not isinstance(state, ConvMixerState):
                 raise TypeError(f"state: a block with a short convolution takes a "
                                 f"ConvMixerState, got {type(state).__name__}")
@@ -118,8 +117,6 @@ class MixerBlock(nn.Module):
             a, mixer_state = self.mixer(h, state=None if state is None else state.mixer,
                                         return_state=True)
             state = ConvMixerState(conv_state, mixer_state)
-        else:
-            a = self.mixer(self.conv(h))
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln2(x)))
         return (x, state) if return_state else x

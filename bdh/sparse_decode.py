@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kernels.checks import resolve_backend
+from kernels.hebbian.common import INTERPRET
 from kernels.hebbian.sparse_step import SPARSE_BACKENDS, sparse_hebbian_step, sparse_rows_matmul
 
 
@@ -77,7 +78,6 @@ SPARSE_DECODE: dict = {}
 def _fused_ok(model, kind: str, dtype: torch.dtype) -> bool:
     """The fused layer (kernels.hebbian.decode_fused) runs on the Triton backend when N has a
     power-of-two factor >= 16 (its tiles) and, under the interpreter, not in bf16."""
-    from kernels.hebbian.common import INTERPRET
     N = model.config.N
     return (SPARSE_DECODE.get("fused", True) and kind == "triton" and (N & -N) >= 16
             and not (INTERPRET and dtype == torch.bfloat16))
@@ -123,9 +123,10 @@ def sparse_decode_step(model, idx, states, position, *, backend: str = "auto"):
         from kernels.rope import pair_freqs64
         pos = position if isinstance(position, torch.Tensor) else torch.tensor(
             [position], dtype=torch.int64, device=idx.device)
+        freqs64 = pair_freqs64(N, idx.device)
         x2 = x.reshape(B, D).contiguous()
         for layer in range(C.n_layer):
-            x2 = _fused_layer(model, x2, states[layer], pos, pair_freqs64(N, idx.device))
+            x2 = _fused_layer(model, x2, states[layer], pos, freqs64)
         return (x2 @ model.lm_head).view(B, 1, -1), states
     for layer in range(C.n_layer):
         S = states[layer]
