@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rope.triton_rotate import phase_angle, rotate_pairs
+
 
 @triton.jit
 def _tile_product(x_ptr, x_row, m_b, w_ptr, o_n, m_n, D, N, BB: tl.constexpr,
@@ -65,12 +67,9 @@ def encode_rope_kernel(x, enc, freqs, pos, xs, qk, tiles, B, D, N, NH, NT,
     # RoPE at the device position: the exact phase pos·f_j in float64, reduced mod 1.
     o_p = i_t * BP + tl.arange(0, BP)
     b_f = tl.load(freqs + o_p, mask=o_p < N // 2, other=0.)
-    b_cyc = tl.load(pos).to(tl.float64) * b_f
-    b_ang = (b_cyc - b_cyc.to(tl.int64).to(tl.float64)).to(tl.float32) * 6.283185307179586
-    b_c, b_s = tl.cos(b_ang)[None, :], tl.sin(b_ang)[None, :]
-    b_e, b_o = tl.split(tl.reshape(b_xs.to(tl.float32), (BB, BP, 2)))
-    b_q = tl.reshape(tl.join(b_e * b_c - b_o * b_s, b_o * b_c + b_e * b_s), (BB, 2 * BP))
-    b_q = b_q.to(qk.dtype.element_ty)
+    b_ang = phase_angle(tl.load(pos).to(tl.float64) * b_f)
+    b_q = rotate_pairs(b_xs.to(tl.float32), tl.cos(b_ang)[None, :], tl.sin(b_ang)[None, :],
+                       BB, BP).to(qk.dtype.element_ty)
     row = (o_b * NH + i_h).to(tl.int64)
     tl.store(qk + row[:, None] * N + o_n[None, :], b_q, mask=m)
     nz = tl.sum(((b_q != 0) & m).to(tl.int32), 1)

@@ -21,6 +21,21 @@ TWO_PI = 2 * math.pi
 
 
 @triton.jit
+def phase_angle(b_cyc):
+    """The angle 2π·frac(c) of float64 cycle counts c = position·f, reduced mod 1 in float64
+    before the cast to float32 (good to ~1e-6 rad at any position)."""
+    return (b_cyc - b_cyc.to(tl.int64).to(tl.float64)).to(tl.float32) * 6.283185307179586
+
+
+@triton.jit
+def rotate_pairs(b_x, b_c, b_s, R: tl.constexpr, BP: tl.constexpr):
+    """Float32 rows b_x [R, 2·BP] of neuron pairs (2j, 2j+1), each pair rotated by its angle
+    (cos b_c, sin b_s, broadcastable to [R, BP])."""
+    b_xe, b_xo = tl.split(tl.reshape(b_x, (R, BP, 2)))
+    return tl.reshape(tl.join(b_xe * b_c - b_xo * b_s, b_xo * b_c + b_xe * b_s), (R, 2 * BP))
+
+
+@triton.jit
 def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
                        BT: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
                        START_PTR: tl.constexpr):
@@ -36,9 +51,7 @@ def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
         b_pos = (tl.load(start) + o_t).to(tl.float64)
     else:
         b_pos = (start + o_t).to(tl.float64)
-    b_cyc = b_pos[:, None] * b_f[None, :]
-    b_frac = (b_cyc - b_cyc.to(tl.int64).to(tl.float64)).to(tl.float32)
-    b_ang = b_frac * 6.283185307179586
+    b_ang = phase_angle(b_pos[:, None] * b_f[None, :])
     b_c = tl.cos(b_ang)
     b_s = tl.sin(b_ang) * sign
     # The tile is the contiguous [BT, 2·BP] block of columns 2j, 2j+1 (wide vector loads);
@@ -51,10 +64,7 @@ def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign,
     p_out = out + i_g.to(tl.int64) * G * stride_bh + o_x
     for _ in range(tl.minimum(G, BH - i_g * G)):
         b_x = tl.load(p_x, mask=m, other=0.).to(tl.float32)
-        b_xe, b_xo = tl.split(tl.reshape(b_x, (BT, BP, 2)))
-        b_ye = b_xe * b_c - b_xo * b_s
-        b_yo = b_xo * b_c + b_xe * b_s
-        b_y = tl.reshape(tl.join(b_ye, b_yo), (BT, 2 * BP))
+        b_y = rotate_pairs(b_x, b_c, b_s, BT, BP)
         tl.store(p_out, b_y.to(out.dtype.element_ty), mask=m)
         p_x += stride_bh
         p_out += stride_bh
