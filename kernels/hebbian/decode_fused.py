@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..rope.triton_rotate import phase_angle, rotate_pairs
+from .sparse_step import _pow2_tile
 
 
 @triton.jit
@@ -126,10 +127,6 @@ def reduce_layernorm_kernel(part, res, out, NS, V, eps, BV: tl.constexpr, HAS_RE
     tl.store(out + r * V + o_v, y.to(dt), mask=m)
 
 
-def _bd(D: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(D)))
-
-
 def _prec(dtype: torch.dtype) -> str:
     """float32 models multiply in IEEE float32 (as their cuBLAS bmm); 16-bit ones natively."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -147,7 +144,7 @@ def encode_rope(x, enc, freqs64, pos, *, BP: int = 64):
     tiles = torch.empty(B * NH, NT, dtype=torch.int32, device=x.device)
     BB = 16
     encode_rope_kernel[(NT, NH, triton.cdiv(B, BB))](x, enc, freqs64, pos, xs, qk, tiles, B, D,
-                                                     N, NH, NT, BB=BB, BD=_bd(D), BP=BP,
+                                                     N, NH, NT, BB=BB, BD=_pow2_tile(D, 64), BP=BP,
                                                      PREC=_prec(x.dtype), num_warps=4)
     return xs, qk, tiles, 2 * BP
 
@@ -165,7 +162,7 @@ def encode_gate(a, enc_v, xs, *, BN: int = 128):
     tiles = torch.empty(B, NT, dtype=torch.int32, device=a.device)
     BB = 16
     encode_gate_kernel[(N // BN, NH, triton.cdiv(B, BB))](a, enc_v, xs, xy, tiles, B, D, N, NH,
-                                                          NT, BB=BB, BD=_bd(D), BN=BN,
+                                                          NT, BB=BB, BD=_pow2_tile(D, 64), BN=BN,
                                                           PREC=_prec(a.dtype), num_warps=4)
     return xy, tiles, BN
 

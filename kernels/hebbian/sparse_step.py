@@ -167,28 +167,21 @@ def compact_nonzero_triton(x, y=None, *, idx=None, count=None):
     walking L: at decode (R = B·nh = 4 rows of 8192, or 1 row of 32768 for the decoder) that is
     4 programs in a serial loop, and it cost more than the rows it saved (H200, bench_bdh)."""
     R, L = x.shape
-    if idx is None:
-        idx = torch.empty(R, L, dtype=torch.int32, device=x.device)
-    if count is None:
-        count = torch.empty(R, dtype=torch.int32, device=x.device)
     # ~32 tiles per row (at most 64 under BL's floor), so the tile-count row fits one block.
     BL = SPARSE_TILES.get("BL") or (64 if INTERPRET else max(128, triton.next_power_of_2(
         triton.cdiv(L, 32))))
     BL = _pow2_tile(L, BL)
     NT = triton.cdiv(L, BL)
     tiles = torch.empty(R, NT, dtype=torch.int32, device=x.device)
-    y = y if y is not None else x
-    count_tile_nonzero_kernel[(NT, R)](x, y, tiles, L, NT, BL=BL, HAS_Y=y is not x,
-                                       num_warps=4)
-    compact_tile_kernel[(NT, R)](x, y, tiles, idx, count, L, NT, BL=BL,
-                                 BT=max(16, triton.next_power_of_2(NT)), HAS_Y=y is not x,
-                                 num_warps=4)
-    return idx, count
+    count_tile_nonzero_kernel[(NT, R)](x, y if y is not None else x, tiles, L, NT, BL=BL,
+                                       HAS_Y=y is not None, num_warps=4)
+    return compact_from_tiles(x, tiles, BL, idx, count, y=y)
 
 
-def compact_from_tiles(x, tiles, BL: int, idx=None, count=None):
-    """The second pass of the compaction, for tile counts another kernel already wrote:
-    x [R, L] contiguous, tiles int32 [R, cdiv(L, BL)] (non-zeros of x per BL-wide tile).
+def compact_from_tiles(x, tiles, BL: int, idx=None, count=None, *, y=None):
+    """The second pass of the compaction, for tile counts already written (by
+    `count_tile_nonzero_kernel`, or fused into another kernel): x (and y) [R, L] contiguous,
+    tiles int32 [R, cdiv(L, BL)] (non-zeros of x, or of x or y, per BL-wide tile).
     Returns (idx int32 [R, L], count int32 [R])."""
     R, L = x.shape
     NT = tiles.shape[1]
@@ -196,8 +189,8 @@ def compact_from_tiles(x, tiles, BL: int, idx=None, count=None):
         idx = torch.empty(R, L, dtype=torch.int32, device=x.device)
     if count is None:
         count = torch.empty(R, dtype=torch.int32, device=x.device)
-    compact_tile_kernel[(NT, R)](x, x, tiles, idx, count, L, NT, BL=BL,
-                                 BT=max(16, triton.next_power_of_2(NT)), HAS_Y=False,
+    compact_tile_kernel[(NT, R)](x, y if y is not None else x, tiles, idx, count, L, NT, BL=BL,
+                                 BT=max(16, triton.next_power_of_2(NT)), HAS_Y=y is not None,
                                  num_warps=4)
     return idx, count
 
