@@ -19,6 +19,9 @@ process RSS, rough). Methods:
   fla_linear   fla.ops.linear_attn.chunk_linear_attn (skipped if fla is not installed)
   fla_nsa      fla.ops.nsa.parallel_nsa, 16 query heads per kv head, top-k = --top-k blocks of
                64 (skipped if fla is not installed)
+Before the kernel sweep (CUDA), a small launch sweep times bsbr fwd+bwd at --tune-T (32k at
+--preset h100) for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps)
+and pins the fastest for the bsbr rows ("tune" in the JSON).
 An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
 that pass; any other failure is a row with its note. Before timing, ours is checked against the
 float64 reference (`kernels.bsbr.naive`) at T = --check-T: output and every input gradient.
@@ -149,17 +152,28 @@ def v1_pins(on: bool):
                                                        False))
 
 
-def build_method(name: str, sz: Sizes, T: int, dev, dtype):
+def launch_pins(launch: dict | None):
+    """Pins of the grouped readout's launch (entries per program, warps), e.g. the sweep's
+    pick; a no-op for None."""
+    from kernels.bsbr import readout_grouped
+    if not launch:
+        return contextlib.nullcontext()
+    return pinned(*((readout_grouped.GROUPED_READOUT, k, launch[k]) for k in ("block", "warps")))
+
+
+def build_method(name: str, sz: Sizes, T: int, dev, dtype, launch: dict | None = None):
     """(fn(q, k, v, r, hk) -> output, how many leading inputs it differentiates, prep), where
     prep(inputs) puts the [B,H,T,D] inputs into the method's layout once before timing.
-    Raises ImportError when the peer is not available."""
+    `launch` (method bsbr only): the grouped readout launch to pin. Raises ImportError when the
+    peer is not available."""
     same = list
     if name in ("bsbr", "bsbr_v1", "bsbr_torch"):
         from kernels.bsbr import bsbr_attention
         backend = "torch" if name == "bsbr_torch" else "auto"
+        pins = (lambda: v1_pins(True)) if name == "bsbr_v1" else (lambda: launch_pins(launch))
 
         def fn(q, k, v, r, hk):
-            with v1_pins(name == "bsbr_v1"):   # the choice is made in the forward and kept
+            with pins():                       # the choice is made in the forward and kept
                 return bsbr_attention(q, k, v, r, hk, chunk_size=sz.chunk, top_k=sz.top_k,
                                       backend=backend)
         return fn, 5, same
@@ -218,7 +232,7 @@ class Bench:
     def __init__(self, out: Path, meta: dict):
         self.out = out
         self.data = {"meta": meta, "checks": [], "rows": [], "slopes": {}, "decode": [],
-                     "decode_summary": {}, "skipped": {}}
+                     "decode_summary": {}, "skipped": {}, "tune": None}
 
     def save(self) -> None:
         write_json(self.out / "bench_bsbr.json", self.data)
@@ -270,8 +284,41 @@ def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
         release(dev)
 
 
+TUNE_LAUNCHES = ((32, 4), (64, 4), (64, 8), (128, 8))   # (entries per program, num_warps)
+
+
+def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
+    """Time bsbr fwd+bwd at T for each grouped-readout launch in TUNE_LAUNCHES (a small
+    autotune: the best block size depends on the GPU); returns the fastest as
+    {"block", "warps"}, or None when none ran. On CUDA only (the CPU runs the torch backend)."""
+    from kernels.bsbr import bsbr_attention
+    ins = make_inputs(sz, T, dev, dtype)
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    do = torch.randn_like(ins[2])
+    rows = []
+    for block, warps in tqdm(TUNE_LAUNCHES, desc=f"readout launch at T={T}"):
+        launch = {"block": block, "warps": warps}
+        row = {**launch, "fwd_bwd_ms": None, "note": None}
+        try:
+            with launch_pins(launch):
+                def call():
+                    bsbr_attention(*leaves, chunk_size=sz.chunk, top_k=sz.top_k).backward(do)
+                row["fwd_bwd_ms"] = time_ms(call, dev, sz.reps, leaves)
+        except Exception as exc:                    # noqa: BLE001 (a row, not a crash)
+            row["note"] = note_of(exc)
+        rows.append(row)
+        release(dev)
+    ok = [r for r in rows if r["fwd_bwd_ms"] is not None]
+    best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
+    pick = {"block": best["block"], "warps": best["warps"]} if best else None
+    b.data["tune"] = {"T": T, "rows": rows, "best": pick}
+    b.save()
+    print("readout launch sweep:", rows, "->", pick, flush=True)
+    return pick
+
+
 def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype,
-                  deadline_s: float | None = None) -> None:
+                  deadline_s: float | None = None, launch: dict | None = None) -> None:
     """Shortest T first across all methods, so a run cut short (by --kernel-deadline-s or a
     time limit) still has every method at the lengths it reached."""
     stopped = {}                                    # (method, pass) -> T where it ran out
@@ -286,7 +333,7 @@ def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype,
         row = {"method": m, "T": T, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_peak_bytes": None,
                "fwd_bwd_peak_bytes": None, "note": None}
         try:
-            fn, n_grad, prep = build_method(m, sz, T, dev, dtype)
+            fn, n_grad, prep = build_method(m, sz, T, dev, dtype, launch)
         except ImportError as exc:
             b.data["skipped"][m] = f"{type(exc).__name__}: {exc}"
             continue
@@ -499,6 +546,10 @@ def markdown(data: dict) -> str:
              "## decode memory (BSBRAttention)", "", markdown_table(dec), "",
              "longest over shortest context (1.0 = flat):", "",
              markdown_table([{"bank": k, **v} for k, v in data["decode_summary"].items()]), ""]
+    if data.get("tune"):
+        tune = data["tune"]
+        lines += [f"## grouped readout launch sweep (bsbr fwd+bwd at T = {tune['T']}; the bsbr "
+                  f"rows use the fastest, {tune['best']})", "", markdown_table(tune["rows"]), ""]
     if data["skipped"]:
         lines += ["skipped: " + "; ".join(f"{m} ({why})" for m, why in data["skipped"].items()),
                   ""]
@@ -544,6 +595,9 @@ def main(argv=None) -> dict:
     p.add_argument("--kernel-deadline-s", type=float, default=None,
                    help="start no kernel row after this many seconds (leaves time for the "
                         "decode sweep; skipped rows are listed under not_run)")
+    p.add_argument("--tune-T", type=int, default=None,
+                   help="T of the grouped-readout launch sweep run before the kernels (CUDA "
+                        "only; default 32768 with --preset h100, 0 = no sweep: default launch)")
     p.add_argument("--out", default="runs/bench_bsbr")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -588,7 +642,13 @@ def main(argv=None) -> dict:
     b = Bench(out, meta)
     b.save()
     check_against_reference(b, sz, dev, dtype)
-    bench_kernels(b, sz, methods, dev, dtype, a.kernel_deadline_s)
+    tune_T = a.tune_T if a.tune_T is not None else (32768 if a.preset == "h100" else 0)
+    if tune_T < 0:
+        raise SystemExit(f"--tune-T: expected an int >= 0, got {tune_T}")
+    launch = None
+    if tune_T and "bsbr" in methods and dev.type == "cuda":
+        launch = tune_readout(b, sz, dev, dtype, tune_T)
+    bench_kernels(b, sz, methods, dev, dtype, a.kernel_deadline_s, launch)
     b.save()
     if not a.no_decode:
         bench_decode(b, sz, dev, dtype)

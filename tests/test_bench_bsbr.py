@@ -3,6 +3,7 @@ the JSON contract, the reference check, the decode sweep's flat bounded-bank sta
 import json
 
 import pytest
+import torch
 
 from experiments import bench_bsbr
 
@@ -20,12 +21,32 @@ def test_v1_pins_select_the_old_paths_and_restore():
         assert routing.ROUTING == {} and readout_grouped.GROUPED_READOUT == {}
 
 
+def test_readout_launch_sweep_picks_the_fastest_and_restores_the_pins(tmp_path, monkeypatch):
+    from kernels.bsbr import readout_grouped
+    seen = []
+
+    def fake_time(fn, dev, reps, grads=()):
+        fn()
+        seen.append(dict(readout_grouped.GROUPED_READOUT))
+        return {32: 3.0, 64: 1.5, 128: 2.0}[seen[-1]["block"]] + seen[-1]["warps"] / 100
+    monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
+    sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
+    b = bench_bsbr.Bench(tmp_path, {})
+    pick = bench_bsbr.tune_readout(b, sz, torch.device("cpu"), torch.float32, 32)
+    assert seen == [{"block": be, "warps": w} for be, w in bench_bsbr.TUNE_LAUNCHES]
+    assert pick == {"block": 64, "warps": 4} and b.data["tune"]["best"] == pick
+    assert readout_grouped.GROUPED_READOUT == {}
+    with bench_bsbr.launch_pins(pick):
+        assert readout_grouped.GROUPED_READOUT == pick
+    assert readout_grouped.GROUPED_READOUT == {}
+
+
 def test_cpu_smoke_writes_the_json_contract(tmp_path):
     methods = "bsbr,bsbr_v1,bsbr_torch,sdpa,flex_swa,fla_linear"
     data = bench_bsbr.main(TINY + ["--methods", methods, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_bsbr.json").read_text())
     assert set(saved) == {"meta", "checks", "rows", "slopes", "decode", "decode_summary",
-                          "skipped"}
+                          "skipped", "tune"}
     assert saved["meta"]["preset"] == "cpu" and saved["meta"]["sizes"]["chunk"] == 8
     # Ours against the float64 reference: output and all five input gradients.
     (check,) = saved["checks"]

@@ -76,6 +76,45 @@ def test_readout_triton(poison_empty, kernel_device, mode, dtype, T, S, NK, K, V
         assert_rel_close(a, b, TOL[dtype], name)
 
 
+@pytest.mark.parametrize("mode", ["grouped", "tile"])
+def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device, monkeypatch,
+                                                    mode):
+    """Skewed routing (slot 0 picked by every row) with 16-entry fwd / dq blocks and 16-entry dF
+    segments: every slot's run spans several programs, and the per-slot sums of the dF partials
+    still equal the float64 readout's gradients."""
+    import kernels.bsbr.readout_grouped as grouped
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "block", 16)
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "warps", 2)
+    monkeypatch.setattr(readout_triton, "segment_entries", lambda n_ent, S: 16)
+    T, S, NK, K, V = 70, 5, 3, 12, 20
+    q = torch.randn(1, 2, T, K, device=kernel_device)
+    F = torch.randn(1, 2, S, K, V, device=kernel_device)
+    p = torch.rand(1, 2, T, NK, device=kernel_device)
+    idx = 1 + torch.rand(1, 2, T, S - 1, device=kernel_device).argsort(-1)[..., :NK]
+    idx[..., 0] = 0                                  # 70 entries on slot 0: 5 segments
+    idx[:, :, :3, 1:] = -1
+    idx = idx.to(torch.int32)
+    p = torch.where(idx >= 0, p, 0.0)
+    do = torch.randn(1, 2, T, V, dtype=f64, device=kernel_device)
+    o, g = grads_of(lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode=mode),
+                    [q, F, p], do)
+    o_r, g_r = grads_of(lambda q_, F_, p_: dense_readout(q_, F_, idx.long(), p_),
+                        [t.double() for t in (q, F, p)], do)
+    assert_rel_close(o, o_r, TOL[fp32], "long")
+    g_r = list(g_r)
+    g_r[2] = torch.where(idx >= 0, g_r[2], 0.0)
+    for name, a, b in zip(("dq", "dF", "dp"), g, g_r):
+        assert_rel_close(a, b, TOL[fp32], name)
+
+
+@pytest.mark.parametrize("key,value", [("block", 48), ("block", 256), ("warps", 3)])
+def test_grouped_readout_rejects_bad_launch_pins(monkeypatch, key, value):
+    import kernels.bsbr.readout_grouped as grouped
+    monkeypatch.setitem(grouped.GROUPED_READOUT, key, value)
+    with pytest.raises(ValueError, match=f"GROUPED_READOUT\\['{key}'\\]"):
+        grouped.launch_config()
+
+
 @pytest.mark.parametrize("B,H,Tq,S,M,n,offset,C,kk", [
     (1, 2, 37, 7, 12, 0, 0, 5, 3), (2, 1, 70, 9, 20, 3, 5, 8, 4), (1, 1, 40, 40, 16, 0, 0, 1, 5),
     (1, 2, 33, 4, 8, 2, 0, 16, 4), (1, 1, 50, 6, 130, 1, 3, 9, 6)])

@@ -16,7 +16,8 @@ and each F_j is read once per block of BE entries that picked it.
          of a [BH, T·k, V] buffer per entry (no two programs write the same row: deterministic);
          long = Σ_k Y in PyTorch.
   dq/dp  grid (NB, BH): dp_e = (q_t F_j)·do_t, DQ[e] = p_e · do_t F_jᵀ; dq = Σ_k DQ.
-  dF     readout_triton._readout_bwd_dF: per slot, its entries in sorted order (deterministic).
+  dF     readout_triton.routed_readout_dF: per segment of a slot's run, then per slot in order
+         (deterministic).
 The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
 T = 32k, k = 8, d = 128 that is 64 MiB per head in bf16), alive only inside the call.
 
@@ -36,11 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .readout_triton import _bv, _inverse_index, _prec, _readout_bwd_dF
+from .readout_triton import _bv, _inverse_index, _prec, routed_readout_dF, slot_runs
 
-BE = 32          # entries per block (rows of one tl.dot)
+BE = 32          # entries per block (rows of one tl.dot); GROUPED_READOUT["block"] pins another
 
-# {"lowp": True/False} pins the product precision above; empty: bf16 inputs only.
+# {"lowp": True/False} pins the product precision above (empty: bf16 inputs only);
+# "block" (entries per program) and "warps" pin the fwd and dq/dp launch (launch_config).
 GROUPED_READOUT: dict = {}
 
 
@@ -133,25 +135,15 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
                  (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
 
 
-def _slot_blocks(idx, S):
-    """The sorted entries and, per program, (slot, first entry, end entry). Pseudo-slot S holds
-    the entries with idx = -1 (its programs write zero rows, so every buffer row is written);
-    slot S + 1 marks the programs past the last block. All on the device, no host sync."""
-    BH = idx.shape[0] * idx.shape[1]
-    n_ent = idx.shape[2] * idx.shape[3]
-    order, starts = _inverse_index(idx, S)
-    run = torch.cat([starts.long(), torch.full((BH, 1), n_ent, device=idx.device)], 1)  # [BH,S+2]
-    nblk = (run[:, 1:] - run[:, :-1] + BE - 1) // BE                          # [BH, S+1]
-    ends = nblk.cumsum(-1)                                                    # block ends
-    NB = triton.cdiv(n_ent, BE) + S + 1
-    pid = torch.arange(NB, device=idx.device).expand(BH, NB).contiguous()
-    slot = torch.searchsorted(ends, pid, right=True)                          # [BH, NB]
-    js = slot.clamp(max=S)
-    first_blk = ends.gather(1, js) - nblk.gather(1, js)
-    e0 = run.gather(1, js) + (pid - first_blk) * BE
-    e1 = run.gather(1, js + 1)
-    as32 = lambda t: t.to(torch.int32).contiguous()
-    return order, starts, as32(slot), as32(e0), as32(e1), NB
+def launch_config() -> tuple[int, int]:
+    """(entries per program, num_warps) of the fwd and dq/dp kernels: the defaults, or the pins
+    "block" / "warps" of GROUPED_READOUT (bench_bsbr sweeps them)."""
+    be, warps = GROUPED_READOUT.get("block", BE), GROUPED_READOUT.get("warps", 4)
+    if be not in (16, 32, 64, 128):
+        raise ValueError(f"GROUPED_READOUT['block']: expected 16, 32, 64 or 128, got {be!r}")
+    if warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"GROUPED_READOUT['warps']: expected a power of two <= 16, got {warps!r}")
+    return be, warps
 
 
 class RoutedReadoutGrouped(torch.autograd.Function):
@@ -162,18 +154,21 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         p32 = p.to(torch.float32).contiguous()
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
-        order, starts, slot, e0, e1, NB = _slot_blocks(idx, S)
+        be, warps = launch_config()
+        order, starts = _inverse_index(idx, S)
+        slot, e0, e1, NB, _, _ = slot_runs(order, starts, S, T * NK, be)
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)
         BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
         lowp = use_lowp(q.dtype)
         Fk = F.to(q.dtype) if lowp else F            # the operand both product kernels read
         _grouped_fwd[(NB, triton.cdiv(V, BV), B * H)](
-            q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=BE, BK=BK, BV=BV,
-            PREC=_prec(q.dtype), LOWP=lowp)
+            q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=be, BK=BK, BV=BV,
+            PREC=_prec(q.dtype), LOWP=lowp, num_warps=warps)
         out = Y.sum(3, dtype=torch.float32)                    # Σ over the k picks, in fp32
         ctx.save_for_backward(q, Fk, idx, p32, order, starts, slot, e0, e1)
         ctx.NB, ctx.p_dtype, ctx.F_dtype, ctx.lowp = NB, p.dtype, F.dtype, lowp
+        ctx.be, ctx.warps = be, warps
         return out
 
     @staticmethod
@@ -188,9 +183,9 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         DQ = torch.empty(B, H, T, NK, K, dtype=buf_dtype, device=q.device)
         dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
         _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
-                                        ctx.NB, BE=BE, LOWP=ctx.lowp, **meta)
+                                        ctx.NB, BE=ctx.be, LOWP=ctx.lowp,
+                                        num_warps=ctx.warps, **meta)
         dq = DQ.sum(3, dtype=torch.float32).to(q.dtype)
-        dF = torch.empty(Fk.shape, dtype=ctx.F_dtype, device=Fk.device)
-        _readout_bwd_dF[(S, triton.cdiv(V, BV), B * H)](q, p, do, order, starts, dF, T, S, NK,
-                                                         BE=BE, **meta)
+        dF = routed_readout_dF(q, p, do, order, starts, Fk.shape, ctx.F_dtype,
+                               dict(K=K, V=V, BK=BK, PREC=_prec(q.dtype)))
         return dq, dF, None, dp.to(ctx.p_dtype)

@@ -8,10 +8,13 @@
          (0 for rows that did not pick j). Slots no row picked are never read.
   dq/dp  grid (cdiv(T, BT), B·H), the same walk, whole V per tile:
          dq_t += w_t · do_t F_jᵀ,   dp_tk = (q_t F_j)·do_t where idx_tk = j.
-  dF     grid (S, cdiv(V, BV), B·H), deterministic (no atomics): an inverse index (the (t, k)
-         entries sorted by slot, one stable torch.sort, no host sync) lets the program of slot j
-         gather exactly the queries that selected it: dF_j = Σ (p_tk q_t)ᵀ do_t, in a fixed
-         order.
+  dF     deterministic (no atomics): an inverse index (the (t, k) entries sorted by slot, one
+         stable torch.sort, no host sync) lets a program gather exactly the queries that
+         selected its slot j: dF_j = Σ (p_tk q_t)ᵀ do_t, in a fixed order. Each slot's run is cut
+         into segments of about the mean run length (early slots are picked by many later
+         queries: one program per slot made the pass as slow as its longest loop); grid
+         (segments, cdiv(V, BV), B·H) writes per-segment partials, then a per-slot sum adds them
+         in segment order.
 The dot products run in float32 ("ieee" for float32 inputs, tf32 otherwise). Addresses: (b,h)
 and slot bases in int64. Whole K per tile (K <= 256), V in BV <= 64 slices.
 """
@@ -114,35 +117,99 @@ def _readout_bwd_dq_dp(q, F, idx, p, do, dq, dp, T, S, NK,
 
 
 @triton.jit
-def _readout_bwd_dF(q, p, do, order, starts, dF, T, S, NK,
-                    K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, PREC: tl.constexpr):
-    i_j, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, T, S, NK, NSEG,
+                        K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, PREC: tl.constexpr):
+    """P[seg] = Σ_{entries of the segment} (p q_t)ᵀ do_t: one segment of one slot's run."""
+    i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
-    q += bh * T * K
-    p += bh * T * NK
-    do += bh * T * V
-    order += bh * T * NK
-    starts += bh * (S + 1)
-    dF += bh * S * K * V + i_j.to(tl.int64) * K * V
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    e_lo = tl.load(starts + i_j)
-    e_hi = tl.load(starts + i_j + 1)
-    b_dF = tl.zeros([BK, BV], tl.float32)
-    for e0 in range(e_lo, e_hi, BE):
-        o_e = e0 + tl.arange(0, BE)
-        m_e = o_e < e_hi
-        b_ent = tl.load(order + o_e, mask=m_e, other=0)       # flat (t, k) entry picking slot j
-        o_t = b_ent // NK
-        b_w = tl.load(p + b_ent, mask=m_e, other=0.)
-        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_e[:, None] & (o_k[None, :] < K),
-                      other=0.).to(tl.float32)
-        b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
-                       mask=m_e[:, None] & (o_v[None, :] < V), other=0.).to(tl.float32)
-        b_dF += tl.dot(tl.trans(b_q * b_w[:, None]), b_do, input_precision=PREC)
-    tl.store(dF + o_k[:, None] * V + o_v[None, :], b_dF,
-             mask=(o_k[:, None] < K) & (o_v[None, :] < V))
+    j = tl.load(seg_slot + bh * NSEG + i_s)
+    if j < S:                       # pseudo-slot S (idx = -1) and spare programs: nothing to do
+        e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
+        e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
+        q += bh * T * K
+        p += bh * T * NK
+        do += bh * T * V
+        order += bh * T * NK
+        P += (bh * NSEG + i_s) * K * V
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_dF = tl.zeros([BK, BV], tl.float32)
+        for e0 in range(e_lo, e_hi, BE):
+            o_e = e0 + tl.arange(0, BE)
+            m_e = o_e < e_hi
+            b_ent = tl.load(order + o_e, mask=m_e, other=0)   # flat (t, k) entry picking slot j
+            o_t = b_ent // NK
+            b_w = tl.load(p + b_ent, mask=m_e, other=0.)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :],
+                          mask=m_e[:, None] & (o_k[None, :] < K), other=0.).to(tl.float32)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.).to(tl.float32)
+            b_dF += tl.dot(tl.trans(b_q * b_w[:, None]), b_do, input_precision=PREC)
+        tl.store(P + o_k[:, None] * V + o_v[None, :], b_dF,
+                 mask=(o_k[:, None] < K) & (o_v[None, :] < V))
+
+
+@triton.jit
+def _sum_segments(P, seg_end, seg_n, dF, S, NSEG, KV, BLK: tl.constexpr):
+    """dF_j = Σ of slot j's segments, in segment order (deterministic); 0 for unpicked slots."""
+    i_j, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh = i_bh.to(tl.int64)
+    hi = tl.load(seg_end + bh * (S + 1) + i_j)
+    lo = hi - tl.load(seg_n + bh * (S + 1) + i_j)
+    o_c = i_c * BLK + tl.arange(0, BLK)
+    m_c = o_c < KV
+    acc = tl.zeros([BLK], tl.float32)
+    for s in range(lo, hi):
+        acc += tl.load(P + (bh * NSEG + s) * KV + o_c, mask=m_c, other=0.)
+    tl.store(dF + (bh * S + i_j) * KV + o_c, acc.to(dF.dtype.element_ty), mask=m_c)
+
+
+def slot_runs(order, starts, S, n_ent, block):
+    """Cut each slot's run of sorted entries (and the pseudo-slot S of idx = -1 entries) into
+    programs of at most `block` entries. Returns per program (slot, first entry, end entry) as
+    int32 [BH, NP] (slot S + 1 marks spare programs past the last one), NP (an upper bound,
+    cdiv(n_ent, block) + S + 1: no host sync), and per slot the end of its program range and its
+    program count ([BH, S + 1] each)."""
+    BH, dev = starts.shape[0], starts.device
+    run = torch.cat([starts.long(), torch.full((BH, 1), n_ent, device=dev)], 1)   # [BH, S+2]
+    nblk = (run[:, 1:] - run[:, :-1] + block - 1) // block                       # [BH, S+1]
+    ends = nblk.cumsum(-1)
+    NP = triton.cdiv(n_ent, block) + S + 1
+    pid = torch.arange(NP, device=dev).expand(BH, NP).contiguous()
+    slot = torch.searchsorted(ends, pid, right=True)                              # [BH, NP]
+    js = slot.clamp(max=S)
+    first = ends.gather(1, js) - nblk.gather(1, js)
+    e0 = run.gather(1, js) + (pid - first) * block
+    e1 = torch.minimum(run.gather(1, js + 1), e0 + block)
+    as32 = lambda t: t.to(torch.int32).contiguous()
+    return as32(slot), as32(e0), as32(e1), NP, as32(ends), as32(nblk)
+
+
+def segment_entries(n_ent: int, S: int) -> int:
+    """Entries per dF program: about the mean run length, so the early slots (picked by many
+    later queries) are split over several programs instead of one long serial loop."""
+    return min(4096, max(64, triton.next_power_of_2(max(1, n_ent // max(S, 1)))))
+
+
+def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, BE=32):
+    """dF [B,H,S,K,V] = Σ over the entries that picked each slot of (p q_t)ᵀ do_t. Two
+    deterministic passes (no atomics): per-segment partials, then a per-slot sum in order."""
+    B, H, T, K = q.shape
+    S, V = F_shape[2], F_shape[4]
+    NK = p.shape[3]
+    n_ent = T * NK
+    seg, e0, e1, NSEG, seg_end, seg_n = slot_runs(order, starts, S, n_ent,
+                                                  segment_entries(n_ent, S))
+    P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
+    BV = _bv(V)
+    _readout_dF_partial[(NSEG, triton.cdiv(V, BV), B * H)](
+        q, p, do, order, seg, e0, e1, P, T, S, NK, NSEG, BE=BE, BV=BV, **meta)
+    dF = torch.empty(F_shape, dtype=F_dtype, device=q.device)
+    BLK = 1024
+    _sum_segments[(S, triton.cdiv(K * V, BLK), B * H)](P, seg_end, seg_n, dF, S, NSEG, K * V,
+                                                       BLK=BLK)
+    return dF
 
 
 def _bv(V):
@@ -198,10 +265,7 @@ class RoutedReadoutTriton(torch.autograd.Function):
             q, F, idx, p, do, dq, dp, T, S, NK, BT=BT, BV=_bv(V), BKS=triton.next_power_of_2(NK),
             **meta)
         order, starts = _inverse_index(idx, S)
-        dF = torch.empty_like(F)
-        BV = _bv(V)
-        _readout_bwd_dF[(S, triton.cdiv(V, BV), B * H)](
-            q, p, do, order, starts, dF, T, S, NK, BE=32, BV=BV, **meta)
+        dF = routed_readout_dF(q, p, do, order, starts, F.shape, F.dtype, meta)
         return dq, dF, None, dp.to(ctx.p_dtype)
 
 
