@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .readout_triton import _bv, _inverse_index, _prec, routed_readout_dF, slot_runs
 
-BE = 32          # entries per block (rows of one tl.dot); GROUPED_READOUT["block"] pins another
+BE = 64          # entries per program (H200 sweep 12-04: 64 > 128 > 32); GROUPED_READOUT["block"] pins another
 
 # {"lowp": True/False} pins the product precision above (empty: bf16 inputs only);
 # "block" (entries per program) and "warps" pin the fwd and dq/dp launch (launch_config).
