@@ -5,9 +5,19 @@ Per head (DESIGN.md "BSBR, made causal"), chunk size C, c(t) = ⌊t/C⌋ in abso
     q, k, v = x W_q, x W_k, x W_v            (head dim K = V = d_model / n_head)
     r, hk   = x W_r, x W_h                   (meta query, meta-key source; meta_dim M)
     local_t = softmax over keys s ≤ t of t's chunk of q_t·k_s / √K, applied to v
-    long_t  = q_t Σ_j p_tj F_j,  F_j = Σ_{s∈j} k_sᵀ v_s,  h_j = mean_{s∈j} hk_s,
+    long_t  = λ q_t Σ_j p_tj F_j,  F_j = Σ_{s∈j} k_sᵀ v_s,  h_j = mean_{s∈j} hk_s,
               p_t = softmax over completed chunks j < c(t) of r_t·h_j / √M (top_k of them if set)
     y_t     = W_o [local_t + long_t]
+
+λ (`long_scale`) defaults to scale / C (scale = 1/√K): a routed chunk then adds the chunk-mean
+of (scale · q_t·k_s) v_s, the size of one softmax logit times a value. DESIGN.md's plain formula
+is λ = 1 (`long_scale=1.0`); its unnormalised sum over C keys swamps the local softmax: at
+initialisation (d_model 128, 2 heads, C = 64, T = 256) the long term's std was 70× the local
+term's (11.1 against 0.16), and on the H200 MQAR run of 2026-12-04 the λ = 1 BSBR stayed at 5%
+train accuracy where linear attention reached 82%. The same default as `bsbr.hf` (where λ = 1
+took a converted GPT-2 from 2.58 to 4.88 val loss). λ is applied exactly through the kernel's q
+and local scale (q·λ with scale/λ), so the kernels keep the DESIGN formula and the bank holds
+plain F_j.
 
 The maths runs in `kernels.bsbr` (one call per piece; a single token decodes as local attention
 over the partial chunk plus `routed_readout_step` over the bank). The streaming state
@@ -27,7 +37,8 @@ from kernels import bsbr as kb
 from kernels.checks import check_sequence
 
 from .bank import empty_bank, push_chunks, update_salience
-from .config import BACKENDS, BankConfig, bank_from, check_int, check_optional_int
+from .config import (BACKENDS, BankConfig, bank_from, check_int, check_long_scale,
+                     check_optional_int)
 from .state import BSBRState
 
 
@@ -37,12 +48,14 @@ class BSBRAttention(nn.Module):
     d_model, n_head: D and heads (D divisible by n_head); chunk_size: C >= 1; top_k: None
     (dense routing over all completed chunks) or >= 1; bank: None (exact, unbounded), a
     `BankConfig`, a dict of its fields or a tuple of slots per level; meta_dim: M (default the
-    head dim); scale: local softmax scale (default 1/√K); backend: kernels.bsbr backend.
+    head dim); scale: local softmax scale (default 1/√K); long_scale: λ of the routed term
+    (default scale / chunk_size; 1.0 is DESIGN.md's plain sum); backend: kernels.bsbr backend.
     """
 
     def __init__(self, d_model: int, n_head: int, chunk_size: int, top_k: int | None = None,
                  bank: BankConfig | None = None, meta_dim: int | None = None, *,
-                 backend: str = "auto", scale: float | None = None, bias: bool = False):
+                 backend: str = "auto", scale: float | None = None,
+                 long_scale: float | None = None, bias: bool = False):
         super().__init__()
         own = "BSBRAttention: "
         check_int(own, "d_model", d_model, 1)
@@ -64,7 +77,10 @@ class BSBRAttention(nn.Module):
         self.head_dim = d_model // n_head
         self.meta_dim = self.head_dim if meta_dim is None else meta_dim
         self.bank = bank_from(bank)
+        check_long_scale(long_scale, "BSBRAttention: long_scale")
         self.backend, self.scale = backend, scale
+        self.head_scale = (d_model // n_head) ** -0.5 if scale is None else scale
+        self.long_scale = self.head_scale / chunk_size if long_scale is None else long_scale
         HM = n_head * self.meta_dim
         self.W_q = nn.Linear(d_model, d_model, bias=bias)
         self.W_k = nn.Linear(d_model, d_model, bias=bias)
@@ -76,7 +92,7 @@ class BSBRAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, chunk_size={self.chunk_size}, "
                 f"top_k={self.top_k}, meta_dim={self.meta_dim}, bank={self.bank}, "
-                f"backend={self.backend!r}")
+                f"long_scale={self.long_scale:.3g}, backend={self.backend!r}")
 
     # ----------------------------------------------------------------- state
 
@@ -166,18 +182,22 @@ class BSBRAttention(nn.Module):
         return y, self._advance(state, k, v, hk, fill + T, slot_weights, T)
 
     def _attend(self, q, k, v, r, hk, fill, bank_F, bank_h, want_weights):
-        """(o [B,H,T,V], slot_weights [B,H,n] or None) from the kernels."""
+        """(o [B,H,T,V], slot_weights [B,H,n] or None) from the kernels. long = λ q Σ p F runs as
+        the kernels' q Σ p F on q·λ, with the local scale divided by λ (the same softmax)."""
         C, T = self.chunk_size, q.shape[2]
+        lam = self.long_scale
+        scale = self.head_scale / lam
+        q = q * lam
         if T == 1 and bank_F is not None:
             # Decode: the token's chunk is the partial one, and every completed chunk is in the
             # bank, so local attention over the partial chunk plus a routed readout of the bank
             # is the whole answer; nothing before the partial chunk is re-run.
             local = kb.chunk_local_attention(q, k, v, chunk_size=C, offset=fill,
-                                             scale=self.scale, backend=self.backend)
+                                             scale=scale, backend=self.backend)
             long, w = kb.routed_readout_step(q[:, :, 0], r[:, :, 0], bank_F, bank_h, self.top_k)
             return local + long.unsqueeze(2).to(local.dtype), (w if want_weights else None)
         out = kb.bsbr_attention(q, k, v, r, hk, chunk_size=C, top_k=self.top_k,
-                                scale=self.scale, offset=fill, bank_F=bank_F, bank_h=bank_h,
+                                scale=scale, offset=fill, bank_F=bank_F, bank_h=bank_h,
                                 return_slot_weights=want_weights, backend=self.backend)
         return out if want_weights else (out, None)
 

@@ -25,6 +25,15 @@ def check_optional_int(owner: str, name: str, value, minimum: int) -> None:
         check_int(owner, name, value, minimum)
 
 
+def check_long_scale(long_scale, name: str) -> None:
+    """λ of BSBR's routed term: None (the default, scale / chunk_size) or a number > 0."""
+    if long_scale is not None and (isinstance(long_scale, bool)
+                                   or not isinstance(long_scale, (int, float))
+                                   or not long_scale > 0):
+        raise ValueError(f"{name}: expected None (scale / chunk_size) or a number > 0, "
+                         f"got {long_scale!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BankConfig:
     """A bounded hierarchical state bank (DESIGN.md "Hierarchical state bank", from BWR-DNC).
@@ -87,7 +96,8 @@ def bank_from(value) -> BankConfig | None:
 class BSBRLMConfig:
     """A small BSBR language model: byte embedding, n_layer pre-LN blocks (BSBR attention + MLP),
     final LN, LM head. No position embedding: the causal local softmax sees order, and the model
-    runs at any length. meta_dim None = the head dim; bank None = the exact bank."""
+    runs at any length. meta_dim None = the head dim; bank None = the exact bank; long_scale None
+    = 1/(√head_dim · chunk_size) (see `bsbr.attention`; 1.0 is DESIGN.md's plain sum)."""
     vocab_size: int = 256
     n_layer: int = 4
     d_model: int = 256
@@ -99,6 +109,7 @@ class BSBRLMConfig:
     dropout: float = 0.0
     bank: BankConfig | None = None
     backend: str = "auto"
+    long_scale: float | None = None
 
     def __post_init__(self):
         own = "BSBRLMConfig."
@@ -114,6 +125,7 @@ class BSBRLMConfig:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             raise ValueError(f"BSBRLMConfig.dropout: expected a float in [0, 1), got {d!r}")
         self.bank = bank_from(self.bank)
+        check_long_scale(self.long_scale, "BSBRLMConfig.long_scale")
         if self.backend not in BACKENDS:
             raise ValueError(f"BSBRLMConfig.backend: expected one of {BACKENDS}, "
                              f"got {self.backend!r}")

@@ -50,6 +50,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from bdh.hf import (cache_layer_of, check_attention_call, compute_dtype, config_option,
                     expand_kv_heads, padding_free_mask)
 
+from .config import check_long_scale
+
 BSBR = "bsbr"
 DEFAULT_CHUNK_SIZE = 64
 
@@ -80,14 +82,6 @@ def bank_config(spec):
         raise ValueError(f"config.bsbr_bank: expected None or a list of slots per level "
                          f"(e.g. [8, 4, 4]), got {spec!r}")
     return BankConfig(slots_per_level=tuple(spec))
-
-
-def check_long_scale(long_scale, name: str) -> None:
-    if long_scale is not None and (isinstance(long_scale, bool)
-                                   or not isinstance(long_scale, (int, float))
-                                   or not long_scale > 0):
-        raise ValueError(f"{name}: expected None (scaling / chunk_size) or a number > 0, "
-                         f"got {long_scale!r}")
 
 
 def empty_stream(q, k, v, bank=None) -> dict:

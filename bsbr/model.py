@@ -37,7 +37,8 @@ class BSBRBlock(nn.Module):
         D = cfg.d_model
         self.ln_1 = nn.LayerNorm(D)
         self.attn = BSBRAttention(D, cfg.n_head, cfg.chunk_size, top_k=cfg.top_k, bank=cfg.bank,
-                                  meta_dim=cfg.meta_dim, backend=cfg.backend)
+                                  meta_dim=cfg.meta_dim, backend=cfg.backend,
+                                  long_scale=cfg.long_scale)
         self.ln_2 = nn.LayerNorm(D)
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * D, D))

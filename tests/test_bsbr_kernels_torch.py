@@ -43,7 +43,11 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("dtype,tol", [(f64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("C,top_k,offset,n", [(4, 2, 0, 0), (8, None, 5, 3), (4, 1, 3, 2),
                                               (16, 3, 0, 4), (5, 100, 2, 1)])
-def test_torch_backend_matches_reference(small_blocks, dtype, tol, C, top_k, offset, n):
+@pytest.mark.parametrize("form", ["gathered", "all_slots"])
+def test_torch_backend_matches_reference(small_blocks, monkeypatch, form, dtype, tol, C, top_k,
+                                         offset, n):
+    # Both readout forms on every case (the default picks by S against k).
+    monkeypatch.setattr(readout_torch, "ALL_SLOTS_FACTOR", 0 if form == "gathered" else 10**6)
     x = make(2, 2, 37 - offset, 12, 20, 5, offset=offset, n=n, dtype=dtype)
     do = torch.randn(2, 2, 37 - offset, 20, dtype=f64)
     kw = dict(chunk_size=C, top_k=top_k, offset=offset)

@@ -133,3 +133,9 @@ def test_bad_input_raises_clearly():
         BSBRLMConfig(d_model=25, n_head=3)
     with pytest.raises(ValueError, match="BSBRLMConfig.top_k"):
         BSBRLMConfig(top_k=0)
+
+
+@pytest.mark.parametrize("bad", [0, -2.0, True, "0.1"])
+def test_config_rejects_a_bad_long_scale(bad):
+    with pytest.raises(ValueError, match="BSBRLMConfig.long_scale"):
+        BSBRLMConfig(long_scale=bad)

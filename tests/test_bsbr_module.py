@@ -19,8 +19,9 @@ def make(top_k=2, bank=None, dtype=torch.float64, **kw):
 
 
 def reference(attn: BSBRAttention, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's formula, computed by the naive kernel reference in float64 from the module's
-    weights (no streaming, no bank, one dense call)."""
+    """DESIGN.md's formula with the routed term scaled by the module's λ (local + λ·long),
+    computed by the naive kernel references in float64 from the module's weights (no streaming,
+    no bank, one dense call)."""
     x = x.double()
     B, T, _ = x.shape
 
@@ -33,7 +34,9 @@ def reference(attn: BSBRAttention, x: torch.Tensor) -> torch.Tensor:
     K = D // H
     q, k, v = proj(attn.W_q, K), proj(attn.W_k, K), proj(attn.W_v, K)
     r, hk = proj(attn.W_r, M), proj(attn.W_h, M)
-    o = naive.bsbr_attention_ref(q, k, v, r, hk, chunk_size=C, top_k=attn.top_k)
+    plain = naive.bsbr_attention_ref(q, k, v, r, hk, chunk_size=C, top_k=attn.top_k)
+    local = naive.chunk_local_attention_ref(q, k, v, chunk_size=C)
+    o = local + attn.long_scale * (plain - local)
     o = o.transpose(1, 2).reshape(B, T, D)
     return o @ attn.W_o.weight.double().T + (0 if attn.W_o.bias is None
                                              else attn.W_o.bias.double())
@@ -53,6 +56,23 @@ def test_matches_float64_reference(top_k, bias):
     attn = make(top_k=top_k, dtype=torch.float32, bias=bias)
     x = torch.randn(2, 23, D)                       # T not a multiple of C
     assert_rel_close(attn(x), reference(attn, x), 1e-5)
+
+
+def test_long_scale_default_plain_and_errors():
+    """λ defaults to 1/(√K·C); λ = 1 is DESIGN.md's plain sum; both match the reference, and
+    they differ (the routed term is really scaled)."""
+    assert make().long_scale == pytest.approx((D // H) ** -0.5 / C)
+    assert make(scale=0.5).long_scale == pytest.approx(0.5 / C)
+    x = torch.randn(2, 19, D, dtype=torch.float64)
+    default, plain = make(), make(long_scale=1.0)
+    plain.load_state_dict(default.state_dict())
+    y_default, y_plain = default(x), plain(x)
+    assert_rel_close(y_plain, reference(plain, x), 1e-10)
+    assert_rel_close(y_default, reference(default, x), 1e-10)
+    assert (y_default - y_plain).abs().max() > 1e-2
+    for bad in (0, -1.0, True, "1"):
+        with pytest.raises(ValueError, match="long_scale"):
+            make(long_scale=bad)
 
 
 def test_gradients_match_float64():

@@ -472,3 +472,19 @@ def test_gpu_fused_sparse_decode_in_generate(dtype, tol):
     sparse = model.generate(prompt, 12, top_k=1, cuda_graph=True, sparse=True)
     if dtype == torch.float32:
         assert torch.equal(dense, sparse)
+
+
+@pytest.mark.parametrize("NS,V,with_res", [(37, 20, False), (37, 20, True), (1, 256, True),
+                                           (70, 256, False)])
+def test_reduce_layernorm_sums_every_partial(kernel_device, NS, V, with_res):
+    """The fused reduce + LayerNorm loads BS partials per step: NS not a multiple of BS, one
+    partial, and wide rows; against sum → round → LN (→ + res → round → LN) in PyTorch."""
+    from kernels.hebbian.decode_fused import reduce_layernorm
+    part = torch.randn(3, NS, V, device=kernel_device)
+    res = torch.randn(3, V, device=kernel_device) if with_res else None
+    out = reduce_layernorm(part, torch.float32, 1e-5, res=res)
+    ln = lambda t: torch.nn.functional.layer_norm(t, (V,), eps=1e-5)   # noqa: E731
+    ref = ln(part.double().sum(1)).float()
+    if with_res:
+        ref = ln(res + ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

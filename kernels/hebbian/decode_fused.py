@@ -11,7 +11,7 @@ step and the sparse decoder product (`sparse_step.py`), so a layer is 8 launches
                   pass of the compaction)                                      [bmm, relu, rope, count]
     compact       `sparse_step.compact_from_tiles`
     step          `sparse_step.sparse_step_partials`
-    reduce_ln     o = Σ partials (rounded), a = LayerNorm(o)                   [reduce, LayerNorm]
+    reduce_ln     o = Σ partials (rounded; BS partials per load), a = LayerNorm(o)   [reduce, LN]
     encode_gate   ys = relu(a @ encoder_v), xy = xs · ys as [B, nh·N], and the non-zeros of xy
                   per tile                                                     [bmm, relu, mul, copy, count]
     compact, rows `sparse_step.sparse_rows_partials` over xy's non-zeros
@@ -110,15 +110,23 @@ def _layer_norm(y, m, V, eps):
 
 
 @triton.jit
-def reduce_layernorm_kernel(part, res, out, NS, V, eps, BV: tl.constexpr, HAS_RES: tl.constexpr):
-    """grid (R,). y = Σ_s part[r, s] (fixed order), rounded to out's dtype; out = LN(y), or with
-    HAS_RES out = LN(res + LN(y)), rounding to out's dtype where the modules do."""
+def reduce_layernorm_kernel(part, res, out, NS, V, eps, BS: tl.constexpr, BV: tl.constexpr,
+                            HAS_RES: tl.constexpr):
+    """grid (R,). y = Σ_s part[r, s] (fixed order: BS partials per tile, tile sums in order),
+    rounded to out's dtype; out = LN(y), or with HAS_RES out = LN(res + LN(y)), rounding to out's
+    dtype where the modules do. Why BS rows per load: at batch 1 one program sums ~66 (state
+    step) or ~264 (decoder rows) partials; one row per iteration was a chain of dependent 1 KB
+    loads, ~10 µs per launch, the largest item of the H200 profile (2026-12-04)."""
     r = tl.program_id(0).to(tl.int64)
     o_v = tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
     m = o_v < V
     acc = tl.zeros([BV], tl.float32)
-    for s in range(NS):
-        acc += tl.load(part + (r * NS + s) * V + o_v, mask=m, other=0.)
+    for s0 in range(0, NS, BS):
+        m_s = (s0 + o_s) < NS
+        tile = tl.load(part + (r * NS + s0 + o_s[:, None]) * V + o_v[None, :],
+                       mask=m_s[:, None] & m[None, :], other=0.)
+        acc += tl.sum(tile, 0)
     dt = out.dtype.element_ty
     y = _layer_norm(acc.to(dt).to(tl.float32), m, V, eps).to(dt).to(tl.float32)
     if HAS_RES:
@@ -171,7 +179,8 @@ def reduce_layernorm(part, out_dtype, eps, res=None):
     """part [R, NS, V] float32 → LN(Σ part) [R, V] in out_dtype, or LN(res + LN(Σ part))."""
     R, NS, V = part.shape
     out = torch.empty(R, V, dtype=out_dtype, device=part.device)
+    BV = max(16, triton.next_power_of_2(V))
+    BS = max(1, min(32, triton.next_power_of_2(NS), 8192 // BV))     # a [BS, BV] tile <= 32 KB
     reduce_layernorm_kernel[(R,)](part, res if res is not None else out, out, NS, V, float(eps),
-                                  BV=max(16, triton.next_power_of_2(V)),
-                                  HAS_RES=res is not None, num_warps=4)
+                                  BS=BS, BV=BV, HAS_RES=res is not None, num_warps=8)
     return out
