@@ -21,7 +21,8 @@ process RSS, rough). Methods:
                64 (skipped if fla is not installed)
 Before the kernel sweep (CUDA), a small launch sweep times bsbr fwd+bwd at --tune-T (32k at
 --preset h100) for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps)
-and pins the fastest for the bsbr rows ("tune" in the JSON).
+and pins the fastest for the bsbr rows ("tune" in the JSON); then a CUDA kernel profile of one
+bsbr fwd+bwd at --profile-T ("profile").
 An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
 that pass; any other failure is a row with its note. Before timing, ours is checked against the
 float64 reference (`kernels.bsbr.naive`) at T = --check-T: output and every input gradient.
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .measure import PeakMemory, free_memory, is_oom, pinned
+from .measure import PeakMemory, cuda_kernel_profile, free_memory, is_oom, pinned
 from .results import markdown_table, run_meta, write_json
 
 METHODS = ("bsbr", "bsbr_v1", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
@@ -232,7 +233,7 @@ class Bench:
     def __init__(self, out: Path, meta: dict):
         self.out = out
         self.data = {"meta": meta, "checks": [], "rows": [], "slopes": {}, "decode": [],
-                     "decode_summary": {}, "skipped": {}, "tune": None}
+                     "decode_summary": {}, "skipped": {}, "tune": None, "profile": None}
 
     def save(self) -> None:
         write_json(self.out / "bench_bsbr.json", self.data)
@@ -315,6 +316,28 @@ def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
     b.save()
     print("readout launch sweep:", rows, "->", pick, flush=True)
     return pick
+
+
+def profile_bsbr(b: Bench, sz: Sizes, dev, dtype, T: int, launch: dict | None) -> None:
+    """CUDA time per kernel of one bsbr fwd+bwd at T (the launch pinned as in the sweep)."""
+    from kernels.bsbr import bsbr_attention
+    ins = make_inputs(sz, T, dev, dtype)
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    do = torch.randn_like(ins[2])
+
+    def step(i):
+        with launch_pins(launch):
+            bsbr_attention(*leaves, chunk_size=sz.chunk, top_k=sz.top_k).backward(do)
+        for t in leaves:
+            t.grad = None
+    try:
+        rows = cuda_kernel_profile(step, steps=2, top=20)
+        b.data["profile"] = {"T": T, "pass": "fwd_bwd", "rows": rows,
+                             "us_total": sum(r["us_total"] for r in rows)}
+    except Exception as exc:                        # noqa: BLE001 (a note, not a crash)
+        b.data["profile"] = {"T": T, "note": note_of(exc)}
+    b.save()
+    release(dev)
 
 
 def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype,
@@ -550,6 +573,10 @@ def markdown(data: dict) -> str:
         tune = data["tune"]
         lines += [f"## grouped readout launch sweep (bsbr fwd+bwd at T = {tune['T']}; the bsbr "
                   f"rows use the fastest, {tune['best']})", "", markdown_table(tune["rows"]), ""]
+    prof = data.get("profile")
+    if prof and prof.get("rows"):
+        lines += [f"## CUDA kernels of one bsbr fwd+bwd at T = {prof['T']} (µs; top 20 sum "
+                  f"{prof['us_total']:.0f} µs)", "", markdown_table(prof["rows"]), ""]
     if data["skipped"]:
         lines += ["skipped: " + "; ".join(f"{m} ({why})" for m, why in data["skipped"].items()),
                   ""]
@@ -598,6 +625,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tune-T", type=int, default=None,
                    help="T of the grouped-readout launch sweep run before the kernels (CUDA "
                         "only; default 32768 with --preset h100, 0 = no sweep: default launch)")
+    p.add_argument("--profile-T", type=int, default=None,
+                   help="T of a CUDA kernel profile of one bsbr fwd+bwd (default 32768 with "
+                        "--preset h100, 0 = none; CUDA only)")
     p.add_argument("--out", default="runs/bench_bsbr")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -648,6 +678,11 @@ def main(argv=None) -> dict:
     launch = None
     if tune_T and "bsbr" in methods and dev.type == "cuda":
         launch = tune_readout(b, sz, dev, dtype, tune_T)
+    profile_T = a.profile_T if a.profile_T is not None else (32768 if a.preset == "h100" else 0)
+    if profile_T < 0:
+        raise SystemExit(f"--profile-T: expected an int >= 0, got {profile_T}")
+    if profile_T and "bsbr" in methods and dev.type == "cuda":
+        profile_bsbr(b, sz, dev, dtype, profile_T, launch)
     bench_kernels(b, sz, methods, dev, dtype, a.kernel_deadline_s, launch)
     b.save()
     if not a.no_decode:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .measure import PeakMemory, pinned
+from .measure import PeakMemory, cuda_kernel_profile, pinned
 
 CHECKPOINT_FIX = "pass a checkpoint written by `python -m experiments.train --model bdh`"
 
@@ -113,26 +113,17 @@ def profile_steps(model, state, first, sparse: bool, fused: bool = True, steps: 
     if first.device.type != "cuda":
         return []
     import bdh.sparse_decode as sd
-    from torch.profiler import ProfilerActivity, profile
     with pinned((sd.SPARSE_DECODE, "fused", fused)):
-        layers, pos, tok = [S.clone() for S in state.layers], state.position, first
+        layers, pos = [S.clone() for S in state.layers], state.position
         step = (lambda t, p: sd.sparse_decode_step(model, t, layers, p)) if sparse else \
             (lambda t, p: model._run(t, layers, p, want_state=True, inplace=True,
                                      last_only=True))
-        step(tok, pos)                                         # compile / warm outside the trace
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(steps):
-                logits, _ = step(tok, pos + 1 + i)
-                tok = logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"name": e.key[:120], "calls": e.count // steps, "us_total": t / steps})
-    rows.sort(key=lambda r: -r["us_total"])
-    return rows[:top]
+        tok = [first]
+
+        def one(i):                        # i = 0 is the untraced warm-up (compile)
+            logits, _ = step(tok[0], pos + i)
+            tok[0] = logits[:, -1].argmax(-1, keepdim=True)
+        return cuda_kernel_profile(one, steps, top)
 
 
 @torch.no_grad()

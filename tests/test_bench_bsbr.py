@@ -46,7 +46,7 @@ def test_cpu_smoke_writes_the_json_contract(tmp_path):
     data = bench_bsbr.main(TINY + ["--methods", methods, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_bsbr.json").read_text())
     assert set(saved) == {"meta", "checks", "rows", "slopes", "decode", "decode_summary",
-                          "skipped", "tune"}
+                          "skipped", "tune", "profile"}
     assert saved["meta"]["preset"] == "cpu" and saved["meta"]["sizes"]["chunk"] == 8
     # Ours against the float64 reference: output and all five input gradients.
     (check,) = saved["checks"]

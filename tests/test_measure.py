@@ -1,0 +1,31 @@
+"""experiments.measure: the pin helper and the CUDA kernel profile."""
+import pytest
+import torch
+
+from experiments.measure import cuda_kernel_profile, pinned
+
+
+def test_pinned_sets_and_restores_the_option_dicts():
+    a, b = {"x": 1}, {}
+    with pinned((a, "x", 2), (b, "y", 3)):
+        assert a == {"x": 2} and b == {"y": 3}
+    assert a == {"x": 1} and b == {}
+    with pytest.raises(RuntimeError):
+        with pinned((b, "y", 4)):
+            raise RuntimeError("restored even when the block fails")
+    assert b == {}
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_profile_counts_calls_per_step():
+    x = torch.randn(512, 512, device="cuda")
+    calls = []
+
+    def step(i):
+        calls.append(i)
+        (x @ x).relu_()
+    rows = cuda_kernel_profile(step, steps=3, top=5)
+    assert calls == [0, 1, 2, 3]                          # one warm-up, three traced
+    assert 1 <= len(rows) <= 5 and all(r["us_total"] > 0 for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r["us_total"])
+    assert any(r["calls"] == 1 for r in rows)            # per step, not per trace
