@@ -142,25 +142,32 @@ class MixerLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def features(self, idx) -> torch.Tensor:
+        """The final LayerNorm's output [B,T,D] (what the head reads), without state: a caller
+        that scores a few positions applies `self.head` to those rows only."""
+        x = self.embed(check_token_ids(idx, self.config.vocab_size))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln_f(x)
+
     def forward(self, idx, targets=None, state: MixerLMState | None = None,
                 return_state: bool = False):
+        if not return_state and state is None:
+            logits = self.head(self.features(idx))
+            loss = None if targets is None else next_token_loss(logits, targets)
+            return logits, loss
         idx = check_token_ids(idx, self.config.vocab_size)
         if state is not None:
             if not isinstance(state, MixerLMState) or len(state.layers) != len(self.blocks):
                 raise TypeError(f"state: expected a MixerLMState with {len(self.blocks)} layers "
                                 f"or None, got {type(state).__name__}")
         x = self.embed(idx)
-        if return_state or state is not None:
-            new_layers = []
-            for i, blk in enumerate(self.blocks):
-                x, s = blk(x, state=None if state is None else state.layers[i],
-                           return_state=True)
-                new_layers.append(s)
-            position = (0 if state is None else state.position) + idx.shape[1]
-            new_state = MixerLMState(new_layers, position)
-        else:
-            for blk in self.blocks:
-                x = blk(x)
+        new_layers = []
+        for i, blk in enumerate(self.blocks):
+            x, s = blk(x, state=None if state is None else state.layers[i], return_state=True)
+            new_layers.append(s)
+        new_state = MixerLMState(new_layers, (0 if state is None else state.position)
+                                 + idx.shape[1])
         logits = self.head(self.ln_f(x))
         if return_state:
             return logits, new_state

@@ -119,3 +119,19 @@ def test_bad_inputs_raise():
         model.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "hebbian"])
+def test_features_are_what_the_head_reads(mixer):
+    """features(idx) → head equals the forward's logits, and also the stateful path's: a caller
+    can score only some rows (long_range trains on the answer rows this way)."""
+    model = tiny(mixer)
+    idx = torch.randint(0, 256, (2, 19))
+    h = model.features(idx)
+    assert h.shape == (2, 19, 32)
+    logits, _ = model(idx)
+    logits_st, _ = model(idx, return_state=True)
+    assert_rel_close(model.head(h), logits, 1e-6)
+    assert_rel_close(logits_st, logits, 1e-5)
+    with pytest.raises((TypeError, ValueError)):
+        model.features(torch.full((1, 3), 999))
