@@ -159,7 +159,7 @@ def launch_pins(launch: dict | None):
     from kernels.bsbr import readout_grouped
     if not launch:
         return contextlib.nullcontext()
-    return pinned(*((readout_grouped.GROUPED_READOUT, k, launch[k]) for k in ("block", "warps")))
+    return pinned(*((readout_grouped.GROUPED_READOUT, k, v) for k, v in launch.items()))
 
 
 def build_method(name: str, sz: Sizes, T: int, dev, dtype, launch: dict | None = None):
@@ -285,20 +285,23 @@ def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
         release(dev)
 
 
-TUNE_LAUNCHES = ((32, 4), (64, 4), (64, 8), (128, 8))   # (entries per program, num_warps)
+# (entries per program, num_warps, forward V tile): the 12-04 sweep's four at V tile 64 (64 / 4
+# won), then whole-V forward tiles (each V slice re-gathers the block's q rows).
+TUNE_LAUNCHES = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 128),
+                 (64, 8, 128), (128, 8, 128))
 
 
 def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
     """Time bsbr fwd+bwd at T for each grouped-readout launch in TUNE_LAUNCHES (a small
     autotune: the best block size depends on the GPU); returns the fastest as
-    {"block", "warps"}, or None when none ran. On CUDA only (the CPU runs the torch backend)."""
+    {"block", "warps", "bv"}, or None when none ran. On CUDA only (the CPU runs the torch backend)."""
     from kernels.bsbr import bsbr_attention
     ins = make_inputs(sz, T, dev, dtype)
     leaves = [t.detach().requires_grad_(True) for t in ins]
     do = torch.randn_like(ins[2])
     rows = []
-    for block, warps in tqdm(TUNE_LAUNCHES, desc=f"readout launch at T={T}"):
-        launch = {"block": block, "warps": warps}
+    for block, warps, bv in tqdm(TUNE_LAUNCHES, desc=f"readout launch at T={T}"):
+        launch = {"block": block, "warps": warps, "bv": bv}
         row = {**launch, "fwd_bwd_ms": None, "note": None}
         try:
             with launch_pins(launch):
@@ -311,7 +314,7 @@ def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
         release(dev)
     ok = [r for r in rows if r["fwd_bwd_ms"] is not None]
     best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
-    pick = {"block": best["block"], "warps": best["warps"]} if best else None
+    pick = {k: best[k] for k in ("block", "warps", "bv")} if best else None
     b.data["tune"] = {"T": T, "rows": rows, "best": pick}
     b.save()
     print("readout launch sweep:", rows, "->", pick, flush=True)

@@ -28,13 +28,14 @@ def test_readout_launch_sweep_picks_the_fastest_and_restores_the_pins(tmp_path, 
     def fake_time(fn, dev, reps, grads=()):
         fn()
         seen.append(dict(readout_grouped.GROUPED_READOUT))
-        return {32: 3.0, 64: 1.5, 128: 2.0}[seen[-1]["block"]] + seen[-1]["warps"] / 100
+        pin = seen[-1]
+        return {32: 3.0, 64: 1.5, 128: 2.0}[pin["block"]] + pin["warps"] / 100 - pin["bv"] / 1e4
     monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
     sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
     b = bench_bsbr.Bench(tmp_path, {})
     pick = bench_bsbr.tune_readout(b, sz, torch.device("cpu"), torch.float32, 32)
-    assert seen == [{"block": be, "warps": w} for be, w in bench_bsbr.TUNE_LAUNCHES]
-    assert pick == {"block": 64, "warps": 4} and b.data["tune"]["best"] == pick
+    assert seen == [{"block": be, "warps": w, "bv": bv} for be, w, bv in bench_bsbr.TUNE_LAUNCHES]
+    assert pick == {"block": 64, "warps": 4, "bv": 128} and b.data["tune"]["best"] == pick
     assert readout_grouped.GROUPED_READOUT == {}
     with bench_bsbr.launch_pins(pick):
         assert readout_grouped.GROUPED_READOUT == pick

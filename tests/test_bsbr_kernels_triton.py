@@ -85,6 +85,7 @@ def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device,
     import kernels.bsbr.readout_grouped as grouped
     monkeypatch.setitem(grouped.GROUPED_READOUT, "block", 16)
     monkeypatch.setitem(grouped.GROUPED_READOUT, "warps", 2)
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "bv", 16)          # V = 20: two V slices
     monkeypatch.setattr(readout_triton, "segment_entries", lambda n_ent, S: 16)
     T, S, NK, K, V = 70, 5, 3, 12, 20
     q = torch.randn(1, 2, T, K, device=kernel_device)
@@ -107,12 +108,12 @@ def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device,
         assert_rel_close(a, b, TOL[fp32], name)
 
 
-@pytest.mark.parametrize("key,value", [("block", 48), ("block", 256), ("warps", 3)])
+@pytest.mark.parametrize("key,value", [("block", 48), ("block", 256), ("warps", 3), ("bv", 100)])
 def test_grouped_readout_rejects_bad_launch_pins(monkeypatch, key, value):
     import kernels.bsbr.readout_grouped as grouped
     monkeypatch.setitem(grouped.GROUPED_READOUT, key, value)
     with pytest.raises(ValueError, match=f"GROUPED_READOUT\\['{key}'\\]"):
-        grouped.launch_config()
+        grouped.launch_config(128)
 
 
 @pytest.mark.parametrize("B,H,Tq,S,M,n,offset,C,kk", [

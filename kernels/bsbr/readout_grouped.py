@@ -135,15 +135,20 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
                  (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
 
 
-def launch_config() -> tuple[int, int]:
-    """(entries per program, num_warps) of the fwd and dq/dp kernels: the defaults, or the pins
-    "block" / "warps" of GROUPED_READOUT (bench_bsbr sweeps them)."""
+def launch_config(V: int) -> tuple[int, int, int]:
+    """(entries per program, num_warps, V tile of the forward) of the fwd and dq/dp kernels: the
+    defaults, or the pins "block" / "warps" / "bv" of GROUPED_READOUT (bench_bsbr sweeps them).
+    Why a whole-V forward tile is worth trying: with BV < V every V slice re-gathers the block's
+    q rows (at 32k, H16, D128 and BV = 64 that is ~2 GB of gathers per forward)."""
     be, warps = GROUPED_READOUT.get("block", BE), GROUPED_READOUT.get("warps", 4)
+    bv = GROUPED_READOUT.get("bv", _bv(V))
     if be not in (16, 32, 64, 128):
         raise ValueError(f"GROUPED_READOUT['block']: expected 16, 32, 64 or 128, got {be!r}")
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"GROUPED_READOUT['warps']: expected a power of two <= 16, got {warps!r}")
-    return be, warps
+    if bv not in (16, 32, 64, 128, 256):
+        raise ValueError(f"GROUPED_READOUT['bv']: expected a power of two in 16..256, got {bv!r}")
+    return be, warps, min(bv, max(16, triton.next_power_of_2(V)))
 
 
 class RoutedReadoutGrouped(torch.autograd.Function):
@@ -154,16 +159,16 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         p32 = p.to(torch.float32).contiguous()
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
-        be, warps = launch_config()
+        be, warps, BVf = launch_config(F.shape[4])
         order, starts = _inverse_index(idx, S)
         slot, e0, e1, NB, _, _ = slot_runs(order, starts, S, T * NK, be)
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)
-        BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
+        BK = max(16, triton.next_power_of_2(K))
         lowp = use_lowp(q.dtype)
         Fk = F.to(q.dtype) if lowp else F            # the operand both product kernels read
-        _grouped_fwd[(NB, triton.cdiv(V, BV), B * H)](
-            q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=be, BK=BK, BV=BV,
+        _grouped_fwd[(NB, triton.cdiv(V, BVf), B * H)](
+            q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=be, BK=BK, BV=BVf,
             PREC=_prec(q.dtype), LOWP=lowp, num_warps=warps)
         out = Y.sum(3, dtype=torch.float32)                    # Σ over the k picks, in fp32
         ctx.save_for_backward(q, Fk, idx, p32, order, starts, slot, e0, e1)
