@@ -61,6 +61,7 @@ class LongRangeConfig:
     window: int = 16                  # sliding-window mixer
     short_conv: int = 4               # causal short convolution before every mixer (0: none)
     chunk: int = 16                   # BSBR chunk size
+    hebbian_neurons: int = 0          # N per head of the hebbian mixer (0: BDHAttention's default)
     steps: int = 200
     batch_size: int = 16
     eval_batch: int = 16
@@ -91,7 +92,7 @@ PRESETS = {
 
 # A checkpoint resumes only a run with the same model, data and optimizer settings.
 RESUME_MUST_MATCH = ("curriculum", "vocab", "d_model", "n_layer", "n_head", "window",
-                     "short_conv", "chunk",
+                     "short_conv", "chunk", "hebbian_neurons",
                      "batch_size", "lr", "weight_decay", "threshold", "window_reports", "seed")
 
 HELP = {
@@ -107,6 +108,10 @@ HELP = {
     "n_head": "heads per mixer",
     "window": "window of the sliding-window mixer (tokens)",
     "chunk": "chunk size of the BSBR mixer (tokens)",
+    "hebbian_neurons": "neurons per head of the hebbian mixer (0: BDHAttention's 16·d_model/"
+                       "n_head); its state is n_layer·n_head·N·d_model floats against linear "
+                       "attention's n_layer·n_head·(d_model/n_head)², so N = d_model/n_head² "
+                       "gives equal states (issue #13's comparison)",
     "short_conv": "width of the causal depthwise convolution in front of every mixer (0: none; "
                   "without it no mixer sees positions, and MQAR stalls at ~20%)",
     "steps": "optimizer steps per mixer (a resumed run continues up to this many)",
@@ -199,7 +204,7 @@ def check_config(cfg: LongRangeConfig) -> None:
         v = getattr(cfg, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {v}")
-    for name in ("lr", "weight_decay", "ckpt_every", "short_conv"):
+    for name in ("lr", "weight_decay", "ckpt_every", "short_conv", "hebbian_neurons"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.threshold <= 1:
@@ -229,7 +234,9 @@ def check_config(cfg: LongRangeConfig) -> None:
 
 
 def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
-    kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk}}.get(mixer, {})
+    kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk},
+          "hebbian": {"n_neurons": cfg.hebbian_neurons} if cfg.hebbian_neurons else {}
+          }.get(mixer, {})
     torch.manual_seed(cfg.seed)        # the same embedding / MLP initialisation for every mixer
     mcfg = MixerLMConfig(mixer=mixer, vocab_size=cfg.vocab, n_layer=cfg.n_layer,
                          d_model=cfg.d_model, n_head=cfg.n_head, short_conv=cfg.short_conv,

@@ -102,6 +102,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     (["--vocab", "6"], ["--vocab", "6"]),
     (["--curriculum", "nope"], ["--curriculum", "nope"]),
     (["--preset", "tpu"], ["--preset", "tpu"]),
+    (["--hebbian-neurons", "-2"], ["--hebbian-neurons", "-2"]),
 ])
 def test_bad_flags_exit_with_a_clear_message(flags, words, capsys):
     with pytest.raises(SystemExit):
@@ -120,3 +121,21 @@ def test_presets_and_help():
     text = long_range.build_parser().format_help()
     for flag in ("--mixers", "--max-minutes", "--resume", "--eval-lengths", "--preset"):
         assert flag in text
+
+
+def test_hebbian_neurons_give_the_equal_state_comparison():
+    """N = d_model / n_head² per head: the hebbian mixer's state equals linear attention's
+    (up to the normaliser column); the default (0) keeps BDHAttention's 16·d_model/n_head."""
+    import torch
+    cfg = long_range.config_from_args(["--d-model", "64", "--n-head", "2", "--vocab", "64",
+                                       "--hebbian-neurons", "16"])
+    nbytes = {}
+    for m in ("hebbian", "linear"):
+        model = long_range.build_model(cfg, m)
+        _, st = model(torch.randint(0, 64, (1, 8)), return_state=True)
+        nbytes[m] = st.nbytes()
+    assert abs(nbytes["hebbian"] - nbytes["linear"]) <= 0.05 * nbytes["linear"]
+    big = long_range.build_model(long_range.config_from_args(["--d-model", "64", "--n-head", "2",
+                                                              "--vocab", "64"]), "hebbian")
+    assert sum(p.numel() for p in big.parameters()) > sum(
+        p.numel() for p in long_range.build_model(cfg, "hebbian").parameters())
