@@ -74,9 +74,11 @@ _TAG = "_glassbrain_cache_layer"
 class RecurrentStateLayer(CacheLayerMixin):
     """One layer's fixed-size attention state inside a transformers `Cache`.
 
-    `state` is a dict of tensors owned by the attention function that uses the layer ("S" for
-    Hebbian; "bank_F", "bank_h", "keys", "values" for BSBR); `seen` counts the tokens it holds,
-    which is what the model reads as the cache's sequence length (position ids, mask sizes).
+    `state` is a dict owned by the attention function that uses the layer ("S" for Hebbian;
+    "bank_F", "bank_h", "keys", "values", ... for BSBR): tensors with the batch first, plus
+    host values that are the same for every row (BSBR's "bank_layout"), which batch reorders
+    and device moves leave as they are; `seen` counts the tokens it holds, which is what the
+    model reads as the cache's sequence length (position ids, mask sizes).
     """
     is_compileable = False
     is_croppable = False
@@ -84,7 +86,7 @@ class RecurrentStateLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state: dict[str, torch.Tensor] = {}
+        self.state: dict = {}
         self.seen = 0
         self.device = None
         self.pending = False        # keys handed out whose attention has not written the state
@@ -123,13 +125,15 @@ class RecurrentStateLayer(CacheLayerMixin):
         return -1
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state.values())
+        return sum(t.numel() * t.element_size() for t in self.state.values()
+                   if isinstance(t, torch.Tensor))
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized, self.pending = {}, 0, False, False
 
     def _map(self, fn) -> None:
-        self.state = {name: fn(t) for name, t in self.state.items()}
+        self.state = {name: fn(t) if isinstance(t, torch.Tensor) else t
+                      for name, t in self.state.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

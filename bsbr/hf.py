@@ -102,25 +102,18 @@ def empty_stream(q, k, v, bank=None) -> dict:
 
 
 def _stream_of(bank, keys, values) -> dict:
-    B, S = keys.shape[0], bank.F.shape[2]
-
-    def as_rows(xs):                # padded with -1 to the capacity: a constant-size cache
-        t = torch.full((S,), -1, dtype=torch.int64)
-        t[:len(xs)] = torch.tensor(xs, dtype=torch.int64)
-        return t.to(keys.device).expand(B, -1)
-
+    # The bank's layout (level and merge count of each slot) is the same in every row and
+    # changes only on the host, so it rides as a tuple: reading it back from a device tensor
+    # cost a host sync per layer and decode step.
     return {"bank_F": bank.F, "bank_h": bank.h, "bank_s": bank.salience,
-            "bank_levels": as_rows(bank.levels), "bank_counts": as_rows(bank.counts),
-            "keys": keys, "values": values}
+            "bank_layout": (tuple(bank.levels), tuple(bank.counts)), "keys": keys,
+            "values": values}
 
 
 def _bank_of(stream):
     from .state import BankState
-    # levels/counts are the same in every row (one stream shape per batch): read row 0.
-    levels = [x for x in stream["bank_levels"][0].tolist() if x >= 0]
-    counts = [x for x in stream["bank_counts"][0].tolist() if x >= 0]
-    return BankState(stream["bank_F"], stream["bank_h"], stream["bank_s"], tuple(levels),
-                     tuple(counts))
+    levels, counts = stream["bank_layout"]
+    return BankState(stream["bank_F"], stream["bank_h"], stream["bank_s"], levels, counts)
 
 
 def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, backend="auto",

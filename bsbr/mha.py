@@ -47,7 +47,8 @@ class MHAState:
     position: int = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()
+                   if isinstance(t, torch.Tensor))
 
 
 def _same_tensor(a, b) -> bool:

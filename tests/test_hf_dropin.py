@@ -356,3 +356,18 @@ def test_bsbr_bank_option_is_checked():
     model.config.bsbr_bank = "big"
     with pytest.raises(ValueError, match="bsbr_bank"):
         model(torch.randint(0, V, (1, 5)))
+
+
+def test_bsbr_bounded_bank_beam_search_equals_the_exact_bank_before_merging():
+    """Beam search reorders the cache rows: with the bounded bank's layout riding as a host
+    tuple, beams still match the exact bank while nothing has merged (16 + 6 tokens, chunk 4,
+    8 level-0 slots)."""
+    model = swap(tiny("llama"), "bsbr", chunk_size=4)
+    prompt = torch.randint(1, V, (1, 14))
+    outs = {}
+    with torch.no_grad():
+        for bank in ([8, 2, 2], None):
+            model.config.bsbr_bank = bank
+            outs[str(bank)] = model.generate(prompt, max_new_tokens=6, num_beams=3,
+                                             do_sample=False)
+    assert torch.equal(outs["[8, 2, 2]"], outs["None"])
