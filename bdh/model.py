@@ -312,7 +312,7 @@ class BDH(nn.Module):
                 consume(idx[:, :-1])
         else:
             logits = consume(idx)
-            graph = None
+            graph = pos_dev = None
             for i in range(max_new_tokens):
                 nxt = sample_next(logits[:, -1], temperature, top_k, generator)
                 out[:, T0 + i:T0 + i + 1] = nxt
@@ -327,7 +327,10 @@ class BDH(nn.Module):
                     logits = graph.logits
                 elif sparse:
                     from .sparse_decode import sparse_decode_step
-                    logits, states = sparse_decode_step(self, nxt, states, position)
+                    if pos_dev is None:     # on the device, so a step makes no host copy
+                        pos_dev = torch.tensor([position], dtype=torch.int64, device=device)
+                    logits, states = sparse_decode_step(self, nxt, states, pos_dev)
+                    pos_dev.add_(1)
                 else:
                     logits, states = self._run(nxt, states, position, want_state=True,
                                                inplace=True, last_only=True)

@@ -488,3 +488,18 @@ def test_reduce_layernorm_sums_every_partial(kernel_device, NS, V, with_res):
     if with_res:
         ref = ln(res + ref)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_sparse_generate_equals_dense_and_advances_the_position(kernel_device):
+    """generate(sparse=True) without a CUDA graph (the position lives on the device and is
+    advanced in place): the same greedy tokens and the same final state as the dense loop."""
+    model = fused_bdh(kernel_device)
+    prompt = torch.randint(0, 37, (2, 9), device=kernel_device)
+    with torch.no_grad():
+        dense, st_d = model.generate(prompt, 6, top_k=1, cuda_graph=False, return_state=True)
+        sparse, st_s = model.generate(prompt, 6, top_k=1, cuda_graph=False, sparse=True,
+                                      return_state=True)
+    assert torch.equal(dense, sparse)
+    assert st_s.position == st_d.position == 9 + 5
+    for a, b in zip(st_s.layers, st_d.layers):
+        assert_rel_close(a, b, 1e-5, "state")
