@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..rope.triton_rotate import phase_angle, rotate_pairs
 from .sparse_step import _pow2_tile
+from .step import partial_rows_per_load, sum_partials
 
 
 @triton.jit
@@ -114,19 +115,13 @@ def reduce_layernorm_kernel(part, res, out, NS, V, eps, BS: tl.constexpr, BV: tl
                             HAS_RES: tl.constexpr):
     """grid (R,). y = Σ_s part[r, s] (fixed order: BS partials per tile, tile sums in order),
     rounded to out's dtype; out = LN(y), or with HAS_RES out = LN(res + LN(y)), rounding to out's
-    dtype where the modules do. Why BS rows per load: at batch 1 one program sums ~66 (state
-    step) or ~264 (decoder rows) partials; one row per iteration was a chain of dependent 1 KB
-    loads, ~10 µs per launch, the largest item of the H200 profile (2026-12-04)."""
+    dtype where the modules do. At batch 1 one program sums ~66 (state step) or ~264 (decoder
+    rows) partials: this was ~10 µs per launch, the largest item of the H200 profile (12-04),
+    before `sum_partials` loaded BS rows at once."""
     r = tl.program_id(0).to(tl.int64)
     o_v = tl.arange(0, BV)
-    o_s = tl.arange(0, BS)
     m = o_v < V
-    acc = tl.zeros([BV], tl.float32)
-    for s0 in range(0, NS, BS):
-        m_s = (s0 + o_s) < NS
-        tile = tl.load(part + (r * NS + s0 + o_s[:, None]) * V + o_v[None, :],
-                       mask=m_s[:, None] & m[None, :], other=0.)
-        acc += tl.sum(tile, 0)
+    acc = sum_partials(part, r, NS, V, o_v, m, BS, BV)
     dt = out.dtype.element_ty
     y = _layer_norm(acc.to(dt).to(tl.float32), m, V, eps).to(dt).to(tl.float32)
     if HAS_RES:
@@ -180,7 +175,7 @@ def reduce_layernorm(part, out_dtype, eps, res=None):
     R, NS, V = part.shape
     out = torch.empty(R, V, dtype=out_dtype, device=part.device)
     BV = max(16, triton.next_power_of_2(V))
-    BS = max(1, min(32, triton.next_power_of_2(NS), 8192 // BV))     # a [BS, BV] tile <= 32 KB
+    BS = partial_rows_per_load(NS, BV)
     reduce_layernorm_kernel[(R,)](part, res if res is not None else out, out, NS, V, float(eps),
                                   BS=BS, BV=BV, HAS_RES=res is not None, num_warps=8)
     return out
