@@ -294,7 +294,8 @@ TUNE_LAUNCHES = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 12
 def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
     """Time bsbr fwd+bwd at T for each grouped-readout launch in TUNE_LAUNCHES (a small
     autotune: the best block size depends on the GPU); returns the fastest as
-    {"block", "warps", "bv"}, or None when none ran. On CUDA only (the CPU runs the torch backend)."""
+    {"block", "warps", "bv"}, or None when none ran. On CUDA only (the CPU runs the torch
+    backend)."""
     from kernels.bsbr import bsbr_attention
     ins = make_inputs(sz, T, dev, dtype)
     leaves = [t.detach().requires_grad_(True) for t in ins]

@@ -39,10 +39,11 @@ import triton.language as tl
 
 from .readout_triton import _bv, _inverse_index, _prec, routed_readout_dF, slot_runs
 
-BE = 64          # entries per program (H200 sweep 12-04: 64 > 128 > 32); GROUPED_READOUT["block"] pins another
+BE = 64          # entries per program (the H200 sweep of 12-04 at 32k: 64 > 128 > 32)
 
 # {"lowp": True/False} pins the product precision above (empty: bf16 inputs only);
-# "block" (entries per program) and "warps" pin the fwd and dq/dp launch (launch_config).
+# "block" (entries per program), "warps" and "bv" (the forward's V tile) pin the fwd and dq/dp
+# launch (launch_config).
 GROUPED_READOUT: dict = {}
 
 
