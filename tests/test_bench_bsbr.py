@@ -102,3 +102,32 @@ def test_kernel_deadline_leaves_time_for_the_decode_sweep(tmp_path):
     assert data["rows"] == []
     assert data["not_run"] == ["bsbr/32", "sdpa/32", "bsbr/48", "sdpa/48"]
     assert {r["bank"] for r in data["decode"]} == {"bounded", "exact"}
+
+
+def test_profile_records_the_kernels_of_one_fwd_bwd(tmp_path, monkeypatch):
+    """profile_bsbr's step runs a bsbr fwd+bwd under the launch pins (here on the CPU, with the
+    profiler replaced: the real one is CUDA-only) and its rows land in the JSON and Markdown."""
+    import kernels.bsbr
+    from kernels.bsbr import readout_grouped
+    seen = []
+    real = kernels.bsbr.bsbr_attention
+
+    def spy(*a, **k):                     # the pins in force while the attention runs
+        seen.append(dict(readout_grouped.GROUPED_READOUT))
+        return real(*a, **k)
+    monkeypatch.setattr(kernels.bsbr, "bsbr_attention", spy)
+
+    def fake_profile(step, steps, top):
+        for i in range(steps + 1):
+            step(i)
+        return [{"name": "k1", "calls": 2, "us_total": 30.0}, {"name": "k2", "calls": 1,
+                                                              "us_total": 12.0}]
+    monkeypatch.setattr(bench_bsbr, "cuda_kernel_profile", fake_profile)
+    sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
+    b = bench_bsbr.Bench(tmp_path, {"device": "cpu", "commit": "x", "date": "d", "sizes": {}})
+    launch = {"block": 32, "warps": 4, "bv": 64}
+    bench_bsbr.profile_bsbr(b, sz, torch.device("cpu"), torch.float32, 40, launch)
+    assert seen == [launch] * 3 and readout_grouped.GROUPED_READOUT == {}
+    prof = json.loads((tmp_path / "bench_bsbr.json").read_text())["profile"]
+    assert prof["T"] == 40 and prof["us_total"] == 42.0 and len(prof["rows"]) == 2
+    assert "CUDA kernels of one bsbr fwd+bwd at T = 40" in bench_bsbr.markdown(b.data)
