@@ -78,9 +78,9 @@ class BSBRAttention(nn.Module):
         self.meta_dim = self.head_dim if meta_dim is None else meta_dim
         self.bank = bank_from(bank)
         check_long_scale(long_scale, "BSBRAttention: long_scale")
-        self.backend, self.scale = backend, scale
-        self.head_scale = (d_model // n_head) ** -0.5 if scale is None else scale
-        self.long_scale = self.head_scale / chunk_size if long_scale is None else long_scale
+        self.backend = backend
+        self.scale = (d_model // n_head) ** -0.5 if scale is None else scale     # resolved
+        self.long_scale = self.scale / chunk_size if long_scale is None else long_scale
         HM = n_head * self.meta_dim
         self.W_q = nn.Linear(d_model, d_model, bias=bias)
         self.W_k = nn.Linear(d_model, d_model, bias=bias)
@@ -186,7 +186,7 @@ class BSBRAttention(nn.Module):
         the kernels' q Σ p F on q·λ, with the local scale divided by λ (the same softmax)."""
         C, T = self.chunk_size, q.shape[2]
         lam = self.long_scale
-        scale = self.head_scale / lam
+        scale = self.scale / lam
         q = q * lam
         if T == 1 and bank_F is not None:
             # Decode: the token's chunk is the partial one, and every completed chunk is in the

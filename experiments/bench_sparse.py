@@ -118,11 +118,12 @@ def profile_steps(model, state, first, sparse: bool, fused: bool = True, steps: 
         step = (lambda t, p: sd.sparse_decode_step(model, t, layers, p)) if sparse else \
             (lambda t, p: model._run(t, layers, p, want_state=True, inplace=True,
                                      last_only=True))
-        tok = [first]
+        tok = first
 
         def one(i):                        # i = 0 is the untraced warm-up (compile)
-            logits, _ = step(tok[0], pos + i)
-            tok[0] = logits[:, -1].argmax(-1, keepdim=True)
+            nonlocal tok
+            logits, _ = step(tok, pos + i)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
         return cuda_kernel_profile(one, steps, top)
 
 
