@@ -258,6 +258,10 @@ SWEEP = [  # (chunk, forward algorithm, tile overrides) for ours
     (64, "fused", {"fused_BK": 128, "fused_BV": 64}),
     (64, "fused", {"fused_BK": 64, "fused_BV": 64}),          # no register spill (sm_90 cubin)
     (32, "fused", {"fused_BK": 128, "fused_BV": 128}),
+    # With q is k (BDH) the kernel holds one [BT, BK] tile fewer: room for larger state slices.
+    (64, "fused", {"fused_BK": 256, "fused_BV": 32}),         # half the atomics of 128×64
+    (64, "fused", {"fused_BK": 256, "fused_BV": 32, "fused_warps": 4}),
+    (64, "fused", {"fused_BK": 128, "fused_BV": 64, "fused_warps": 4}),
 ]
 
 
@@ -275,23 +279,35 @@ def run_sweep(s: Shape, rep_ms):
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     scale = 1.0 / (s.K * 8)
     o_ref, _ = chunk_hebbian_torch(q, k, v, scale=scale, strict=False, chunk_size=CHUNK)
+    # BDH calls the kernels with q is k; the fused forward then reads each Q/K tile once.
+    o_ref_qk = None
+    if s.name == "bdh":
+        o_ref_qk, _ = chunk_hebbian_torch(q, q, v, scale=scale, strict=False, chunk_size=CHUNK)
     rows = []
     for chunk_size, mode, tiles in SWEEP:
         pl = Plan(mode == "fused", chunk_size, chunk_size, dict(tiles))
 
         def f(q_, k_, v_, pl=pl):
             return hebbian_attention_triton(q_, k_, v_, scale=scale, strict=False, plan=pl)
-        try:
-            err = rel_err(f(q, k, v)[0], o_ref)
-            fwd = bench(lambda: f(q, k, v), rep_ms)
-            fb = bench(lambda: f(qg, kg, vg)[0].backward(do), rep_ms, grad_to_none=[qg, kg, vg])
-        except Exception as exc:                               # noqa: BLE001
-            err = fwd = fb = None
-            print(f"sweep {s.name} {chunk_size} {mode} {tiles}: {type(exc).__name__}: {exc}")
-        rows.append({"shape": s.name, "chunk": chunk_size, "forward": mode,
-                     "tiles": str(tiles) or "default",
-                     "fwd ms": fwd, "fwd+bwd ms": fb, "fwd err vs torch": err})
-        print(rows[-1], flush=True)
+        cases = [("q, k", k, o_ref)]
+        if o_ref_qk is not None and mode == "fused":
+            cases.append(("q is k", q, o_ref_qk))
+        for inputs, k_in, ref in cases:
+            try:
+                err = rel_err(f(q, k_in, v)[0], ref)
+                fwd = bench(lambda: f(q, k_in, v), rep_ms)
+                fb = None
+                if inputs == "q, k":
+                    fb = bench(lambda: f(qg, kg, vg)[0].backward(do), rep_ms,
+                               grad_to_none=[qg, kg, vg])
+            except Exception as exc:                               # noqa: BLE001
+                err = fwd = fb = None
+                print(f"sweep {s.name} {chunk_size} {mode} {tiles} {inputs}: "
+                      f"{type(exc).__name__}: {exc}")
+            rows.append({"shape": s.name, "chunk": chunk_size, "forward": mode,
+                         "tiles": str(tiles) or "default", "inputs": inputs,
+                         "fwd ms": fwd, "fwd+bwd ms": fb, "fwd err vs torch": err})
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -171,6 +171,33 @@ def test_fused_forward_segments_no_grad(kernel_device, poison_empty, fused_forwa
     assert_rel_close(S, S_r, 1e-5, "S_final")
 
 
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+def test_fused_forward_q_is_k(kernel_device, poison_empty, fused_forward, monkeypatch, decay):
+    """BDH passes one tensor as q and k: the fused kernel then loads each tile once (SAME_QK).
+    Output, final state and the one leaf's gradient (dq + dk) against float64 autograd."""
+    import kernels.hebbian.chunk_output as chunk_output
+    seen = []
+    real = chunk_output.same_tensor
+    monkeypatch.setattr(chunk_output, "same_tensor", lambda a, b: seen.append(real(a, b)) or
+                        seen[-1])
+    q, _, v, h0, g = make_inputs(1, 2, 90, 40, 24, torch.float32, kernel_device,
+                                 shared_v=True, decay=decay)
+    do = torch.randn(1, 2, 90, 24, dtype=torch.float64, device=kernel_device)
+    outs = []
+    for x, fn in ((q, lambda a, **kw: hebbian_attention(a, a, v, backend="triton",
+                                                       chunk_size=32, output_final_state=True,
+                                                       **kw)),
+                  (q.double(), lambda a, **kw: hebbian_recurrent(a, a, v.double(), **kw))):
+        leaf = x.detach().clone().requires_grad_()
+        o, S = fn(leaf, scale=0.3, decay=None if g is None else g.to(x.dtype),
+                  initial_state=h0.to(x.dtype))
+        (o.double() * do).sum().backward()
+        outs.append((o, S, leaf.grad))
+    assert seen and all(seen), "the fused launch did not see q is k"
+    for name, a, b in zip(("o", "S_final", "dq + dk"), *outs):
+        assert_rel_close(a, b, 1e-5, name)
+
+
 @pytest.mark.parametrize("fused,bt,bt_bwd", [(True, 16, 32), (False, 32, 16)])
 def test_forward_and_backward_chunks_may_differ(kernel_device, poison_empty, monkeypatch,
                                                 fused, bt, bt_bwd):

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .chunk_state import _chunk_state_update
-from .common import _causal_weights, _prec, _query_decay, _warps
+from .common import _causal_weights, _prec, _query_decay, _warps, same_tensor
 from .plan import fused_needs_atomics
 
 
@@ -74,14 +74,17 @@ def chunk_hebbian_fwd_o_kernel(q, k, v, h, o, log2g, scale, T, t0, NTS, H, HV, K
 # per-chunk states are never written to memory: the cost moves to the cross-K-tile sum of O,
 # done with float32 atomics into a buffer that fits in L2 (ATOMIC), or with plain stores when
 # one K tile covers K. Programs that differ only in the V tile are adjacent in the grid, so
-# they read the same Q_c, K_c tiles at about the same time (from L2 after the first).
+# they read the same Q_c, K_c tiles at about the same time (from L2 after the first). When q and
+# k are one tensor (BDH) the kernel loads the tile once (SAME_QK): half the Q/K traffic through
+# L2 and one [BT, BK] tile fewer in registers.
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, log2g, scale, T, t0, NTS, H, HV, K, V,
                                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                    HAS_DECAY: tl.constexpr, STRICT: tl.constexpr,
                                    USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                                   ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                                   ATOMIC: tl.constexpr, SAME_QK: tl.constexpr,
+                                   PREC: tl.constexpr):
     i_v, i_k = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -114,7 +117,10 @@ def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, log2g, scale, T, t0, NTS,
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_q = tl.load((p_q + t_s.to(tl.int64) * K) + o_tk, mask=m_tk, other=0.)
-        b_kt = tl.trans(tl.load((p_k + t_s.to(tl.int64) * K) + o_tk, mask=m_tk, other=0.))
+        if SAME_QK:                             # BDH: q is k, so one load serves both
+            b_kt = tl.trans(b_q)
+        else:
+            b_kt = tl.trans(tl.load((p_k + t_s.to(tl.int64) * K) + o_tk, mask=m_tk, other=0.))
         b_v = tl.load((p_v + t_s.to(tl.int64) * V) + o_tv, mask=m_tv, other=0.)
         b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
         b_A = tl.dot(b_q, b_kt, input_precision=PREC)
@@ -151,7 +157,7 @@ def chunk_fwd_o(q, k, v, h, o, log2g, scale, strict, *, t0, nts, tiles):
 def chunk_fwd_fused(q, k, v, o, log2g, h0, ht, scale, strict, *, t0, nts, tiles):
     """The segment [t0, t0 + nts·BT) of the fused forward. ``o`` is float32 and zeroed when
     `fused_needs_atomics` (programs add into it), else the output itself; the state after the
-    segment goes to ``ht`` (float32) when given."""
+    segment goes to ``ht`` (float32) when given. q and k may be one tensor (read once)."""
     B, H, T, K = q.shape
     HV, V = v.shape[1], v.shape[3]
     BK, BV = tiles.fused_BK, tiles.fused_BV
@@ -161,4 +167,4 @@ def chunk_fwd_fused(q, k, v, o, log2g, h0, ht, scale, strict, *, t0, nts, tiles)
         log2g if log2g is not None else q, float(scale), T, t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
         USE_H0=h0 is not None, STORE_HT=ht is not None, ATOMIC=fused_needs_atomics(K, tiles),
-        PREC=_prec(q.dtype), num_warps=tiles.fused_warps or _warps(BK, BV), num_stages=2)
+        SAME_QK=same_tensor(q, k), PREC=_prec(q.dtype), num_warps=tiles.fused_warps or _warps(BK, BV), num_stages=2)

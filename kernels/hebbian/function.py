@@ -194,7 +194,7 @@ def hebbian_attention_triton(q, k, v, *, scale=1.0, strict=True, decay=None, ini
     check_grid(B, H)
     cd = _compute_dtype(q.dtype)
     qc = q.to(cd).contiguous()
-    kc = k.to(cd).contiguous()
+    kc = qc if k is q else k.to(cd).contiguous()      # keep q is k (BDH): the kernels read it once
     vc = v.to(cd).contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
     p = plan or make_plan(B, H, K, v.shape[3], chunk_size)
