@@ -19,9 +19,10 @@ process RSS, rough). Methods:
   fla_linear   fla.ops.linear_attn.chunk_linear_attn (skipped if fla is not installed)
   fla_nsa      fla.ops.nsa.parallel_nsa, 16 query heads per kv head, top-k = --top-k blocks of
                64 (skipped if fla is not installed)
-Before the kernel sweep (CUDA), a small launch sweep times bsbr fwd+bwd at --tune-T (32k at
---preset h100) for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps)
-and pins the fastest for the bsbr rows ("tune" in the JSON); then a CUDA kernel profile of one
+Before the kernel sweep (CUDA), two small launch sweeps at --tune-T (32k at --preset h100): the
+top-k routing forward for each launch in TUNE_ROUTES ("tune_routing" in the JSON), then bsbr
+fwd+bwd for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps, V tile;
+"tune"); the fastest of each is pinned for the bsbr rows; then a CUDA kernel profile of one
 bsbr fwd+bwd at --profile-T ("profile").
 An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
 that pass; any other failure is a row with its note. Before timing, ours is checked against the
@@ -153,13 +154,19 @@ def v1_pins(on: bool):
                                                        False))
 
 
+ROUTE_PREFIX = "route_"        # launch keys of the top-k routing (routing_triton.ROUTE_LAUNCH)
+
+
 def launch_pins(launch: dict | None):
-    """Pins of the grouped readout's launch (entries per program, warps), e.g. the sweep's
-    pick; a no-op for None."""
-    from kernels.bsbr import readout_grouped
+    """Pins of the grouped readout's launch (entries per program, warps, bv) and, under keys
+    starting with "route_", of the top-k routing's (BQ, BS, warps); e.g. the sweeps' picks; a
+    no-op for None."""
+    from kernels.bsbr import readout_grouped, routing_triton
     if not launch:
         return contextlib.nullcontext()
-    return pinned(*((readout_grouped.GROUPED_READOUT, k, v) for k, v in launch.items()))
+    return pinned(*((routing_triton.ROUTE_LAUNCH, k[len(ROUTE_PREFIX):], v)
+                    if k.startswith(ROUTE_PREFIX) else (readout_grouped.GROUPED_READOUT, k, v)
+                    for k, v in launch.items()))
 
 
 def build_method(name: str, sz: Sizes, T: int, dev, dtype, launch: dict | None = None):
@@ -289,6 +296,45 @@ def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
 # won), then whole-V forward tiles (each V slice re-gathers the block's q rows).
 TUNE_LAUNCHES = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 128),
                  (64, 8, 128), (128, 8, 128))
+
+
+# (BQ, BS, warps, precision) of the top-k routing forward; the pick is among the "ieee" ones
+# (the same slots as the PyTorch routing); the tf32x3 rows show what three tensor-core passes
+# would buy, with the share of selections that agree with the ieee default.
+TUNE_ROUTES = ((32, 32, 4, "ieee"), (64, 32, 4, "ieee"), (64, 64, 8, "ieee"),
+               (128, 32, 8, "ieee"), (32, 32, 4, "tf32x3"), (64, 64, 8, "tf32x3"))
+
+
+def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
+    """Time the top-k routing forward at T for each launch in TUNE_ROUTES; returns the fastest
+    "ieee" launch as {"route_BQ", "route_BS", "route_warps"} (empty when none ran)."""
+    from kernels.bsbr.routing_triton import SelectedScoresTriton
+    q, _, _, r, hk = make_inputs(sz, T, dev, dtype)
+    C = sz.chunk
+    h = hk[:, :, :T // C * C].unflatten(2, (T // C, C)).float().mean(3)   # chunk meta keys
+    rows, ref = [], None
+    for bq, bs, warps, prec in tqdm(TUNE_ROUTES, desc=f"routing launch at T={T}"):
+        launch = {"BQ": bq, "BS": bs, "warps": warps, "prec": prec}
+        row = {**launch, "fwd_ms": None, "same_slots": None, "note": None}
+        try:
+            with launch_pins({ROUTE_PREFIX + k: v for k, v in launch.items()}):
+                def call():
+                    return SelectedScoresTriton.apply(r, h, 0, 0, C, sz.top_k)
+                idx = call()[0]
+                ref = idx if ref is None else ref
+                row["same_slots"] = float((idx == ref).float().mean())
+                row["fwd_ms"] = time_ms(call, dev, sz.reps, [])
+        except Exception as exc:                    # noqa: BLE001 (a row, not a crash)
+            row["note"] = note_of(exc)
+        rows.append(row)
+        release(dev)
+    ok = [r_ for r_ in rows if r_["fwd_ms"] is not None and r_["prec"] == "ieee"]
+    best = min(ok, key=lambda r_: r_["fwd_ms"]) if ok else None
+    pick = {ROUTE_PREFIX + k: best[k] for k in ("BQ", "BS", "warps")} if best else {}
+    b.data["tune_routing"] = {"T": T, "rows": rows, "best": pick}
+    b.save()
+    print("routing launch sweep:", rows, "->", pick, flush=True)
+    return pick
 
 
 def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
@@ -573,6 +619,10 @@ def markdown(data: dict) -> str:
              "## decode memory (BSBRAttention)", "", markdown_table(dec), "",
              "longest over shortest context (1.0 = flat):", "",
              markdown_table([{"bank": k, **v} for k, v in data["decode_summary"].items()]), ""]
+    if data.get("tune_routing"):
+        tr = data["tune_routing"]
+        lines += [f"## top-k routing launch sweep (forward at T = {tr['T']}; the bsbr rows use "
+                  f"the fastest ieee one, {tr['best']})", "", markdown_table(tr["rows"]), ""]
     if data.get("tune"):
         tune = data["tune"]
         lines += [f"## grouped readout launch sweep (bsbr fwd+bwd at T = {tune['T']}; the bsbr "
@@ -681,7 +731,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--tune-T: expected an int >= 0, got {tune_T}")
     launch = None
     if tune_T and "bsbr" in methods and dev.type == "cuda":
-        launch = tune_readout(b, sz, dev, dtype, tune_T)
+        route = tune_routing(b, sz, dev, dtype, tune_T)
+        with launch_pins(route):
+            launch = tune_readout(b, sz, dev, dtype, tune_T)
+        launch = {**(launch or {}), **route} or None
     profile_T = a.profile_T if a.profile_T is not None else (32768 if a.preset == "h100" else 0)
     if profile_T < 0:
         raise SystemExit(f"--profile-T: expected an int >= 0, got {profile_T}")

@@ -42,6 +42,32 @@ def test_readout_launch_sweep_picks_the_fastest_and_restores_the_pins(tmp_path, 
     assert readout_grouped.GROUPED_READOUT == {}
 
 
+def test_routing_launch_sweep_picks_the_fastest_ieee_launch(tmp_path, monkeypatch):
+    from kernels.bsbr import routing_triton
+    seen = []
+
+    def fake_time(fn, dev, reps, grads=()):
+        fn()
+        pin = dict(routing_triton.ROUTE_LAUNCH)
+        seen.append(pin)
+        # tf32x3 "faster" than every ieee launch: the pick must still be an ieee one.
+        return 0.1 if pin["prec"] == "tf32x3" else {32: 3.0, 64: 1.0, 128: 2.0}[pin["BQ"]] \
+            + pin["BS"] / 1e3
+    monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
+    sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
+    b = bench_bsbr.Bench(tmp_path, {})
+    pick = bench_bsbr.tune_routing(b, sz, torch.device("cpu"), torch.float32, 40)
+    assert seen == [{"BQ": q, "BS": s, "warps": w, "prec": p}
+                    for q, s, w, p in bench_bsbr.TUNE_ROUTES]
+    assert pick == {"route_BQ": 64, "route_BS": 32, "route_warps": 4}
+    assert b.data["tune_routing"]["best"] == pick
+    assert all(r["same_slots"] == 1.0 for r in b.data["tune_routing"]["rows"])
+    assert routing_triton.ROUTE_LAUNCH == {}
+    with bench_bsbr.launch_pins({**pick, "block": 32}):
+        assert routing_triton.ROUTE_LAUNCH == {"BQ": 64, "BS": 32, "warps": 4}
+    assert routing_triton.ROUTE_LAUNCH == {}
+
+
 def test_cpu_smoke_writes_the_json_contract(tmp_path):
     methods = "bsbr,bsbr_v1,bsbr_torch,sdpa,flex_swa,fla_linear"
     data = bench_bsbr.main(TINY + ["--methods", methods, "--out", str(tmp_path)])

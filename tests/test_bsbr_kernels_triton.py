@@ -119,12 +119,17 @@ def test_grouped_readout_rejects_bad_launch_pins(monkeypatch, key, value):
 @pytest.mark.parametrize("B,H,Tq,S,M,n,offset,C,kk", [
     (1, 2, 37, 7, 12, 0, 0, 5, 3), (2, 1, 70, 9, 20, 3, 5, 8, 4), (1, 1, 40, 40, 16, 0, 0, 1, 5),
     (1, 2, 33, 4, 8, 2, 0, 16, 4), (1, 1, 50, 6, 130, 1, 3, 9, 6)])
-def test_triton_routing_equals_the_torch_routing(kernel_device, B, H, Tq, S, M, n, offset, C,
-                                                 kk):
+@pytest.mark.parametrize("pins", [{}, {"BQ": 16, "BS": 16}], ids=["default", "small_tiles"])
+def test_triton_routing_equals_the_torch_routing(kernel_device, monkeypatch, B, H, Tq, S, M, n,
+                                                 offset, C, kk, pins):
     """Top-k selection (same slots, same order, -1 where fewer than k are valid), the selected
-    scores and the gradients of r and h, against the blockwise PyTorch form."""
+    scores and the gradients of r and h, against the blockwise PyTorch form. Small tiles put
+    several query blocks (different causal bounds) and several slot tiles (the merge rounds
+    after the first tile) into the small shapes."""
     from kernels.bsbr.routing import _SelectedScores
-    from kernels.bsbr.routing_triton import SelectedScoresTriton
+    from kernels.bsbr.routing_triton import ROUTE_LAUNCH, SelectedScoresTriton
+    for key, value in pins.items():
+        monkeypatch.setitem(ROUTE_LAUNCH, key, value)
     r = torch.randn(B, H, Tq, M, device=kernel_device)
     h = torch.randn(B, H, S, M, device=kernel_device)
     outs = []
@@ -142,6 +147,14 @@ def test_triton_routing_equals_the_torch_routing(kernel_device, B, H, Tq, S, M, 
     assert_rel_close(s2[ok], s1[ok], 1e-6, "selected scores")
     assert_rel_close(dr2, dr1, 1e-6, "dr")
     assert_rel_close(dh2, dh1, 1e-6, "dh")
+
+
+@pytest.mark.parametrize("key,value", [("BQ", 48), ("BS", 8), ("warps", 3), ("prec", "fp8")])
+def test_routing_rejects_bad_launch_pins(monkeypatch, key, value):
+    from kernels.bsbr.routing_triton import ROUTE_LAUNCH, route_launch
+    monkeypatch.setitem(ROUTE_LAUNCH, key, value)
+    with pytest.raises(ValueError, match=f"ROUTE_LAUNCH\\['{key}'\\]"):
+        route_launch()
 
 
 def test_grouped_readout_with_16bit_products(poison_empty, kernel_device, monkeypatch):

@@ -490,6 +490,86 @@ def test_reduce_layernorm_sums_every_partial(kernel_device, NS, V, with_res):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _ln64(t):
+    """LayerNorm without affine in float64 (eps 1e-5)."""
+    return torch.nn.functional.layer_norm(t.double(), (t.shape[-1],), eps=1e-5)
+
+
+def _reduce_ln_reference(part, out_dtype, res=None):
+    """The kernel's rounding chain in float64: y = Σ part → out dtype → LN → out dtype, and with
+    res: LN(res + that) → out dtype."""
+    a = _ln64(part.double().sum(1).to(out_dtype)).to(out_dtype)
+    if res is not None:
+        a = _ln64((res.double() + a.double()).to(out_dtype)).to(out_dtype)
+    return a
+
+
+@pytest.mark.parametrize("NS,V,BC", [(70, 40, 16), (70, 300, 16), (600, 700, 32)])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_reduce_layernorm_column_blocks_and_counter_reset(kernel_device, poison_empty, NS, V, BC,
+                                                          with_res):
+    """The column-parallel reduce + LayerNorm (grid (cdiv(V, BC), R), the last program of a row
+    normalises it): NS not a multiple of the rows per load (and several loads at NS = 600), V not
+    a power of two and spanning 3, 19 or 22 column blocks (the last partial), both column
+    widths; against float64. Run twice on different data: the per-row counters must be back at
+    0 after each launch, or the second launch never normalises (its output stays NaN)."""
+    from kernels.hebbian.decode_fused import _row_counters, reduce_layernorm
+    from kernels.hebbian.step import reduce_tiles
+    R = 3
+    assert reduce_tiles(R, NS, V)[0] == BC          # the case covers the width it names
+    for _ in range(2):
+        part = torch.randn(R, NS, V, device=kernel_device)
+        res = torch.randn(R, V, device=kernel_device) if with_res else None
+        out = reduce_layernorm(part, torch.float32, 1e-5, res=res)
+        torch.testing.assert_close(out, _reduce_ln_reference(part, torch.float32, res),
+                                   rtol=1e-5, atol=1e-5)
+        assert not _row_counters(R, kernel_device)[:R].any()
+
+
+@pytest.mark.parametrize("with_res", [False, True])
+def test_reduce_layernorm_rounds_to_float16_where_the_modules_do(kernel_device, with_res):
+    """float16 output: Σ part is rounded to float16 before the first LayerNorm and after it, and
+    res + LN(y) again before the second (the module's rounding points). The partials are
+    multiples of 1/64 around 1000, so the float32 sum is exact in any order and its float16
+    rounding (steps of 0.5 there) moves the LayerNorm visibly; res around 100 makes the
+    rounding of res + LN(y) (steps of 1/16) matter as much."""
+    from kernels.hebbian.decode_fused import reduce_layernorm
+    part = torch.randint(-64, 65, (4, 66, 256), device=kernel_device).float() / 64
+    part[:, 0] += 1000
+    res = (100 + torch.randn(4, 256, device=kernel_device)).half() if with_res else None
+    out = reduce_layernorm(part, torch.float16, 1e-5, res=res)
+    assert out.dtype == torch.float16
+    ref = _reduce_ln_reference(part, torch.float16, res)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("R,NS,V,dtype", [(3, 70, 40, torch.float32), (3, 300, 40, torch.float32),
+                                          (4, 66, 256, torch.float16), (1, 530, 100,
+                                                                         torch.float32)])
+def test_plain_reduce_sums_every_partial(kernel_device, poison_empty, R, NS, V, dtype):
+    """sparse_step._reduce on narrow column blocks: NS not a multiple of the rows per load (one
+    masked load at 70, several at 300 and 530), V not a multiple of the block; every column of
+    every row written (empty buffers are NaN here), cast to out's dtype."""
+    from kernels.hebbian.sparse_step import _reduce
+    part = torch.randn(R, NS, V, device=kernel_device)
+    out = _reduce(part, torch.empty(R, V, dtype=dtype, device=kernel_device))
+    ref = part.double().sum(1).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * NS ** 0.5)
+
+
+def test_reduce_tiles_spread_the_batch_1_shapes():
+    """At the batch-1 BDH shapes the reduces run many programs with big loads: R = 4, V = 256
+    gives 64 programs; every tile stays within 8192 float32 (32 KB), at most 256 rows."""
+    from kernels.hebbian.step import reduce_tiles
+    assert reduce_tiles(4, 66, 256) == (16, 128)            # 16 × 4 programs, one load each
+    assert reduce_tiles(1, 528, 256) == (16, 256)           # 16 programs, 3 loads
+    assert reduce_tiles(64, 66, 256) == (32, 128)           # enough rows: full 128-byte lines
+    for R, NS, V in [(1, 1, 16), (4, 10_000, 256), (2, 300, 4096)]:
+        BV, BS = reduce_tiles(R, NS, V)
+        assert BS * BV <= 8192 and 1 <= BS <= 256 and BS & (BS - 1) == 0
+
+
 def test_eager_sparse_generate_equals_dense_and_advances_the_position(kernel_device):
     """generate(sparse=True) without a CUDA graph (the position lives on the device and is
     advanced in place): the same greedy tokens and the same final state as the dense loop."""

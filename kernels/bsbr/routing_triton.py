@@ -7,9 +7,10 @@ than k slots are valid.
 
   fwd  grid (cdiv(Tq, BQ), B·H). A program scores its BQ queries against BS slots at a time
        (one tl.dot, float32 "ieee" like the PyTorch matmul, so both pick the same slots) and
-       merges each tile into a running top-k held in registers: k rounds of "the tile's best
-       beats the running minimum → replace it". Ties keep the earlier slot. Finally the k kept
-       are written in descending order. Work O(T·S·M) as before, but no [BQ, S] block in memory,
+       merges each tile into a running top-k held in registers: rounds of "the tile's best
+       beats the running minimum → replace it", only while some row still gains (at most k).
+       Ties keep the earlier slot. The slot loop stops at the block's last causal slot.
+       Finally the k kept are written in descending order. Work O(T·S·M) as before, but no [BQ, S] block in memory,
        no masked_fill / topk / where passes over it.
   bwd  dr_i = Σ_k g_ik h_{idx_ik}: grid (cdiv(Tq, BQ), B·H), k gathered rows per query.
        dh_j = Σ_{(i,k) that picked j} g_ik r_i: grid (S, B·H) over the inverse index (one
@@ -19,8 +20,10 @@ than k slots are valid.
 
 Why: on the H200 at T = 32k (BENCHMARKS.md, 2026-11-29) `torch.topk` alone took 3.4 ms of a
 23 ms BSBR fwd+bwd, and the routing's dense matmuls 2.2 ms; the O(T·S) backward is also why the
-fwd+bwd slope was 1.39–1.83 rather than 1. Expected: both to well under 1 ms at 32k, and the
-backward linear in T. Not yet measured on a GPU.
+fwd+bwd slope was 1.39–1.83 rather than 1. This kernel replaced both (measured 12-04). Its first
+version still took 3.5 ms of a 16.6 ms fwd+bwd at 32k (H200 profile, 12-04): k merge rounds for
+every tile of every slot, causal or not. The causal bound and the rounds that stop when no row
+gains are expected to take it under 1 ms (not yet measured).
 Used for top_k ≤ MAX_TOP_K (the k rounds are unrolled); dense routing keeps the PyTorch form.
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ MAX_TOP_K = 16
 @triton.jit
 def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
                     M: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                    KK: tl.constexpr, KP: tl.constexpr):
+                    KK: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
     o_q = i_q * BQ + tl.arange(0, BQ)
@@ -55,23 +58,31 @@ def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
                                                                                    tl.float32)
     best_i = tl.zeros([BQ, KP], tl.int32) - 1
     o_b = tl.arange(0, BS)
-    for s0 in range(0, S, BS):
+    # Causal bound: no query of this block may read a call chunk at or past the last query's
+    # chunk, so the slot loop stops at n + c_last instead of S (half the tiles on average).
+    c_last = (tl.minimum(i_q * BQ + BQ, Tq) - 1 + offset) // C
+    s_hi = tl.minimum(S, n + c_last)
+    for s0 in range(0, s_hi, BS):
         o_s = s0 + o_b
         m_s = o_s < S
         b_h = tl.load(h + bh * S * M + o_s[:, None] * M + o_m[None, :],
                       mask=m_s[:, None] & m_m[None, :], other=0.).to(tl.float32)
-        b_s = tl.dot(b_r, tl.trans(b_h), input_precision="ieee") * inv          # [BQ, BS]
+        b_s = tl.dot(b_r, tl.trans(b_h), input_precision=PREC) * inv            # [BQ, BS]
         ok = m_s[None, :] & ((o_s[None, :] < n) | ((o_s[None, :] - n) < c_q[:, None]))
         b_s = tl.where(ok, b_s, float("-inf"))
-        for _ in tl.static_range(KK):
-            t_max = tl.max(b_s, 1)
+        # Merge rounds only while some row's tile best beats its running minimum: after the
+        # first tiles most tiles add nothing, so this runs ~0-2 rounds instead of k.
+        t_max = tl.max(b_s, 1)
+        cur_min = tl.min(best_v, 1)
+        while tl.max((t_max > cur_min).to(tl.int32), 0) > 0:
             t_arg = tl.argmax(b_s, 1)
-            cur_min = tl.min(best_v, 1)
             cur_arg = tl.argmin(best_v, 1)
             put = (t_max > cur_min)[:, None] & (o_p[None, :] == cur_arg[:, None])
             best_v = tl.where(put, t_max[:, None], best_v)
             best_i = tl.where(put, (s0 + t_arg)[:, None].to(tl.int32), best_i)
             b_s = tl.where(o_b[None, :] == t_arg[:, None], float("-inf"), b_s)
+            t_max = tl.max(b_s, 1)
+            cur_min = tl.min(best_v, 1)
     # Write the kept ones in descending order; a -inf score means no valid slot: idx -1.
     free = o_p[None, :] < KK
     for kk in tl.static_range(KK):
@@ -130,6 +141,25 @@ def _route_bwd_dh(r, g, order, starts, dh, Tq, S, M: tl.constexpr, BM: tl.conste
     tl.store(dh + (bh * S + i_j) * M + o_m, acc.to(dh.dtype.element_ty), mask=m_m)
 
 
+# Benchmarks may pin the top-k forward's launch: {"BQ": 64, "BS": 32, "warps": 4,
+# "prec": "tf32x3"}; empty normally. "prec" is the score product's input precision: "ieee"
+# (float32 FMAs, the default: it picks the same slots as the PyTorch matmul) or "tf32x3" (three
+# tensor-core passes, float32-level accuracy, last bits may differ).
+ROUTE_LAUNCH: dict = {}
+
+
+def route_launch():
+    """(BQ, BS, num_warps, input precision) of the top-k forward: defaults or the pins."""
+    bq, bs = ROUTE_LAUNCH.get("BQ", 32), ROUTE_LAUNCH.get("BS", 32)
+    warps, prec = ROUTE_LAUNCH.get("warps", 4), ROUTE_LAUNCH.get("prec", "ieee")
+    for name, value, ok in (("BQ", bq, (16, 32, 64, 128)), ("BS", bs, (16, 32, 64, 128)),
+                            ("warps", warps, (1, 2, 4, 8)),
+                            ("prec", prec, ("ieee", "tf32", "tf32x3"))):
+        if value not in ok:
+            raise ValueError(f"ROUTE_LAUNCH[{name!r}]: expected one of {ok}, got {value!r}")
+    return bq, bs, warps, prec
+
+
 def _bm(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
@@ -145,10 +175,11 @@ class SelectedScoresTriton(torch.autograd.Function):
         r, h = r.contiguous(), h.contiguous()
         idx = torch.empty(B, H, Tq, kk, dtype=torch.int32, device=r.device)
         sel = torch.empty(B, H, Tq, kk, dtype=h.dtype, device=r.device)
-        BQ = BS = 32
+        BQ, BS, warps, prec = route_launch()
         _route_topk_fwd[(triton.cdiv(Tq, BQ), B * H)](
             r, h, idx, sel, Tq, S, n, offset, chunk_size, 1.0 / math.sqrt(M), M=M, BM=_bm(M),
-            BQ=BQ, BS=BS, KK=kk, KP=max(2, triton.next_power_of_2(kk)), num_warps=4)
+            BQ=BQ, BS=BS, KK=kk, KP=max(2, triton.next_power_of_2(kk)), PREC=prec,
+            num_warps=warps)
         ctx.save_for_backward(r, h, idx)
         ctx.mark_non_differentiable(idx)
         ctx.kk = kk

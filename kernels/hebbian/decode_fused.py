@@ -11,11 +11,19 @@ step and the sparse decoder product (`sparse_step.py`), so a layer is 8 launches
                   pass of the compaction)                                      [bmm, relu, rope, count]
     compact       `sparse_step.compact_from_tiles`
     step          `sparse_step.sparse_step_partials`
-    reduce_ln     o = Σ partials (rounded; BS partials per load), a = LayerNorm(o)   [reduce, LN]
+    reduce_ln     o = Σ partials (rounded), a = LayerNorm(o)                    [reduce, LN]
     encode_gate   ys = relu(a @ encoder_v), xy = xs · ys as [B, nh·N], and the non-zeros of xy
                   per tile                                                     [bmm, relu, mul, copy, count]
     compact, rows `sparse_step.sparse_rows_partials` over xy's non-zeros
     reduce_ln     y = Σ partials (rounded), x ← LN(x + LN(y))                 [reduce, LN, add, LN]
+
+reduce_ln is parallel over columns: grid (cdiv(V, BC), R) with narrow column blocks (16–32
+columns), each program summing its [NS, BC] slab of partials (256 partial rows per load) into a
+float32 scratch row; the last program of a row to finish (an int32 counter per row, atomically
+incremented) applies the LayerNorm to the whole row and resets the counter. One program per row
+(grid (R,)) was ~8.8 µs per launch, 12 launches per token, the largest item of the H200 profile
+(12-04): one SM cannot pull ~66–528 partial rows fast enough. The new design is not yet timed on
+a GPU.
 
 Every intermediate is rounded to the model's dtype where the PyTorch modules round it, so the
 result equals `bdh.sparse_decode.sparse_decode_step`'s up to float32 summation order. The
@@ -30,7 +38,7 @@ import triton.language as tl
 
 from ..rope.triton_rotate import phase_angle, rotate_pairs
 from .sparse_step import _pow2_tile
-from .step import partial_rows_per_load, sum_partials
+from .step import reduce_tiles, sum_partials
 
 
 @triton.jit
@@ -111,23 +119,67 @@ def _layer_norm(y, m, V, eps):
 
 
 @triton.jit
-def reduce_layernorm_kernel(part, res, out, NS, V, eps, BS: tl.constexpr, BV: tl.constexpr,
-                            HAS_RES: tl.constexpr):
-    """grid (R,). y = Σ_s part[r, s] (fixed order: BS partials per tile, tile sums in order),
-    rounded to out's dtype; out = LN(y), or with HAS_RES out = LN(res + LN(y)), rounding to out's
-    dtype where the modules do. At batch 1 one program sums ~66 (state step) or ~264 (decoder
-    rows) partials: this was ~10 µs per launch, the largest item of the H200 profile (12-04),
-    before `sum_partials` loaded BS rows at once."""
-    r = tl.program_id(0).to(tl.int64)
-    o_v = tl.arange(0, BV)
-    m = o_v < V
-    acc = sum_partials(part, r, NS, V, o_v, m, BS, BV)
-    dt = out.dtype.element_ty
-    y = _layer_norm(acc.to(dt).to(tl.float32), m, V, eps).to(dt).to(tl.float32)
-    if HAS_RES:
-        z = (tl.load(res + r * V + o_v, mask=m, other=0.).to(tl.float32) + y).to(dt)
-        y = _layer_norm(z.to(tl.float32), m, V, eps)
-    tl.store(out + r * V + o_v, y.to(dt), mask=m)
+def reduce_layernorm_kernel(part, res, out, y, counter, NS, V, eps, BS: tl.constexpr,
+                            BC: tl.constexpr, BV: tl.constexpr, HAS_RES: tl.constexpr):
+    """grid (cdiv(V, BC), R). Program (c, r) sums the columns c·BC … of part[r] (fixed order:
+    BS partials per tile, tile sums in order, so deterministic) into the float32 scratch
+    y[r]; the last program of row r to finish reads the whole row y[r] and writes out[r] =
+    LN(y) rounded to out's dtype, or with HAS_RES LN(res + LN(y)), rounding where the modules do.
+
+    Why columns: at batch 1 there are 1–4 rows of V = 256; one program per row (grid (R,)) was
+    a chain of dependent loads on one SM, ~8.8 µs per launch (H200 profile, 12-04). Narrow
+    column blocks put 16–64 programs in flight, each with 1–3 loads of up to 256 partial rows.
+    The LayerNorm needs the whole row, hence "the last program finishes": counter[r] (int32,
+    0 at launch) counts the blocks stored so far. Not yet timed on a GPU."""
+    i_c = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < V
+    tl.store(y + r * V + o_c, sum_partials(part, r, NS, V, o_c, m_c, BS, BC), mask=m_c)
+    # Every thread's stores of y must precede the (single-thread) atomic below: the barrier
+    # orders them within the program, the atomic's release publishes them to the GPU, and its
+    # acquire (in the program that sees the others' increments) makes theirs visible to it.
+    tl.debug_barrier()
+    done = tl.atomic_add(counter + r, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(0) - 1:
+        o_v = tl.arange(0, BV)
+        m = o_v < V
+        # .cg: read through L2 (coherent), never a stale L1 line of another SM's blocks.
+        acc = tl.load(y + r * V + o_v, mask=m, other=0., cache_modifier=".cg")
+        dt = out.dtype.element_ty
+        z = _layer_norm(acc.to(dt).to(tl.float32), m, V, eps).to(dt).to(tl.float32)
+        if HAS_RES:
+            z = (tl.load(res + r * V + o_v, mask=m, other=0.).to(tl.float32) + z).to(dt)
+            z = _layer_norm(z.to(tl.float32), m, V, eps)
+        tl.store(out + r * V + o_v, z.to(dt), mask=m)
+        # Back to 0 for the next launch (every program of this row has incremented it by now);
+        # the next launch on the stream starts after this one ends, graph replays included.
+        tl.store(counter + r, 0)
+
+
+# One int32 counter per row for reduce_layernorm, per device, kept at 0 between launches (each
+# launch's last programs reset their rows). Why cached: a torch.zeros per call is one more
+# launch (a memset) per reduce, 12 per token. Launches that share it must not overlap in time:
+# fine on one stream (eager calls, graph replays); two streams running reduce_layernorm at
+# once would need counters of their own.
+_ROW_COUNTERS: dict = {}
+
+
+def _row_counters(R: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 tensor of at least R entries on ``device`` (see _ROW_COUNTERS)."""
+    c = _ROW_COUNTERS.get(device)
+    if c is not None and c.numel() >= R:
+        return c
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Under capture torch.zeros is recorded, not run: the memory would not be zero for an
+        # eager call later, so do not cache it. The graph zeroes it on every replay (a memset
+        # node), which is correct. A warm-up call before capture (DecodeGraph runs one) fills
+        # the cache and avoids this.
+        return torch.zeros(R, dtype=torch.int32, device=device)
+    c = torch.zeros(max(R, 1024, 2 * (c.numel() if c is not None else 0)), dtype=torch.int32,
+                    device=device)
+    _ROW_COUNTERS[device] = c
+    return c
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -171,11 +223,14 @@ def encode_gate(a, enc_v, xs, *, BN: int = 128):
 
 
 def reduce_layernorm(part, out_dtype, eps, res=None):
-    """part [R, NS, V] float32 → LN(Σ part) [R, V] in out_dtype, or LN(res + LN(Σ part))."""
+    """part [R, NS, V] float32 → LN(Σ part) [R, V] in out_dtype, or LN(res + LN(Σ part)).
+    One launch, grid (cdiv(V, BC), R): see reduce_layernorm_kernel."""
     R, NS, V = part.shape
     out = torch.empty(R, V, dtype=out_dtype, device=part.device)
+    y = torch.empty(R, V, dtype=torch.float32, device=part.device)   # Σ part, before rounding
     BV = max(16, triton.next_power_of_2(V))
-    BS = partial_rows_per_load(NS, BV)
-    reduce_layernorm_kernel[(R,)](part, res if res is not None else out, out, NS, V, float(eps),
-                                  BS=BS, BV=BV, HAS_RES=res is not None, num_warps=8)
+    BC, BS = reduce_tiles(R, NS, V)
+    reduce_layernorm_kernel[(triton.cdiv(V, BC), R)](
+        part, res if res is not None else out, out, y, _row_counters(R, part.device), NS, V,
+        float(eps), BS=BS, BC=BC, BV=BV, HAS_RES=res is not None, num_warps=4)
     return out

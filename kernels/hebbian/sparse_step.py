@@ -39,7 +39,7 @@ from ..checks import resolve_backend
 from .common import INTERPRET
 from .function import check_grid
 from .sparse_naive import sparse_hebbian_step_naive, sparse_rows_matmul_naive
-from .step import fused_recurrent_hebbian_reduce_kernel, partial_rows_per_load
+from .step import fused_recurrent_hebbian_reduce_kernel, reduce_tiles
 from .validate import check_same_device, check_step_inputs, check_tensor
 
 SPARSE_BACKENDS = ("auto", "triton", "torch")
@@ -153,9 +153,9 @@ def _splits(n_tiles: int, programs: int, device: torch.device) -> int:
 def _reduce(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[r] = Σ_s part[r, s] (fixed order), cast to out's dtype. part [R, NS, V]."""
     R, NS, V = part.shape
-    RB = _pow2_tile(V, 1024)
+    RB, RS = reduce_tiles(R, NS, V)      # narrow column blocks: many programs at R = 1–4
     fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), R)](
-        part, out, NS, V, BS=partial_rows_per_load(NS, RB), BV=RB, num_warps=4)
+        part, out, NS, V, BS=RS, BV=RB, num_warps=4)
     return out
 
 

@@ -50,8 +50,9 @@ def fused_recurrent_hebbian_step_kernel(q, k, v, state, part, log2g, scale, H, H
 @triton.jit
 def sum_partials(part, row, NS, V, o_v, m_v, BS: tl.constexpr, BV: tl.constexpr):
     """Σ_s part[row, s, o_v] in float32, BS partial rows per load, tiles summed in order
-    (deterministic). Why BS rows at once: one row per iteration made the sum a chain of
-    dependent 1 KB loads, ~10 µs for ~264 partials (H200 profile of the batch-1 sparse step)."""
+    (deterministic for a given BS and BV). Why BS rows at once: one row per iteration made the
+    sum a chain of dependent 1 KB loads, ~10 µs for ~264 partials (H200 profile of the batch-1
+    sparse step)."""
     o_s = tl.arange(0, BS)
     acc = tl.zeros([BV], tl.float32)
     for s0 in range(0, NS, BS):
@@ -62,8 +63,23 @@ def sum_partials(part, row, NS, V, o_v, m_v, BS: tl.constexpr, BV: tl.constexpr)
 
 
 def partial_rows_per_load(NS: int, BV: int) -> int:
-    """BS for `sum_partials`: up to 32 rows, a [BS, BV] float32 tile of at most 32 KB."""
-    return max(1, min(32, triton.next_power_of_2(NS), 8192 // BV))
+    """BS for `sum_partials`: a power of two, at most 256 rows and at most next_pow2(NS), with
+    BS·BV ≤ 8192 elements (a float32 tile of at most 32 KB). With the narrow column blocks of
+    `reduce_tiles` (16–32 columns) one load takes 256 partial rows, so ~66 or ~528 partials are
+    1–3 loads instead of a long chain of small dependent ones."""
+    return max(1, min(256, triton.next_power_of_2(NS), 8192 // BV))
+
+
+def reduce_tiles(R: int, NS: int, V: int) -> tuple[int, int]:
+    """(BV, BS) for a column-parallel reduce of part [R, NS, V] on a grid (cdiv(V, BV), R).
+
+    Why narrow columns: at batch 1 R is 1–4 rows of V = 256; one program per row (BV ≥ V) left
+    the whole sum to 1–4 SMs (~9–17 µs per launch in the H200 profile). BV = 32 reads a
+    128-byte line per partial row; when that gives fewer than 64 programs, BV = 16 doubles
+    them (R = 4, V = 256: 64 programs). BS then takes as many partial rows per load as the
+    32 KB tile allows (`partial_rows_per_load`). Not yet timed on a GPU."""
+    BV = 32 if R * triton.cdiv(V, 32) >= 64 else 16
+    return BV, partial_rows_per_load(NS, BV)
 
 
 @triton.jit
@@ -111,7 +127,7 @@ def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
         BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=bool(strict),
         num_warps=STEP_TILES.get("warps", 8))
     o = torch.empty(B, H, V, dtype=v.dtype, device=q.device)
-    RB = max(16, min(1024, triton.next_power_of_2(V)))
+    RB, RS = reduce_tiles(B * H, n_k, V)
     fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), B * H)](
-        part, o, n_k, V, BS=partial_rows_per_load(n_k, RB), BV=RB, num_warps=4)
+        part, o, n_k, V, BS=RS, BV=RB, num_warps=4)
     return o, state
