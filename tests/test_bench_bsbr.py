@@ -42,29 +42,39 @@ def test_readout_launch_sweep_picks_the_fastest_and_restores_the_pins(tmp_path, 
     assert readout_grouped.GROUPED_READOUT == {}
 
 
-def test_routing_launch_sweep_picks_the_fastest_ieee_launch(tmp_path, monkeypatch):
+def test_routing_launch_sweep_picks_the_fastest_launch_with_the_same_slots(tmp_path,
+                                                                          monkeypatch):
     from kernels.bsbr import routing_triton
     seen = []
+    real = routing_triton.SelectedScoresTriton.apply
+
+    def fake_apply(*a):
+        idx, sel = real(*a)
+        if routing_triton.ROUTE_LAUNCH["BQ"] == 128:          # "picks other slots"
+            idx = idx.flip(-1)
+        return idx, sel
 
     def fake_time(fn, dev, reps, grads=()):
         fn()
         pin = dict(routing_triton.ROUTE_LAUNCH)
         seen.append(pin)
-        # tf32x3 "faster" than every ieee launch: the pick must still be an ieee one.
-        return 0.1 if pin["prec"] == "tf32x3" else {32: 3.0, 64: 1.0, 128: 2.0}[pin["BQ"]] \
-            + pin["BS"] / 1e3
+        # BQ 128 is "fastest" but selects differently: the pick must skip it.
+        return {32: 3.0, 64: 1.0, 128: 0.1}[pin["BQ"]] + pin["BS"] / 1e3 \
+            - (pin["prec"] == "tf32x3") / 10
+    monkeypatch.setattr(routing_triton.SelectedScoresTriton, "apply", fake_apply)
     monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
     sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
     b = bench_bsbr.Bench(tmp_path, {})
     pick = bench_bsbr.tune_routing(b, sz, torch.device("cpu"), torch.float32, 40)
     assert seen == [{"BQ": q, "BS": s, "warps": w, "prec": p}
                     for q, s, w, p in bench_bsbr.TUNE_ROUTES]
-    assert pick == {"route_BQ": 64, "route_BS": 32, "route_warps": 4}
+    assert pick == {"route_BQ": 64, "route_BS": 32, "route_warps": 4, "route_prec": "tf32x3"}
+    rows = b.data["tune_routing"]["rows"]
     assert b.data["tune_routing"]["best"] == pick
-    assert all(r["same_slots"] == 1.0 for r in b.data["tune_routing"]["rows"])
+    assert [r["same_slots"] < 1.0 for r in rows] == [r["BQ"] == 128 for r in rows]
     assert routing_triton.ROUTE_LAUNCH == {}
     with bench_bsbr.launch_pins({**pick, "block": 32}):
-        assert routing_triton.ROUTE_LAUNCH == {"BQ": 64, "BS": 32, "warps": 4}
+        assert routing_triton.ROUTE_LAUNCH == {"BQ": 64, "BS": 32, "warps": 4, "prec": "tf32x3"}
     assert routing_triton.ROUTE_LAUNCH == {}
 
 

@@ -125,11 +125,15 @@ def test_triton_routing_equals_the_torch_routing(kernel_device, monkeypatch, B, 
     """Top-k selection (same slots, same order, -1 where fewer than k are valid), the selected
     scores and the gradients of r and h, against the blockwise PyTorch form. Small tiles put
     several query blocks (different causal bounds) and several slot tiles (the merge rounds
-    after the first tile) into the small shapes."""
+    after the first tile) into the small shapes, and cut every slot's entries into segments of
+    3 for dh (several partials per slot, summed in order)."""
+    from kernels.bsbr import routing_triton
     from kernels.bsbr.routing import _SelectedScores
     from kernels.bsbr.routing_triton import ROUTE_LAUNCH, SelectedScoresTriton
     for key, value in pins.items():
         monkeypatch.setitem(ROUTE_LAUNCH, key, value)
+    if pins:
+        monkeypatch.setattr(routing_triton, "segment_entries", lambda n_ent, S: 3)
     r = torch.randn(B, H, Tq, M, device=kernel_device)
     h = torch.randn(B, H, S, M, device=kernel_device)
     outs = []

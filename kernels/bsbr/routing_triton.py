@@ -13,9 +13,9 @@ than k slots are valid.
        Finally the k kept are written in descending order. Work O(T·S·M) as before, but no [BQ, S] block in memory,
        no masked_fill / topk / where passes over it.
   bwd  dr_i = Σ_k g_ik h_{idx_ik}: grid (cdiv(Tq, BQ), B·H), k gathered rows per query.
-       dh_j = Σ_{(i,k) that picked j} g_ik r_i: grid (S, B·H) over the inverse index (one
-       stable sort of the entries by slot, `readout_triton._inverse_index`), in a fixed order:
-       deterministic, no atomics. O(T·k·M) where the PyTorch backward scatters into a dense
+       dh_j = Σ_{(i,k) that picked j} g_ik r_i over the inverse index (one stable sort of the
+       entries by slot, `readout_triton._inverse_index`): per segment of each slot's run, then
+       per slot in segment order (`readout_triton._sum_segments`): deterministic, no atomics. O(T·k·M) where the PyTorch backward scatters into a dense
        [BQ, S] block and multiplies it: O(T·S·M), quadratic in T at a fixed chunk size.
 
 Why: on the H200 at T = 32k (BENCHMARKS.md, 2026-11-29) `torch.topk` alone took 3.4 ms of a
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .readout_triton import _inverse_index
+from .readout_triton import _inverse_index, _sum_segments, segment_entries, slot_runs
 
 MAX_TOP_K = 16
 
@@ -119,45 +119,49 @@ def _route_bwd_dr(h, idx, g, dr, Tq, S, M: tl.constexpr, BM: tl.constexpr, BQ: t
 
 
 @triton.jit
-def _route_bwd_dh(r, g, order, starts, dh, Tq, S, M: tl.constexpr, BM: tl.constexpr,
-                  BE: tl.constexpr, KK: tl.constexpr):
-    """dh_j = Σ over the entries that picked slot j (sorted, fixed order) of g_e r_{t(e)}."""
-    i_j, i_bh = tl.program_id(0), tl.program_id(1)
+def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, Tq, S, NSEG,
+                          M: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, KK: tl.constexpr):
+    """P[seg] = Σ over one segment of a slot's sorted entries of g_e r_{t(e)} (fixed order)."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
-    e0 = tl.load(starts + bh * (S + 1) + i_j)
-    e1 = tl.load(starts + bh * (S + 1) + i_j + 1)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    acc = tl.zeros([BM], tl.float32)
-    for start in range(e0, e1, BE):
-        o_e = start + tl.arange(0, BE)
-        m_e = o_e < e1
-        ent = tl.load(order + bh * Tq * KK + o_e, mask=m_e, other=0)
-        w = tl.load(g + bh * Tq * KK + ent, mask=m_e, other=0.)
-        t = (ent // KK).to(tl.int64)
-        b_r = tl.load(r + (bh * Tq + t)[:, None] * M + o_m[None, :],
-                      mask=m_e[:, None] & m_m[None, :], other=0.).to(tl.float32)
-        acc += tl.sum(w[:, None] * b_r, 0)
-    tl.store(dh + (bh * S + i_j) * M + o_m, acc.to(dh.dtype.element_ty), mask=m_m)
+    j = tl.load(seg_slot + bh * NSEG + i_s)
+    if j < S:                       # pseudo-slot S (idx = -1) and spare programs: nothing to do
+        e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
+        e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
+        acc = tl.zeros([BM], tl.float32)
+        for start in range(e_lo, e_hi, BE):
+            o_e = start + tl.arange(0, BE)
+            m_e = o_e < e_hi
+            ent = tl.load(order + bh * Tq * KK + o_e, mask=m_e, other=0)
+            w = tl.load(g + bh * Tq * KK + ent, mask=m_e, other=0.)
+            t = (ent // KK).to(tl.int64)
+            b_r = tl.load(r + (bh * Tq + t)[:, None] * M + o_m[None, :],
+                          mask=m_e[:, None] & m_m[None, :], other=0.).to(tl.float32)
+            acc += tl.sum(w[:, None] * b_r, 0)
+        tl.store(P + (bh * NSEG + i_s) * M + o_m, acc, mask=m_m)
 
 
 # Benchmarks may pin the top-k forward's launch: {"BQ": 64, "BS": 32, "warps": 4,
-# "prec": "tf32x3"}; empty normally. "prec" is the score product's input precision: "ieee"
-# (float32 FMAs, the default: it picks the same slots as the PyTorch matmul) or "tf32x3" (three
-# tensor-core passes, float32-level accuracy, last bits may differ).
+# "prec": "ieee"}; empty normally. "prec" is the score product's input precision: "tf32x3"
+# (three tensor-core passes, float32-level accuracy; the default) or "ieee" (float32 FMAs) or
+# "tf32" (one pass, ~1e-3 relative: may pick other slots at near-ties). Why tf32x3: the H200
+# sweep at T = 32k (12-04) measured 1.16 ms against 1.96 ms for the best ieee launch, with the
+# same slots picked for every query of the random benchmark inputs. The interpreter computes
+# every dot in float32, so the CPU tests compare the selection exactly either way.
 ROUTE_LAUNCH: dict = {}
+ROUTE_DEFAULT = {"BQ": 64, "BS": 64, "warps": 8, "prec": "tf32x3"}
 
 
 def route_launch():
     """(BQ, BS, num_warps, input precision) of the top-k forward: defaults or the pins."""
-    bq, bs = ROUTE_LAUNCH.get("BQ", 32), ROUTE_LAUNCH.get("BS", 32)
-    warps, prec = ROUTE_LAUNCH.get("warps", 4), ROUTE_LAUNCH.get("prec", "ieee")
-    for name, value, ok in (("BQ", bq, (16, 32, 64, 128)), ("BS", bs, (16, 32, 64, 128)),
-                            ("warps", warps, (1, 2, 4, 8)),
-                            ("prec", prec, ("ieee", "tf32", "tf32x3"))):
-        if value not in ok:
-            raise ValueError(f"ROUTE_LAUNCH[{name!r}]: expected one of {ok}, got {value!r}")
-    return bq, bs, warps, prec
+    got = {**ROUTE_DEFAULT, **ROUTE_LAUNCH}
+    for name, ok in (("BQ", (16, 32, 64, 128)), ("BS", (16, 32, 64, 128)),
+                     ("warps", (1, 2, 4, 8)), ("prec", ("ieee", "tf32", "tf32x3"))):
+        if got[name] not in ok:
+            raise ValueError(f"ROUTE_LAUNCH[{name!r}]: expected one of {ok}, got {got[name]!r}")
+    return got["BQ"], got["BS"], got["warps"], got["prec"]
 
 
 def _bm(M: int) -> int:
@@ -196,7 +200,15 @@ class SelectedScoresTriton(torch.autograd.Function):
         BQ = 32
         _route_bwd_dr[(triton.cdiv(Tq, BQ), B * H)](h, idx, g, dr, Tq, S, M=M, BM=_bm(M), BQ=BQ,
                                                      KK=kk, num_warps=4)
+        # dh by segments of each slot's sorted entries, then per slot in order: one program
+        # per slot serialised the early slots (picked by most later queries; 1.3 ms at 32k,
+        # H200 profile 12-04). Deterministic, no atomics, as readout_triton.routed_readout_dF.
         order, starts = _inverse_index(idx, S)
-        _route_bwd_dh[(S, B * H)](r, g, order, starts, dh, Tq, S, M=M, BM=_bm(M), BE=32, KK=kk,
-                                  num_warps=4)
+        n_ent = Tq * kk
+        seg, e0, e1, NSEG, seg_end, seg_n = slot_runs(order, starts, S, n_ent,
+                                                      segment_entries(n_ent, S))
+        P = torch.empty(B * H, NSEG, M, dtype=torch.float32, device=r.device)
+        _route_bwd_dh_partial[(NSEG, B * H)](r, g, order, seg, e0, e1, P, Tq, S, NSEG, M=M,
+                                             BM=_bm(M), BE=32, KK=kk, num_warps=4)
+        _sum_segments[(S, 1, B * H)](P, seg_end, seg_n, dh, S, NSEG, M, BLK=_bm(M))
         return dr, dh, None, None, None, None
