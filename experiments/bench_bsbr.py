@@ -300,15 +300,19 @@ TUNE_LAUNCHES = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 12
 
 # (BQ, BS, warps, precision) of the top-k routing forward. The first row (float32 FMAs) is the
 # reference of "same_slots" (the share of selections equal to its); the pick is the fastest
-# launch that selects the same slots as it for every query.
+# launch that agrees with it on all but near-ties (SAME_SLOTS_MIN of the selections: tf32x3
+# differed in 3 per million at 32k on the H200).
 TUNE_ROUTES = ((32, 32, 4, "ieee"), (64, 32, 4, "ieee"), (64, 64, 8, "ieee"),
                (32, 32, 4, "tf32x3"), (64, 32, 4, "tf32x3"), (64, 64, 8, "tf32x3"),
                (128, 32, 8, "tf32x3"))
 
 
+SAME_SLOTS_MIN = 0.9999
+
+
 def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
     """Time the top-k routing forward at T for each launch in TUNE_ROUTES; returns the fastest
-    one that picks the first row's slots as {"route_BQ", "route_BS", "route_warps",
+    one that picks the first row's slots (but for near-ties: SAME_SLOTS_MIN) as {"route_BQ", "route_BS", "route_warps",
     "route_prec"} (empty when none ran)."""
     from kernels.bsbr.routing_triton import SelectedScoresTriton
     q, _, _, r, hk = make_inputs(sz, T, dev, dtype)
@@ -330,7 +334,7 @@ def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
             row["note"] = note_of(exc)
         rows.append(row)
         release(dev)
-    ok = [r_ for r_ in rows if r_["fwd_ms"] is not None and r_["same_slots"] == 1.0]
+    ok = [r_ for r_ in rows if r_["fwd_ms"] is not None and r_["same_slots"] >= SAME_SLOTS_MIN]
     best = min(ok, key=lambda r_: r_["fwd_ms"]) if ok else None
     pick = {ROUTE_PREFIX + k: best[k] for k in ("BQ", "BS", "warps", "prec")} if best else {}
     b.data["tune_routing"] = {"T": T, "rows": rows, "best": pick}
@@ -624,7 +628,7 @@ def markdown(data: dict) -> str:
     if data.get("tune_routing"):
         tr = data["tune_routing"]
         lines += [f"## top-k routing launch sweep (forward at T = {tr['T']}; the bsbr rows use "
-                  f"the fastest that picks the first row's slots, {tr['best']})", "", markdown_table(tr["rows"]), ""]
+                  f"the fastest that picks the first row's slots but for near-ties, {tr['best']})", "", markdown_table(tr["rows"]), ""]
     if data.get("tune"):
         tune = data["tune"]
         lines += [f"## grouped readout launch sweep (bsbr fwd+bwd at T = {tune['T']}; the bsbr "
