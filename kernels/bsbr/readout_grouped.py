@@ -26,7 +26,8 @@ fwd and dq/dp products run bf16 × bf16 on the tensor cores (float32 accumulatio
 they run on float32 F (tf32 for fp16 inputs, "ieee" for float32). Why: the H200 profile at
 T = 32k (BENCHMARKS.md, 2026-11-29) put these two passes at 2.6 + 4.5 ms, and their main
 traffic is F, re-read once per block of BE entries (~8.6 GB at 32k in float32). Expected from
-bf16 F: that traffic and the MMA time halve, about −3 ms at 32k; not yet measured on a GPU.
+bf16 F: that traffic and the MMA time halve, about −3 ms at 32k. Measured only together with the
+Triton top-k routing (12-04, H200): −6.5 ms at 32k for both.
 fp16 keeps float32 F by default (F = KᵀV over a chunk can pass fp16's 65504); `GROUPED_READOUT`
 pins the choice (benchmarks A/B it in one process; tests force it for fp16 under the
 interpreter, where bf16 cannot run).
