@@ -24,7 +24,7 @@ fwd+bwd slope was 1.39–1.83 rather than 1. This kernel replaced both (measured
 version still took 3.5 ms of a 16.6 ms fwd+bwd at 32k (H200 profile, 12-04): k merge rounds for
 every tile of every slot, causal or not. The causal bound and the rounds that stop when no row
 gains took it to 1.94 ms, tf32x3 products at 64×32 to 0.55 ms (H200 profile, 12-04).
-Used for top_k ≤ MAX_TOP_K (the k rounds are unrolled); dense routing keeps the PyTorch form.
+Used for top_k ≤ MAX_TOP_K (the k ordered writes are unrolled); dense routing keeps the PyTorch form.
 """
 from __future__ import annotations
 
