@@ -15,9 +15,8 @@ is λ = 1 (`long_scale=1.0`); its unnormalised sum over C keys swamps the local 
 initialisation (d_model 128, 2 heads, C = 64, T = 256) the long term's std was 70× the local
 term's (11.1 against 0.16). Measured (CPU, `python -m experiments.quality`, 600 steps): the BSBR
 LM's validation loss 2.41 with the default against 2.77 with λ = 1. The same default as
-`bsbr.hf` (where λ = 1 took a converted GPT-2 from 2.58 to 4.88 val loss). λ is applied
-exactly through the kernel's q and local scale (q·λ with scale/λ), so the kernels keep the
-DESIGN formula and the bank holds plain F_j.
+`bsbr.hf` (where λ = 1 took a converted GPT-2 from 2.58 to 4.88 val loss). λ is the kernels'
+`long_scale` argument (it scales the readout's query only), so the bank holds plain F_j.
 
 The maths runs in `kernels.bsbr` (one call per piece; a single token decodes as local attention
 over the partial chunk plus `routed_readout_step` over the bank). The streaming state
@@ -182,23 +181,22 @@ class BSBRAttention(nn.Module):
         return y, self._advance(state, k, v, hk, fill + T, slot_weights, T)
 
     def _attend(self, q, k, v, r, hk, fill, bank_F, bank_h, want_weights):
-        """(o [B,H,T,V], slot_weights [B,H,n] or None) from the kernels. long = λ q Σ p F runs as
-        the kernels' q Σ p F on q·λ, with the local scale divided by λ (the same softmax)."""
+        """(o [B,H,T,V], slot_weights [B,H,n] or None) from the kernels; o = local + λ q Σ p F."""
         C, T = self.chunk_size, q.shape[2]
-        lam = self.long_scale
-        scale = self.scale / lam
-        q = q * lam
+        lam, scale = self.long_scale, self.scale
         if T == 1 and bank_F is not None:
             # Decode: the token's chunk is the partial one, and every completed chunk is in the
             # bank, so local attention over the partial chunk plus a routed readout of the bank
             # is the whole answer; nothing before the partial chunk is re-run.
             local = kb.chunk_local_attention(q, k, v, chunk_size=C, offset=fill,
                                              scale=scale, backend=self.backend)
-            long, w = kb.routed_readout_step(q[:, :, 0], r[:, :, 0], bank_F, bank_h, self.top_k)
+            long, w = kb.routed_readout_step(q[:, :, 0], r[:, :, 0], bank_F, bank_h, self.top_k,
+                                             long_scale=lam)
             return local + long.unsqueeze(2).to(local.dtype), (w if want_weights else None)
         out = kb.bsbr_attention(q, k, v, r, hk, chunk_size=C, top_k=self.top_k,
                                 scale=scale, offset=fill, bank_F=bank_F, bank_h=bank_h,
-                                return_slot_weights=want_weights, backend=self.backend)
+                                return_slot_weights=want_weights, long_scale=lam,
+                                backend=self.backend)
         return out if want_weights else (out, None)
 
     def _advance(self, state: BSBRState, k, v, hk, n_keys: int, slot_weights,

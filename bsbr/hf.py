@@ -20,9 +20,9 @@ routed chunk contributes the chunk-mean of (scaling · q_t·k_s) v_s: the size o
 logit times a value, not C of them. With λ = 1 (DESIGN.md's plain formula) the unnormalised
 sum over C keys swamps the local softmax of a converted model (measured on the byte-level GPT-2
 of experiments.convert_gpt2, C = 16: val loss 2.58 → 4.88 right after conversion, 2.92 after the
-fine-tune, against 2.59 and 2.51 with the default λ). λ is applied exactly, through the kernel's
-q and local scale (q·λ with scale/λ), so the kernels keep the DESIGN formula. Options, read from
-the model config:
+fine-tune, against 2.59 and 2.51 with the default λ). λ is the kernels' `long_scale` argument
+(it scales the readout's query only; the bank holds plain F_j). Options, read from the model
+config:
 
     bsbr_chunk_size   C                                    default 64
     bsbr_top_k        routed chunks per token, None=all    default None
@@ -144,14 +144,12 @@ def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, 
         o = chunk_local_attention(q, k_all, v_all, chunk_size=chunk_size, offset=offset,
                                   scale=scale, backend=backend)
         if has_bank:
-            long, weights = routed_readout_step(q[:, :, 0] * long_scale, q[:, :, 0], bank_F,
-                                                bank_h.to(dtype), top_k)
+            long, weights = routed_readout_step(q[:, :, 0], q[:, :, 0], bank_F,
+                                                bank_h.to(dtype), top_k, long_scale=long_scale)
             o = (o.float() + long.unsqueeze(2)).to(v.dtype)
     else:
-        # long = long_scale · q Σ p F: pass q·long_scale and the local scale divided by it, so
-        # the local softmax is unchanged and the routing (r = q, unscaled) too.
-        o = bsbr_attention(q * long_scale, k_all, v_all, q, k_all, chunk_size=chunk_size,
-                           top_k=top_k, scale=scale / long_scale, offset=offset,
+        o = bsbr_attention(q, k_all, v_all, q, k_all, chunk_size=chunk_size,
+                           top_k=top_k, scale=scale, offset=offset, long_scale=long_scale,
                            bank_F=bank_F if has_bank else None,
                            bank_h=bank_h.to(dtype) if has_bank else None,
                            return_slot_weights=bounded and has_bank, backend=backend)

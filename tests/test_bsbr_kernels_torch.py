@@ -145,3 +145,43 @@ def test_torch_backend_causality():
         o2 = bsbr_attention(**y, **kw)
         assert torch.equal(o2[:, :, :t], o[:, :, :t]), f"token {t} moved an earlier output"
         assert not torch.allclose(o2[:, :, t:], o[:, :, t:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_long_scale_scales_only_the_routed_term(kernel_device, backend):
+    """out(λ) = local + λ · long: the local softmax and the routing are untouched, so
+    out(λ) - out(1) = (λ - 1) · long with long = out(1) - out(λ → 0) read off the reference;
+    every input gradient against the float64 reference at the same λ. Also the decode step."""
+    x = {n: t.to(kernel_device) for n, t in make(1, 2, 37, 12, 10, 6, offset=3, n=2).items()}
+    do = torch.randn(1, 2, 37, 10, dtype=f64, device=kernel_device)
+    lam = 0.37
+    kw = dict(chunk_size=8, top_k=2, offset=3)
+    o, w, g = run(bsbr_attention, x, do, long_scale=lam, backend=backend, **kw)
+    o_r, w_r, g_r = run(bsbr_attention_ref, {n: t.double() for n, t in x.items()}, do,
+                        long_scale=lam, **kw)
+    assert_rel_close(o, o_r, 1e-5, "o")
+    assert_rel_close(w, w_r, 1e-5, "slot weights")
+    for name in NAMES:
+        assert_rel_close(g[name], g_r[name], 1e-5, "d" + name)
+    # The reference itself: linear in λ, with the λ = 1 output at one end.
+    xd = {n: t.double() for n, t in x.items()}
+    o1 = bsbr_attention_ref(**xd, **kw)
+    o0 = bsbr_attention_ref(**xd, long_scale=1e-30, **kw)
+    assert_rel_close(o_r, o0 + lam * (o1 - o0), 1e-12, "o(λ) = local + λ long")
+    assert not torch.allclose(o1, o0)                 # the routed term is really there
+    q1, r1 = x["q"][:, :, 0], x["r"][:, :, 0]
+    s, ws = routed_readout_step(q1, r1, x["bank_F"], x["bank_h"], 1, long_scale=lam)
+    s_r, ws_r = routed_readout_step_ref(q1.double(), r1.double(), x["bank_F"].double(),
+                                        x["bank_h"].double(), 1, long_scale=lam)
+    assert_rel_close(s, s_r, 1e-5, "step long")
+    assert torch.equal(ws > 0, ws_r > 0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), True, "1", None])
+def test_long_scale_rejects_bad_values(bad):
+    x = make(1, 1, 9, 4, 4, 3)
+    with pytest.raises(ValueError, match="long_scale"):
+        bsbr_attention(**x, chunk_size=4, long_scale=bad)
+    with pytest.raises(ValueError, match="long_scale"):
+        routed_readout_step(x["q"][:, :, 0], x["r"][:, :, 0], torch.zeros(1, 1, 2, 4, 4),
+                            torch.zeros(1, 1, 2, 3), long_scale=bad)

@@ -186,9 +186,9 @@ def test_decode_never_reruns_the_prefix(monkeypatch):
         seen["keys"] = k.shape[2]
         return real_local(q, k, v, **kw)
 
-    def step(q, r, F, h, top_k):
+    def step(q, r, F, h, top_k, **kw):
         seen["slots"] = F.shape[2]
-        return real_step(q, r, F, h, top_k)
+        return real_step(q, r, F, h, top_k, **kw)
 
     def forbidden(*a, **kw):
         raise AssertionError("bsbr_attention called for a one-token decode")

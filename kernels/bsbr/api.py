@@ -18,8 +18,8 @@ from .local_torch import chunk_local_attention_torch
 from .readout_torch import routed_readout_torch
 from .routing import bank_slot_weights, route
 from .states import chunk_states_torch
-from .validate import (check_bsbr_inputs, check_local_inputs, check_states_inputs,
-                       check_step_inputs, check_triton_ok, resolve_backend)
+from .validate import (check_bsbr_inputs, check_local_inputs, check_long_scale,
+                       check_states_inputs, check_step_inputs, check_triton_ok, resolve_backend)
 
 
 def _local(q, k, v, chunk_size, offset, scale, kind):
@@ -68,16 +68,19 @@ def chunk_states(k, v, hk, *, chunk_size, backend="auto"):
 
 
 def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset=0,
-                   bank_F=None, bank_h=None, return_slot_weights=False, backend="auto"):
-    """Causal BSBR attention: out = local + long (bsbr_api.md). Returns o [B,H,Tq,V] in v's
-    dtype, or (o, slot_weights [B,H,n] float32, no grad) with return_slot_weights.
-    Differentiable in q, k, v, r, hk, bank_F, bank_h."""
+                   bank_F=None, bank_h=None, return_slot_weights=False, long_scale=1.0,
+                   backend="auto"):
+    """Causal BSBR attention: out = local + long_scale · long (bsbr_api.md; long = q Σ p F).
+    Returns o [B,H,Tq,V] in v's dtype, or (o, slot_weights [B,H,n] float32, no grad) with
+    return_slot_weights. Differentiable in q, k, v, r, hk, bank_F, bank_h."""
     d = check_bsbr_inputs(q, k, v, r, hk, chunk_size, top_k, offset, bank_F, bank_h)
+    long_scale = check_long_scale(long_scale)
     kind = resolve_backend(backend, q.device, q.dtype, chunk_size, (d.K, d.V))
     if kind == "reference":
         return naive.bsbr_attention_ref(q, k, v, r, hk, chunk_size=chunk_size, top_k=top_k,
                                         scale=scale, offset=offset, bank_F=bank_F,
-                                        bank_h=bank_h, return_slot_weights=return_slot_weights)
+                                        bank_h=bank_h, return_slot_weights=return_slot_weights,
+                                        long_scale=long_scale)
     if kind == "triton":
         check_triton_ok(q, chunk_size)
     sd = naive.state_dtype(q)
@@ -92,22 +95,27 @@ def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset
     else:
         idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k,
                        backend="triton" if kind == "triton" else "torch")
+        # λ rides on the readout's query (q is [Tq, K] in the input dtype, the smallest
+        # operand), never on the local softmax or the routing.
+        q_long = q if long_scale == 1.0 else q * long_scale
         if kind == "triton":
             from .readout_triton import routed_readout_triton
-            long = routed_readout_triton(q, F, idx, p)
+            long = routed_readout_triton(q_long, F, idx, p)
         else:
-            long = routed_readout_torch(q, F, idx, p)
+            long = routed_readout_torch(q_long, F, idx, p)
         # In place: no float32 copy of local (at 32k, H16, D128 one pass of 268 MB fewer).
         o = long.add_(local).to(v.dtype)
         w = bank_slot_weights(idx, p, d.n) if return_slot_weights else None
     return (o, w) if return_slot_weights else o
 
 
-def routed_readout_step(q, r, bank_F, bank_h, top_k=None):
+def routed_readout_step(q, r, bank_F, bank_h, top_k=None, long_scale=1.0):
     """One decode token reading the bank (every slot is a candidate). q [B,H,K], r [B,H,M],
-    bank_F [B,H,n,K,V] float32, bank_h [B,H,n,M]. Returns (long [B,H,V], slot_weights [B,H,n]),
-    both float32 (float64 for float64 q). PyTorch on any device; no host sync."""
+    bank_F [B,H,n,K,V] float32, bank_h [B,H,n,M]. Returns (long_scale · q Σ p F [B,H,V],
+    slot_weights [B,H,n]), both float32 (float64 for float64 q). PyTorch on any device; no host
+    sync."""
     n = check_step_inputs(q, r, bank_F, bank_h, top_k)
+    long_scale = check_long_scale(long_scale)
     sd = naive.state_dtype(q)
     B, H, K = q.shape
     V = bank_F.shape[-1]
@@ -119,4 +127,6 @@ def routed_readout_step(q, r, bank_F, bank_h, top_k=None):
     # Only the k selected states are read: gather them, then one small batched matvec.
     Fg = torch.gather(Fb, 2, idx[:, :, 0].clamp(min=0)[..., None, None].expand(-1, -1, -1, K, V))
     long = torch.einsum("bhj,bhk,bhjkv->bhv", p[:, :, 0], q.to(sd), Fg)
+    if long_scale != 1.0:
+        long = long * long_scale
     return long, bank_slot_weights(idx, p, n)

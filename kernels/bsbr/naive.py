@@ -66,9 +66,10 @@ def routing_weights_ref(scores, valid, top_k):
 
 
 def bsbr_attention_ref(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset=0,
-                       bank_F=None, bank_h=None, return_slot_weights=False):
-    """out = local + long (see the module docstring and bsbr_api.md). Returns o [B,H,Tq,V] in
-    v's dtype, and slot_weights [B,H,n] (Σ over queries of each bank slot's weight) if asked."""
+                       bank_F=None, bank_h=None, return_slot_weights=False, long_scale=1.0):
+    """out = local + long_scale · long (see the module docstring and bsbr_api.md). Returns o
+    [B,H,Tq,V] in v's dtype, and slot_weights [B,H,n] (Σ over queries of each bank slot's
+    weight) if asked."""
     B, H, Tq, K = q.shape
     M = r.shape[-1]
     sd = state_dtype(q)
@@ -88,19 +89,19 @@ def bsbr_attention_ref(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, of
     scores = torch.einsum("bhtm,bhjm->bhtj", r.to(sd), h) / math.sqrt(M)
     p = routing_weights_ref(scores, valid.expand_as(scores), top_k)           # [B,H,Tq,S]
     qF = torch.einsum("bhtk,bhjkv->bhtjv", q.to(sd), F)
-    long = torch.einsum("bhtj,bhtjv->bhtv", p, qF)
+    long = torch.einsum("bhtj,bhtjv->bhtv", p, qF) * long_scale
     o = (local + long).to(v.dtype)
     if return_slot_weights:
         return o, p[..., :n].sum(2).detach().to(sd)
     return o
 
 
-def routed_readout_step_ref(q, r, bank_F, bank_h, top_k=None):
+def routed_readout_step_ref(q, r, bank_F, bank_h, top_k=None, long_scale=1.0):
     """One decode token reading the bank: q [B,H,K], r [B,H,M], bank_F [B,H,n,K,V],
-    bank_h [B,H,n,M]. Returns (long [B,H,V], slot_weights [B,H,n]) in float32 (float64 for
-    float64 inputs); every bank slot is a candidate."""
+    bank_h [B,H,n,M]. Returns (long_scale · long [B,H,V], slot_weights [B,H,n]) in float32
+    (float64 for float64 inputs); every bank slot is a candidate."""
     sd = state_dtype(q)
     scores = torch.einsum("bhm,bhjm->bhj", r.to(sd), bank_h.to(sd)) / math.sqrt(r.shape[-1])
     p = routing_weights_ref(scores, torch.ones_like(scores, dtype=torch.bool), top_k)
-    long = torch.einsum("bhj,bhk,bhjkv->bhv", p, q.to(sd), bank_F.to(sd))
+    long = torch.einsum("bhj,bhk,bhjkv->bhv", p, q.to(sd), bank_F.to(sd)) * long_scale
     return long, p

@@ -38,6 +38,14 @@ def check_top_k(top_k):
         raise ValueError(f"top_k: expected None (dense routing) or an int >= 1, got {top_k!r}")
 
 
+def check_long_scale(long_scale) -> float:
+    """λ of the routed term (out = local + λ · q Σ p F): a finite number > 0."""
+    if isinstance(long_scale, bool) or not isinstance(long_scale, (int, float)) \
+            or not 0 < long_scale < float("inf"):
+        raise ValueError(f"long_scale: expected a finite number > 0, got {long_scale!r}")
+    return float(long_scale)
+
+
 def check_local_inputs(q, k, v, chunk_size, offset) -> Dims:
     """q [B,H,Tq,K], k [B,H,Tk,K], v [B,H,Tk,V] with Tk = offset + Tq, 0 <= offset < chunk_size."""
     check_chunk_size(chunk_size)
