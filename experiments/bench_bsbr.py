@@ -312,8 +312,8 @@ SAME_SLOTS_MIN = 0.9999
 
 def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
     """Time the top-k routing forward at T for each launch in TUNE_ROUTES; returns the fastest
-    one that picks the first row's slots (but for near-ties: SAME_SLOTS_MIN) as {"route_BQ", "route_BS", "route_warps",
-    "route_prec"} (empty when none ran)."""
+    one that picks the first row's slots (but for near-ties: SAME_SLOTS_MIN) as
+    {"route_BQ", "route_BS", "route_warps", "route_prec"} (empty when none ran)."""
     from kernels.bsbr.routing_triton import SelectedScoresTriton
     q, _, _, r, hk = make_inputs(sz, T, dev, dtype)
     C = sz.chunk
@@ -628,7 +628,8 @@ def markdown(data: dict) -> str:
     if data.get("tune_routing"):
         tr = data["tune_routing"]
         lines += [f"## top-k routing launch sweep (forward at T = {tr['T']}; the bsbr rows use "
-                  f"the fastest that picks the first row's slots but for near-ties, {tr['best']})", "", markdown_table(tr["rows"]), ""]
+                  f"the fastest that picks the first row's slots but for near-ties, "
+                  f"{tr['best']})", "", markdown_table(tr["rows"]), ""]
     if data.get("tune"):
         tune = data["tune"]
         lines += [f"## grouped readout launch sweep (bsbr fwd+bwd at T = {tune['T']}; the bsbr "

@@ -6,17 +6,19 @@ slots j < n, and the call's chunks j − n < c_i), as (idx, selected score), idx
 than k slots are valid.
 
   fwd  grid (cdiv(Tq, BQ), B·H). A program scores its BQ queries against BS slots at a time
-       (one tl.dot, float32 "ieee" like the PyTorch matmul, so both pick the same slots) and
-       merges each tile into a running top-k held in registers: rounds of "the tile's best
-       beats the running minimum → replace it", only while some row still gains (at most k).
-       Ties keep the earlier slot. The slot loop stops at the block's last causal slot.
-       Finally the k kept are written in descending order. Work O(T·S·M) as before, but no [BQ, S] block in memory,
-       no masked_fill / topk / where passes over it.
+       (one tl.dot: tf32x3 on the GPU by default, float32 "ieee" when pinned, which picks the
+       same slots as the PyTorch matmul; see ROUTE_LAUNCH) and merges each tile into a running
+       top-k held in registers: rounds of "the tile's best beats the running minimum →
+       replace it", only while some row still gains (at most k). Ties keep the earlier slot.
+       The slot loop stops at the block's last causal slot. Finally the k kept are written in
+       descending order. Work O(T·S·M), but no [BQ, S] block in memory, no masked_fill / topk /
+       where passes over it.
   bwd  dr_i = Σ_k g_ik h_{idx_ik}: grid (cdiv(Tq, BQ), B·H), k gathered rows per query.
        dh_j = Σ_{(i,k) that picked j} g_ik r_i over the inverse index (one stable sort of the
        entries by slot, `readout_triton._inverse_index`): per segment of each slot's run, then
-       per slot in segment order (`readout_triton._sum_segments`): deterministic, no atomics. O(T·k·M) where the PyTorch backward scatters into a dense
-       [BQ, S] block and multiplies it: O(T·S·M), quadratic in T at a fixed chunk size.
+       per slot in segment order (`readout_triton._sum_segments`): deterministic, no atomics.
+       O(T·k·M) where the PyTorch backward scatters into a dense [BQ, S] block and multiplies
+       it: O(T·S·M), quadratic in T at a fixed chunk size.
 
 Why: on the H200 at T = 32k (BENCHMARKS.md, 2026-11-29) `torch.topk` alone took 3.4 ms of a
 23 ms BSBR fwd+bwd, and the routing's dense matmuls 2.2 ms; the O(T·S) backward is also why the
@@ -24,7 +26,8 @@ fwd+bwd slope was 1.39–1.83 rather than 1. This kernel replaced both (measured
 version still took 3.5 ms of a 16.6 ms fwd+bwd at 32k (H200 profile, 12-04): k merge rounds for
 every tile of every slot, causal or not. The causal bound and the rounds that stop when no row
 gains took it to 1.94 ms, tf32x3 products at 64×32 to 0.55 ms (H200 profile, 12-04).
-Used for top_k ≤ MAX_TOP_K (the k ordered writes are unrolled); dense routing keeps the PyTorch form.
+Used for top_k ≤ MAX_TOP_K (the k ordered writes are unrolled); dense routing keeps the PyTorch
+form.
 """
 from __future__ import annotations
 

@@ -167,4 +167,5 @@ def chunk_fwd_fused(q, k, v, o, log2g, h0, ht, scale, strict, *, t0, nts, tiles)
         log2g if log2g is not None else q, float(scale), T, t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
         USE_H0=h0 is not None, STORE_HT=ht is not None, ATOMIC=fused_needs_atomics(K, tiles),
-        SAME_QK=same_tensor(q, k), PREC=_prec(q.dtype), num_warps=tiles.fused_warps or _warps(BK, BV), num_stages=2)
+        SAME_QK=same_tensor(q, k), PREC=_prec(q.dtype),
+        num_warps=tiles.fused_warps or _warps(BK, BV), num_stages=2)
