@@ -97,7 +97,10 @@ class MixerBlock(nn.Module):
         super().__init__()
         D = cfg.d_model
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.mixer = build_mixer(cfg.mixer, D, cfg.n_head, **cfg.mixer_kwargs)
+        # mixer_kwargs may carry its own "n_head": the mixer's heads alone (e.g. a one-head
+        # Hebbian mixer beside multi-head baselines, compared at equal state).
+        kw = dict(cfg.mixer_kwargs)
+        self.mixer = build_mixer(cfg.mixer, D, kw.pop("n_head", cfg.n_head), **kw)
         self.conv = ShortConv(D, cfg.short_conv) if cfg.short_conv else None
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(),
                                  nn.Linear(cfg.mlp_ratio * D, D))

@@ -62,6 +62,7 @@ class LongRangeConfig:
     short_conv: int = 4               # causal short convolution before every mixer (0: none)
     chunk: int = 16                   # BSBR chunk size
     hebbian_neurons: int = 0          # N per head of the hebbian mixer (0: BDHAttention's default)
+    hebbian_heads: int = 0            # heads of the hebbian mixer (0: n_head)
     steps: int = 200
     batch_size: int = 16
     eval_batch: int = 16
@@ -92,7 +93,7 @@ PRESETS = {
 
 # A checkpoint resumes only a run with the same model, data and optimizer settings.
 RESUME_MUST_MATCH = ("curriculum", "vocab", "d_model", "n_layer", "n_head", "window",
-                     "short_conv", "chunk", "hebbian_neurons",
+                     "short_conv", "chunk", "hebbian_neurons", "hebbian_heads",
                      "batch_size", "lr", "weight_decay", "threshold", "window_reports", "seed")
 
 HELP = {
@@ -109,9 +110,12 @@ HELP = {
     "window": "window of the sliding-window mixer (tokens)",
     "chunk": "chunk size of the BSBR mixer (tokens)",
     "hebbian_neurons": "neurons per head of the hebbian mixer (0: BDHAttention's 16·d_model/"
-                       "n_head); its state is n_layer·n_head·N·d_model floats against linear "
-                       "attention's n_layer·n_head·(d_model/n_head)², so N = d_model/n_head² "
-                       "gives equal states (issue #13's comparison)",
+                       "heads); its state is n_layer·heads·N·d_model floats against linear "
+                       "attention's n_layer·n_head·(d_model/n_head)², so N = d_model/(n_head·"
+                       "heads) gives equal states (issue #13's comparison)",
+    "hebbian_heads": "heads of the hebbian mixer (0: --n-head). Its values are the whole "
+                     "d_model-wide input, so at equal state its key width N is d_model/n_head "
+                     "(linear attention's head width) with 1 head, d_model/n_head² with n_head",
     "short_conv": "width of the causal depthwise convolution in front of every mixer (0: none; "
                   "without it no mixer sees positions, and MQAR stalls at ~20%)",
     "steps": "optimizer steps per mixer (a resumed run continues up to this many)",
@@ -204,7 +208,8 @@ def check_config(cfg: LongRangeConfig) -> None:
         v = getattr(cfg, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {v}")
-    for name in ("lr", "weight_decay", "ckpt_every", "short_conv", "hebbian_neurons"):
+    for name in ("lr", "weight_decay", "ckpt_every", "short_conv", "hebbian_neurons",
+                 "hebbian_heads"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.threshold <= 1:
@@ -234,9 +239,11 @@ def check_config(cfg: LongRangeConfig) -> None:
 
 
 def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
+    hebbian = {"n_neurons": cfg.hebbian_neurons} if cfg.hebbian_neurons else {}
+    if cfg.hebbian_heads:
+        hebbian["n_head"] = cfg.hebbian_heads
     kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk},
-          "hebbian": {"n_neurons": cfg.hebbian_neurons} if cfg.hebbian_neurons else {}
-          }.get(mixer, {})
+          "hebbian": hebbian}.get(mixer, {})
     torch.manual_seed(cfg.seed)        # the same embedding / MLP initialisation for every mixer
     mcfg = MixerLMConfig(mixer=mixer, vocab_size=cfg.vocab, n_layer=cfg.n_layer,
                          d_model=cfg.d_model, n_head=cfg.n_head, short_conv=cfg.short_conv,

@@ -103,6 +103,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     (["--curriculum", "nope"], ["--curriculum", "nope"]),
     (["--preset", "tpu"], ["--preset", "tpu"]),
     (["--hebbian-neurons", "-2"], ["--hebbian-neurons", "-2"]),
+    (["--hebbian-heads", "-1"], ["--hebbian-heads", "-1"]),
 ])
 def test_bad_flags_exit_with_a_clear_message(flags, words, capsys):
     with pytest.raises(SystemExit):
@@ -139,3 +140,23 @@ def test_hebbian_neurons_give_the_equal_state_comparison():
                                                               "--vocab", "64"]), "hebbian")
     assert sum(p.numel() for p in big.parameters()) > sum(
         p.numel() for p in long_range.build_model(cfg, "hebbian").parameters())
+
+
+def test_hebbian_heads_keep_the_state_and_widen_the_keys():
+    """One hebbian head with N = d_model / n_head: the same state as linear attention (and as
+    n_head heads of d_model / n_head² neurons), keys as wide as a linear head's."""
+    import torch
+    base = ["--d-model", "64", "--n-head", "2", "--vocab", "64"]
+    one = long_range.config_from_args(base + ["--hebbian-heads", "1", "--hebbian-neurons", "32"])
+    mixers = [m for m in long_range.build_model(one, "hebbian").modules()
+              if type(m).__name__ == "BDHAttention"]
+    assert mixers and all(m.n_head == 1 and m.N == 32 for m in mixers)
+    nbytes = {}
+    for name, cfg, m in (("one", one, "hebbian"), ("linear", one, "linear")):
+        _, st = long_range.build_model(cfg, m)(torch.randint(0, 64, (1, 8)), return_state=True)
+        nbytes[name] = st.nbytes()
+    assert abs(nbytes["one"] - nbytes["linear"]) <= 0.05 * nbytes["linear"]
+    # The override is the hebbian mixer's alone: linear keeps --n-head.
+    lin = [m for m in long_range.build_model(one, "linear").modules()
+           if type(m).__name__ == "LinearAttention"]
+    assert lin and all(m.n_head == 2 for m in lin)
