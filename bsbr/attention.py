@@ -37,7 +37,7 @@ from kernels.checks import check_sequence
 
 from .bank import empty_bank, push_chunks, update_salience
 from .config import (BACKENDS, BankConfig, bank_from, check_int, check_long_scale,
-                     check_optional_int)
+                     check_optional_int, resolve_long_scale)
 from .state import BSBRState
 
 
@@ -79,7 +79,7 @@ class BSBRAttention(nn.Module):
         check_long_scale(long_scale, "BSBRAttention: long_scale")
         self.backend = backend
         self.scale = (d_model // n_head) ** -0.5 if scale is None else scale     # resolved
-        self.long_scale = self.scale / chunk_size if long_scale is None else long_scale
+        self.long_scale = resolve_long_scale(long_scale, self.scale, chunk_size)
         HM = n_head * self.meta_dim
         self.W_q = nn.Linear(d_model, d_model, bias=bias)
         self.W_k = nn.Linear(d_model, d_model, bias=bias)

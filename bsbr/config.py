@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from kernels.bsbr import BACKENDS
+from kernels.bsbr.validate import check_long_scale as check_routed_scale
 
 
 def check_int(owner: str, name: str, value, minimum: int) -> None:
@@ -26,12 +27,16 @@ def check_optional_int(owner: str, name: str, value, minimum: int) -> None:
 
 
 def check_long_scale(long_scale, name: str) -> None:
-    """λ of BSBR's routed term: None (the default, scale / chunk_size) or a number > 0."""
-    if long_scale is not None and (isinstance(long_scale, bool)
-                                   or not isinstance(long_scale, (int, float))
-                                   or not long_scale > 0):
-        raise ValueError(f"{name}: expected None (scale / chunk_size) or a number > 0, "
-                         f"got {long_scale!r}")
+    """λ of BSBR's routed term: None (the default, `resolve_long_scale`) or what the kernels
+    take (`kernels.bsbr.validate.check_long_scale`: a finite number > 0)."""
+    if long_scale is not None:
+        check_routed_scale(long_scale, f"{name} (None for scale / chunk_size)")
+
+
+def resolve_long_scale(long_scale, scale: float, chunk_size: int) -> float:
+    """The λ a layer uses: ``long_scale``, or by default scale / chunk_size, so a routed chunk
+    adds the chunk-mean of (scale · q·k) v (see `bsbr.attention`)."""
+    return scale / chunk_size if long_scale is None else float(long_scale)
 
 
 @dataclasses.dataclass(frozen=True)

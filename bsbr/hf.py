@@ -50,7 +50,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from bdh.hf import (cache_layer_of, check_attention_call, compute_dtype, config_option,
                     expand_kv_heads, padding_free_mask)
 
-from .config import check_long_scale
+from .config import check_long_scale, resolve_long_scale
 
 BSBR = "bsbr"
 DEFAULT_CHUNK_SIZE = 64
@@ -137,7 +137,7 @@ def bsbr_continue(q, k, v, stream: dict, *, chunk_size, top_k=None, scale=None, 
     has_bank = n > 0
     weights = None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    long_scale = scale / chunk_size if long_scale is None else long_scale
+    long_scale = resolve_long_scale(long_scale, scale, chunk_size)
     if q.shape[2] == 1 and not torch.is_grad_enabled():
         # Decoding one token: softmax over its partial chunk + the routed readout of the bank
         # (the query's own chunk is never complete, so the bank holds every candidate).

@@ -135,7 +135,7 @@ def test_bad_input_raises_clearly():
         BSBRLMConfig(top_k=0)
 
 
-@pytest.mark.parametrize("bad", [0, -2.0, True, "0.1"])
+@pytest.mark.parametrize("bad", [0, -2.0, True, "0.1", float("nan")])
 def test_config_rejects_a_bad_long_scale(bad):
     with pytest.raises(ValueError, match="BSBRLMConfig.long_scale"):
         BSBRLMConfig(long_scale=bad)

@@ -70,7 +70,7 @@ def test_long_scale_default_plain_and_errors():
     assert_rel_close(y_plain, reference(plain, x), 1e-10)
     assert_rel_close(y_default, reference(default, x), 1e-10)
     assert (y_default - y_plain).abs().max() > 1e-2
-    for bad in (0, -1.0, True, "1"):
+    for bad in (0, -1.0, True, "1", float("inf")):
         with pytest.raises(ValueError, match="long_scale"):
             make(long_scale=bad)
 

@@ -38,11 +38,12 @@ def check_top_k(top_k):
         raise ValueError(f"top_k: expected None (dense routing) or an int >= 1, got {top_k!r}")
 
 
-def check_long_scale(long_scale) -> float:
-    """λ of the routed term (out = local + λ · q Σ p F): a finite number > 0."""
+def check_long_scale(long_scale, name: str = "long_scale") -> float:
+    """λ of the routed term (out = local + λ · q Σ p F): a finite number > 0. ``name`` is the
+    argument as the caller's user knows it (a module or config field)."""
     if isinstance(long_scale, bool) or not isinstance(long_scale, (int, float)) \
             or not 0 < long_scale < float("inf"):
-        raise ValueError(f"long_scale: expected a finite number > 0, got {long_scale!r}")
+        raise ValueError(f"{name}: expected a finite number > 0, got {long_scale!r}")
     return float(long_scale)
 
 
