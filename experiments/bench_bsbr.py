@@ -314,10 +314,11 @@ def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
     """Time the top-k routing forward at T for each launch in TUNE_ROUTES; returns the fastest
     one that picks the first row's slots (but for near-ties: SAME_SLOTS_MIN) as
     {"route_BQ", "route_BS", "route_warps", "route_prec"} (empty when none ran)."""
+    from kernels.bsbr import chunk_states
     from kernels.bsbr.routing_triton import SelectedScoresTriton
-    q, _, _, r, hk = make_inputs(sz, T, dev, dtype)
+    _, k, v, r, hk = make_inputs(sz, T, dev, dtype)
     C = sz.chunk
-    h = hk[:, :, :T // C * C].unflatten(2, (T // C, C)).float().mean(3)   # chunk meta keys
+    _, h = chunk_states(k, v, hk, chunk_size=C)          # the meta keys bsbr_attention routes to
     rows, ref = [], None
     for bq, bs, warps, prec in tqdm(TUNE_ROUTES, desc=f"routing launch at T={T}"):
         launch = {"BQ": bq, "BS": bs, "warps": warps, "prec": prec}
