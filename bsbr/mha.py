@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdh.hf import FEATURE_MAPS, normalised_hebbian
+from kernels.checks import same_tensor
 
 from .hf import bsbr_continue, check_long_scale, empty_stream
 
@@ -49,11 +50,6 @@ class MHAState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values()
                    if isinstance(t, torch.Tensor))
-
-
-def _same_tensor(a, b) -> bool:
-    return a is b or (a.shape == b.shape and a.stride() == b.stride()
-                      and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype)
 
 
 def is_causal_mask(mask: torch.Tensor, T: int) -> bool:
@@ -139,7 +135,7 @@ class RecurrentMultiheadAttention(nn.Module):
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query: expected 3 dims with last = embed_dim = {self.embed_dim}, "
                              f"got shape {list(query.shape)}")
-        if not (_same_tensor(key, query) and _same_tensor(value, query)):
+        if not (same_tensor(key, query) and same_tensor(value, query)):
             raise ValueError("key/value: only self-attention is supported (key and value must be "
                              "the query tensor); cross-attention cannot be computed causally "
                              "from a recurrent state")

@@ -84,3 +84,10 @@ def check_token_ids(idx, vocab_size: int, name: str = "idx") -> torch.Tensor:
         raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
                          f"got values in [{lo}, {hi}]")
     return idx.long()
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b view the same memory with the same layout and dtype (q is k in BDH; one input
+    passed as query, key and value): one read may serve both."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)

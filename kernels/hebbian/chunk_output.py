@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 from .chunk_state import _chunk_state_update
-from .common import _causal_weights, _prec, _query_decay, _warps, same_tensor
+from ..checks import same_tensor
+from .common import _causal_weights, _prec, _query_decay, _warps
 from .plan import fused_needs_atomics
 
 

@@ -59,10 +59,3 @@ def _tile(n: int, cap: int) -> int:
 def _warps(*tiles: int) -> int:
     """4 warps up to 64×64-ish float32 accumulators, 8 above (keeps registers under the cap)."""
     return 4 if INTERPRET or max(tiles) * sorted(tiles)[-2] <= 128 * 64 else 8
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b view the same memory with the same layout (q is k in BDH): a kernel may load one
-    tile for both."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
