@@ -22,7 +22,7 @@ process RSS, rough). Methods:
 Before the kernel sweep (CUDA), two small launch sweeps at --tune-T (32k at --preset h100): the
 top-k routing forward for each launch in TUNE_ROUTES ("tune_routing" in the JSON), then bsbr
 fwd+bwd for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps, V tile;
-"tune"); the fastest of each is pinned for the bsbr rows; then a CUDA kernel profile of one
+one-pass or two-pass backward and the dF launch; "tune"); the fastest of each is pinned for the bsbr rows; then a CUDA kernel profile of one
 bsbr fwd+bwd at --profile-T ("profile").
 An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
 that pass; any other failure is a row with its note. Before timing, ours is checked against the
@@ -155,18 +155,24 @@ def v1_pins(on: bool):
 
 
 ROUTE_PREFIX = "route_"        # launch keys of the top-k routing (routing_triton.ROUTE_LAUNCH)
+DF_PREFIX = "df_"              # launch keys of the readout's dF pass (readout_triton.DF_LAUNCH)
 
 
 def launch_pins(launch: dict | None):
-    """Pins of the grouped readout's launch (entries per program, warps, bv) and, under keys
-    starting with "route_", of the top-k routing's (BQ, BS, warps); e.g. the sweeps' picks; a
-    no-op for None."""
-    from kernels.bsbr import readout_grouped, routing_triton
+    """Pins of the grouped readout's launch (entries per program, warps, bv), under keys
+    starting with "route_" of the top-k routing's (BQ, BS, warps, prec) and under "df_" of the
+    readout's dF pass (block, bv, warps); e.g. the sweeps' picks; a no-op for None."""
+    from kernels.bsbr import readout_grouped, readout_triton, routing_triton
     if not launch:
         return contextlib.nullcontext()
-    return pinned(*((routing_triton.ROUTE_LAUNCH, k[len(ROUTE_PREFIX):], v)
-                    if k.startswith(ROUTE_PREFIX) else (readout_grouped.GROUPED_READOUT, k, v)
-                    for k, v in launch.items()))
+
+    def where(key):
+        for prefix, pins in ((ROUTE_PREFIX, routing_triton.ROUTE_LAUNCH),
+                             (DF_PREFIX, readout_triton.DF_LAUNCH)):
+            if key.startswith(prefix):
+                return pins, key[len(prefix):]
+        return readout_grouped.GROUPED_READOUT, key
+    return pinned(*((*where(k), v) for k, v in launch.items()))
 
 
 def build_method(name: str, sz: Sizes, T: int, dev, dtype, launch: dict | None = None):
@@ -292,10 +298,19 @@ def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
         release(dev)
 
 
-# (entries per program, num_warps, forward V tile): the 12-04 sweep's four at V tile 64 (64 / 4
-# won), then whole-V forward tiles (each V slice re-gathers the block's q rows).
-TUNE_LAUNCHES = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 128),
-                 (64, 8, 128), (128, 8, 128))
+# Grouped-readout launches (entries per program, num_warps, forward V tile): the 12-04 sweep's
+# four at V tile 64 (64 / 4 won), then whole-V forward tiles (each V slice re-gathers the
+# block's q rows). Then, at 64 / 4 / 64: the two-pass backward (dq/dp, then dF; "fused_bwd"
+# False) with the dF launch of the fourth 12-04 session (64 entries, whole V, 8 warps) and with
+# the one before it (32 entries, V slices of 64, 4 warps), and the one-pass backward (the default
+# for bf16) with 64-entry blocks instead of 32.
+_GROUPED = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 128), (64, 8, 128),
+            (128, 8, 128))
+_OLD_DF = {"df_block": 32, "df_bv": 64, "df_warps": 4}
+TUNE_LAUNCHES = tuple({"block": be, "warps": w, "bv": bv} for be, w, bv in _GROUPED) + (
+    {"block": 64, "warps": 4, "bv": 64, "fused_bwd": False},
+    {"block": 64, "warps": 4, "bv": 64, "fused_bwd": False, **_OLD_DF},
+    {"block": 64, "warps": 4, "bv": 64, "fused_block": 64})
 
 
 # (BQ, BS, warps, precision) of the top-k routing forward. The first row (float32 FMAs) is the
@@ -346,16 +361,16 @@ def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
 
 def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
     """Time bsbr fwd+bwd at T for each grouped-readout launch in TUNE_LAUNCHES (a small
-    autotune: the best block size depends on the GPU); returns the fastest as
-    {"block", "warps", "bv"}, or None when none ran. On CUDA only (the CPU runs the torch
+    autotune: the best block size depends on the GPU); returns the fastest launch as
+    {"block", "warps", "bv"[, "fused_bwd", "df_block", "df_bv", "df_warps"]}, or None when
+    none ran. On CUDA only (the CPU runs the torch
     backend)."""
     from kernels.bsbr import bsbr_attention
     ins = make_inputs(sz, T, dev, dtype)
     leaves = [t.detach().requires_grad_(True) for t in ins]
     do = torch.randn_like(ins[2])
     rows = []
-    for block, warps, bv in tqdm(TUNE_LAUNCHES, desc=f"readout launch at T={T}"):
-        launch = {"block": block, "warps": warps, "bv": bv}
+    for launch in tqdm(TUNE_LAUNCHES, desc=f"readout launch at T={T}"):
         row = {**launch, "fwd_bwd_ms": None, "note": None}
         try:
             with launch_pins(launch):
@@ -368,7 +383,7 @@ def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
         release(dev)
     ok = [r for r in rows if r["fwd_bwd_ms"] is not None]
     best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
-    pick = {k: best[k] for k in ("block", "warps", "bv")} if best else None
+    pick = {k: v for k, v in best.items() if k not in ("fwd_bwd_ms", "note")} if best else None
     b.data["tune"] = {"T": T, "rows": rows, "best": pick}
     b.save()
     print("readout launch sweep:", rows, "->", pick, flush=True)

@@ -22,24 +22,31 @@ def test_v1_pins_select_the_old_paths_and_restore():
 
 
 def test_readout_launch_sweep_picks_the_fastest_and_restores_the_pins(tmp_path, monkeypatch):
-    from kernels.bsbr import readout_grouped
+    from kernels.bsbr import readout_grouped, readout_triton
     seen = []
 
     def fake_time(fn, dev, reps, grads=()):
         fn()
-        seen.append(dict(readout_grouped.GROUPED_READOUT))
+        seen.append({**readout_grouped.GROUPED_READOUT,
+                     **{"df_" + k: v for k, v in readout_triton.DF_LAUNCH.items()}})
         pin = seen[-1]
-        return {32: 3.0, 64: 1.5, 128: 2.0}[pin["block"]] + pin["warps"] / 100 - pin["bv"] / 1e4
+        # fastest: the two-pass backward with the old dF launch (the second-last row)
+        old_two_pass = pin.get("fused_bwd") is False and pin.get("df_block") == 32
+        return 1.0 if old_two_pass else 2.0 + pin["warps"] / 100
     monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
     sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
     b = bench_bsbr.Bench(tmp_path, {})
     pick = bench_bsbr.tune_readout(b, sz, torch.device("cpu"), torch.float32, 32)
-    assert seen == [{"block": be, "warps": w, "bv": bv} for be, w, bv in bench_bsbr.TUNE_LAUNCHES]
-    assert pick == {"block": 64, "warps": 4, "bv": 128} and b.data["tune"]["best"] == pick
-    assert readout_grouped.GROUPED_READOUT == {}
+    assert seen == list(bench_bsbr.TUNE_LAUNCHES)
+    best = {"block": 64, "warps": 4, "bv": 64, "fused_bwd": False, "df_block": 32, "df_bv": 64,
+            "df_warps": 4}
+    assert pick == best and b.data["tune"]["best"] == pick
+    assert readout_grouped.GROUPED_READOUT == {} and readout_triton.DF_LAUNCH == {}
     with bench_bsbr.launch_pins(pick):
-        assert readout_grouped.GROUPED_READOUT == pick
-    assert readout_grouped.GROUPED_READOUT == {}
+        assert readout_grouped.GROUPED_READOUT == {"block": 64, "warps": 4, "bv": 64,
+                                                   "fused_bwd": False}
+        assert readout_triton.DF_LAUNCH == {"block": 32, "bv": 64, "warps": 4}
+    assert readout_grouped.GROUPED_READOUT == {} and readout_triton.DF_LAUNCH == {}
 
 
 def test_routing_launch_sweep_picks_the_fastest_launch_with_the_same_slots(tmp_path,

@@ -76,9 +76,9 @@ def test_readout_triton(poison_empty, kernel_device, mode, dtype, T, S, NK, K, V
         assert_rel_close(a, b, TOL[dtype], name)
 
 
-@pytest.mark.parametrize("mode", ["grouped", "tile"])
+@pytest.mark.parametrize("mode,fused", [("grouped", True), ("grouped", False), ("tile", None)])
 def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device, monkeypatch,
-                                                    mode):
+                                                    mode, fused):
     """Skewed routing (slot 0 picked by every row) with 16-entry fwd / dq blocks and 16-entry dF
     segments: every slot's run spans several programs, and the per-slot sums of the dF partials
     still equal the float64 readout's gradients."""
@@ -86,7 +86,10 @@ def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device,
     monkeypatch.setitem(grouped.GROUPED_READOUT, "block", 16)
     monkeypatch.setitem(grouped.GROUPED_READOUT, "warps", 2)
     monkeypatch.setitem(grouped.GROUPED_READOUT, "bv", 16)          # V = 20: two V slices
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", fused)
     monkeypatch.setattr(readout_triton, "segment_entries", lambda n_ent, S: 16)
+    monkeypatch.setitem(readout_triton.DF_LAUNCH, "block", 16)     # dF: 16-entry dots,
+    monkeypatch.setitem(readout_triton.DF_LAUNCH, "bv", 16)        # two V slices
     T, S, NK, K, V = 70, 5, 3, 12, 20
     q = torch.randn(1, 2, T, K, device=kernel_device)
     F = torch.randn(1, 2, S, K, V, device=kernel_device)
@@ -106,6 +109,134 @@ def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device,
     g_r[2] = torch.where(idx >= 0, g_r[2], 0.0)
     for name, a, b in zip(("dq", "dF", "dp"), g, g_r):
         assert_rel_close(a, b, TOL[fp32], name)
+
+
+def readout_inputs(dev, dtype, T=29, S=6, NK=2, K=12, V=20):
+    q = torch.randn(2, 3, T, K, device=dev).to(dtype)
+    F = torch.randn(2, 3, S, K, V, device=dev)
+    p = torch.rand(2, 3, T, NK, device=dev)
+    idx = torch.rand(2, 3, T, S, device=dev).argsort(-1)[..., :NK].to(torch.int32)
+    idx[:, :, :4] = -1
+    p = torch.where(idx >= 0, p, 0.0)
+    local = torch.randn(2, 3, T, V, device=dev).to(dtype)
+    return q, F, idx, p, local
+
+
+@pytest.mark.parametrize("dtype,lowp", [(fp32, False), (fp16, False), (fp16, True)])
+@pytest.mark.parametrize("mode,fused", [("grouped", True), ("grouped", False), ("tile", None)])
+def test_readout_adds_local_and_scale(poison_empty, kernel_device, monkeypatch, mode, fused,
+                                      dtype, lowp):
+    """routed_readout_triton(local=, scale=): local + scale · long in local's dtype, and the
+    gradients of q, F, p and local, against the float64 readout, with the one-pass backward
+    (fused) and the two-pass one. In fp16 the backward gets a 16-bit gradient and hands it to
+    the kernels as stored (lowp: 16-bit dq and dF products too)."""
+    import kernels.bsbr.readout_grouped as grouped
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", lowp)
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", fused)
+    q, F, idx, p, local = readout_inputs(kernel_device, dtype)
+    do = torch.randn(*local.shape, dtype=f64, device=kernel_device)
+    lam = 0.37
+    o, g = grads_of(lambda q_, F_, p_, l_: routed_readout_triton(
+        q_, F_, idx, p_, mode=mode, local=l_, scale=lam), [q, F, p, local], do)
+    o_r, g_r = grads_of(lambda q_, F_, p_, l_: l_ + lam * dense_readout(q_, F_, idx.long(), p_),
+                        [t.double() for t in (q, F, p, local)], do)
+    assert o.dtype == dtype and g[3].dtype == dtype
+    assert_rel_close(o, o_r, TOL[dtype], "o")
+    g_r = list(g_r)
+    g_r[2] = torch.where(idx >= 0, g_r[2], 0.0)
+    for name, a, b in zip(("dq", "dF", "dp", "dlocal"), g, g_r):
+        assert_rel_close(a, b, TOL[dtype], name)
+
+
+def test_readout_rejects_a_local_of_the_wrong_shape(kernel_device):
+    q, F, idx, p, local = readout_inputs(kernel_device, fp32)
+    with pytest.raises(ValueError, match="local: expected shape"):
+        routed_readout_triton(q, F, idx, p, local=local[:, :, :-1])
+
+
+def test_bsbr_attention_sorts_the_picks_once(poison_empty, kernel_device, monkeypatch):
+    """With the Triton routing and the grouped readout, one fwd + bwd sorts the picks once (the
+    readout and the routing backward share the inverse index), and the gradients still match
+    the float64 reference; a shared index refuses picks of another shape."""
+    import kernels.bsbr.routing_triton as routing_triton
+    monkeypatch.setattr(readout_triton, "READOUT_MODE", "grouped")
+    calls = []
+    real = readout_triton._inverse_index
+
+    def counted(idx, S):
+        calls.append(tuple(idx.shape))
+        return real(idx, S)
+    monkeypatch.setattr(readout_triton, "_inverse_index", counted)
+    monkeypatch.setattr(routing_triton, "_inverse_index", counted)
+    import kernels.bsbr.readout_grouped as grouped
+    monkeypatch.setattr(grouped, "_inverse_index", counted)
+    B, H, T, K, V, M, C = 1, 2, 40, 12, 20, 5, 8
+    dev = kernel_device
+    x = [torch.randn(B, H, T, d, device=dev) for d in (K, K, V, M, M)]
+    do = torch.randn(B, H, T, V, dtype=f64, device=dev)
+    kw = dict(chunk_size=C, top_k=2)
+    o, g = grads_of(lambda *a: bsbr_attention(*a, **kw, backend="triton"), x, do)
+    assert calls == [(B, H, T, 2)]
+    o_r, g_r = grads_of(lambda *a: bsbr_attention_ref(*a, **kw), [t.double() for t in x], do)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dr", "dhk"), (o, *g), (o_r, *g_r)):
+        assert_rel_close(a, b, TOL[fp32], name)
+    shared = readout_triton.SharedInverseIndex()
+    idx = torch.zeros(1, 1, 4, 2, dtype=torch.int32, device=dev)
+    shared.get(idx, 3)
+    with pytest.raises(ValueError, match="SharedInverseIndex"):
+        shared.get(idx[:, :, :2], 3)
+
+
+def test_fused_backward_refuses_head_dims_over_its_tile(monkeypatch):
+    import kernels.bsbr.readout_grouped as grouped
+    assert grouped.use_fused_bwd(128, 128, True) and not grouped.use_fused_bwd(129, 64, True)
+    assert not grouped.use_fused_bwd(64, 64, False)          # float32 F: two passes by default
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", True)
+    with pytest.raises(ValueError, match="fused_bwd"):
+        grouped.use_fused_bwd(64, 256, True)
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_block", 48)
+    with pytest.raises(ValueError, match="fused_block"):
+        grouped.fused_launch()
+
+
+def test_fused_backward_that_does_not_fit_falls_back_to_two_passes(poison_empty, kernel_device,
+                                                                   monkeypatch):
+    """A fused launch that raises Triton's OutOfResources (as too little shared memory would on
+    a GPU) warns once, is remembered, and the two-pass backward gives the right gradients."""
+    import kernels.bsbr.readout_grouped as grouped
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", True)
+    monkeypatch.setattr(grouped, "_FUSED_UNFIT", set())
+    launches = []
+
+    class Unfit:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launches.append(grid)
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+    monkeypatch.setattr(grouped, "_grouped_bwd_fused", Unfit())
+    q, F, idx, p, _ = readout_inputs(kernel_device, fp32)
+    do = torch.randn(*q.shape[:3], F.shape[-1], dtype=f64, device=kernel_device)
+    call = lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode="grouped")  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="two-pass"):
+        _, g = grads_of(call, [q, F, p], do)
+    _, g2 = grads_of(call, [q, F, p], do)               # remembered: no second try, no warning
+    assert len(launches) == 1 and len(grouped._FUSED_UNFIT) == 1
+    _, g_r = grads_of(lambda q_, F_, p_: dense_readout(q_, F_, idx.long(), p_),
+                      [t.double() for t in (q, F, p)], do)
+    g_r = list(g_r)
+    g_r[2] = torch.where(idx >= 0, g_r[2], 0.0)
+    for name, a, a2, b in zip(("dq", "dF", "dp"), g, g2, g_r):
+        assert_rel_close(a, b, TOL[fp32], name)
+        assert torch.equal(a, a2)
+
+
+@pytest.mark.parametrize("key,value", [("block", 48), ("bv", 100), ("warps", 3)])
+def test_dF_rejects_bad_launch_pins(monkeypatch, key, value):
+    monkeypatch.setitem(readout_triton.DF_LAUNCH, key, value)
+    with pytest.raises(ValueError, match=f"DF_LAUNCH\\['{key}'\\]"):
+        readout_triton.dF_launch(128)
 
 
 @pytest.mark.parametrize("key,value", [("block", 48), ("block", 256), ("warps", 3), ("bv", 100)])
@@ -188,14 +319,8 @@ def test_grouped_readout_with_16bit_products(poison_empty, kernel_device, monkey
     float64 readout within the 16-bit tolerance, and not the float32-F path's result."""
     import kernels.bsbr.readout_grouped as grouped
     monkeypatch.setattr(readout_triton, "READOUT_MODE", "grouped")
-    T, S, NK, K, V = 29, 6, 2, 12, 20
-    q = torch.randn(2, 3, T, K, device=kernel_device).to(fp16)
-    F = torch.randn(2, 3, S, K, V, device=kernel_device)
-    p = torch.rand(2, 3, T, NK, device=kernel_device)
-    idx = torch.rand(2, 3, T, S, device=kernel_device).argsort(-1)[..., :NK].to(torch.int32)
-    idx[:, :, :4] = -1
-    p = torch.where(idx >= 0, p, 0.0)
-    do = torch.randn(2, 3, T, V, dtype=f64, device=kernel_device)
+    q, F, idx, p, _ = readout_inputs(kernel_device, fp16)
+    do = torch.randn(*q.shape[:3], F.shape[-1], dtype=f64, device=kernel_device)
     call = lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode="grouped")  # noqa: E731
     monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", False)
     o32, _ = grads_of(call, [q, F, p], do)

@@ -93,18 +93,25 @@ def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset
         o = local
         w = torch.zeros(d.B, d.H, 0, dtype=sd, device=q.device)
     else:
-        idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k,
-                       backend="triton" if kind == "triton" else "torch")
-        # λ rides on the readout's query (q is [Tq, K] in the input dtype, the smallest
-        # operand), never on the local softmax or the routing.
-        q_long = q if long_scale == 1.0 else q * long_scale
+        # One sort of the picks serves the readout and the routing backward (Triton).
+        inverse = None
         if kind == "triton":
-            from .readout_triton import routed_readout_triton
-            long = routed_readout_triton(q_long, F, idx, p)
+            from .readout_triton import SharedInverseIndex, routed_readout_triton
+            inverse = SharedInverseIndex()
+        idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k,
+                       backend="triton" if kind == "triton" else "torch", inverse=inverse)
+        if kind == "triton":
+            # λ rides on the routing weights and the add of local on the sum over the picks:
+            # one pass writes o in v's dtype.
+            o = routed_readout_triton(q, F, idx, p, local=local, scale=long_scale,
+                                      inverse=inverse)
         else:
+            # λ rides on the readout's query (q is [Tq, K] in the input dtype, the smallest
+            # operand), never on the local softmax or the routing.
+            q_long = q if long_scale == 1.0 else q * long_scale
             long = routed_readout_torch(q_long, F, idx, p)
-        # In place: no float32 copy of local (at 32k, H16, D128 one pass of 268 MB fewer).
-        o = long.add_(local).to(v.dtype)
+            # In place: no float32 copy of local (at 32k, H16, D128 one pass of 268 MB fewer).
+            o = long.add_(local).to(v.dtype)
         w = bank_slot_weights(idx, p, d.n) if return_slot_weights else None
     return (o, w) if return_slot_weights else o
 

@@ -12,12 +12,19 @@ and each F_j is read once per block of BE entries that picked it.
          map a program to (slot, first entry). The entries with idx = -1 form a pseudo-slot S
          whose programs write zero rows. The grid is the upper bound cdiv(T·k, BE) + S + 1;
          programs past the last block exit at once.
-  fwd    grid (NB, cdiv(V, BV), BH): Y[e] = p_e · (q_{t(e)} F_j) for the block's entries, one row
-         of a [BH, T·k, V] buffer per entry (no two programs write the same row: deterministic);
-         long = Σ_k Y in PyTorch.
-  dq/dp  grid (NB, BH): dp_e = (q_t F_j)·do_t, DQ[e] = p_e · do_t F_jᵀ; dq = Σ_k DQ.
-  dF     readout_triton.routed_readout_dF: per segment of a slot's run, then per slot in order
-         (deterministic).
+  fwd    grid (NB, cdiv(V, BV), BH): Y[e] = w_e · (q_{t(e)} F_j) for the block's entries
+         (w = scale · p), one row of a [BH, T·k, V] buffer per entry (no two programs write the
+         same row: deterministic); then one pass (`sum_picks`) writes Σ_k Y (+ local) in the
+         output dtype.
+  bwd    (default with 16-bit products and K, V <= 128) one pass, grid (segments, BH): a program owns one segment of
+         a slot's run (as the dF partials), loads F_j once and per block of entries gathers q_t
+         and do_t once for dp_e = (q_t F_j)·do_t, DQ[e] = w_e · do_t F_jᵀ and the partial
+         dF_j += (w_e q_t)ᵀ do_t; dq = Σ_k DQ (`sum_picks`), dF = per-slot sum of the partials
+         in order (deterministic).
+         Else two passes: dq/dp grid (NB, BH) as the forward, then
+         readout_triton.routed_readout_dF (per segment, then per slot).
+  do     is read as it arrives: with `local` (the bsbr_attention path) it is the 16-bit
+         gradient of the 16-bit output, so a float32 copy would only double its gathers.
 The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
 T = 32k, k = 8, d = 128 that is 64 MiB per head in bf16), alive only inside the call.
 
@@ -34,15 +41,21 @@ interpreter, where bf16 cannot run).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from .readout_triton import _bv, _inverse_index, _prec, routed_readout_dF, slot_runs
+from .readout_triton import (_bv, _inverse_index, _prec, dF_segments, routed_readout_dF,
+                             slot_runs, sum_dF_segments)
 
 BE = 64          # entries per program (the H200 sweep of 12-04 at 32k: 64 > 128 > 32)
 
 # {"lowp": True/False} pins the product precision above (empty: bf16 inputs only);
+# {"fused_bwd": True/False} the one-pass backward (use_fused_bwd; empty: 16-bit products and
+# K, V <= 128), "fused_block" / "fused_warps" its launch (fused_launch);
 # "block" (entries per program), "warps" and "bv" (the forward's V tile) pin the fwd and dq/dp
 # launch (launch_config).
 GROUPED_READOUT: dict = {}
@@ -125,7 +138,7 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
             b_F = tl.load(F + o_k[:, None] * V + o_v[None, :],
                           mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
             b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
-                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
+                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.).to(tl.float32)
             if LOWP:
                 b_g += tl.sum(tl.dot(b_q.to(F.dtype.element_ty), b_F) * b_do, 1)
                 b_dq += tl.dot(b_do.to(F.dtype.element_ty), tl.trans(b_F))
@@ -135,6 +148,122 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
         tl.store(dp + b_ent, b_g * b_real, mask=m_e)
         tl.store(DQ + b_ent[:, None].to(tl.int64) * K + o_k[None, :],
                  (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
+
+
+@triton.jit
+def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, T, S, NK, NSEG,
+                       K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """The dq/dp and dF passes in one: a program owns one segment of slot j's entries, loads
+    F_j once, and for each block of BE entries gathers q_t, do_t once for all three products:
+    dp_e = (q_t F_j)·do_t, DQ_e = p_e do_t F_jᵀ, partial dF_j += (p_e q_t)ᵀ do_t. Whole K and V
+    in one tile (≤ 128). The pseudo-slot S (idx = -1) writes zero dp and DQ rows."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    bh = i_bh.to(tl.int64)
+    j = tl.load(seg_slot + bh * NSEG + i_s).to(tl.int64)
+    if j <= S:                      # j = S + 1: spare program
+        b_real = (j < S).to(tl.float32)
+        e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
+        e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
+        q += bh * T * K
+        F += (bh * S + tl.minimum(j, S - 1)) * K * V
+        p += bh * T * NK
+        dp += bh * T * NK
+        do += bh * T * V
+        order += bh * T * NK
+        DQ += bh * T * NK * K
+        o_k = tl.arange(0, BK)
+        o_v = tl.arange(0, BV)
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        b_F = tl.load(F + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+        b_dF = tl.zeros([BK, BV], tl.float32)
+        for e0 in range(e_lo, e_hi, BE):
+            o_e = e0 + tl.arange(0, BE)
+            m_e = o_e < e_hi
+            m_ek = m_e[:, None] & (o_k[None, :] < K)
+            b_ent = tl.load(order + o_e, mask=m_e, other=0)
+            o_t = b_ent // NK
+            b_w = tl.load(p + b_ent, mask=m_e, other=0.) * b_real
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_ek, other=0.)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
+            b_a = b_q.to(tl.float32) * b_w[:, None]
+            if LOWP:                # F is 16-bit: 16-bit operands, float32 accumulation
+                b_qF = tl.dot(b_q.to(F.dtype.element_ty), b_F)
+                b_dq = tl.dot(b_do.to(F.dtype.element_ty), tl.trans(b_F))
+                b_dF += tl.dot(tl.trans(b_a.to(F.dtype.element_ty)), b_do.to(F.dtype.element_ty))
+            else:
+                b_qF = tl.dot(b_q.to(tl.float32), b_F, input_precision=PREC)
+                b_dq = tl.dot(b_do.to(tl.float32), tl.trans(b_F), input_precision=PREC)
+                b_dF += tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
+            tl.store(dp + b_ent, tl.sum(b_qF * b_do.to(tl.float32), 1) * b_real, mask=m_e)
+            tl.store(DQ + b_ent[:, None].to(tl.int64) * K + o_k[None, :],
+                     (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
+        if j < S:
+            tl.store(P + (bh * NSEG + i_s) * K * V + o_k[:, None] * V + o_v[None, :], b_dF,
+                     mask=m_kv)
+
+
+FUSED_MAX_DIM = 128     # whole-K and whole-V tiles of the fused backward (registers)
+FUSED_DEFAULT = {"fused_block": 32, "fused_warps": 8}
+# Launches of the fused backward that did not fit the GPU (Triton's OutOfResources, e.g. shared
+# memory): those calls take the two-pass backward instead.
+_FUSED_UNFIT: set = set()
+
+
+def use_fused_bwd(K: int, V: int, lowp: bool) -> bool:
+    """Whether the backward runs _grouped_bwd_fused (pin GROUPED_READOUT["fused_bwd"]; by default
+    with 16-bit products (F 16-bit: its tile and the operands stay well inside shared memory)
+    and K, V <= FUSED_MAX_DIM). Why (12-04, fourth session; not yet timed): the separate dq/dp
+    and dF passes each gather the q and do rows of every entry (~2.1 GB each at 32k, H16,
+    D128, k 8, 16-bit), 1.5 + 2.2 ms in the third session's profile. Expected: one pass of
+    ~1.1 ms."""
+    pin = GROUPED_READOUT.get("fused_bwd")
+    fits = max(K, V) <= FUSED_MAX_DIM
+    if pin is None:
+        return fits and lowp
+    if pin and not fits:
+        raise ValueError(f"GROUPED_READOUT['fused_bwd']: the fused backward takes K, V <= "
+                         f"{FUSED_MAX_DIM}, got K={K}, V={V}")
+    return bool(pin)
+
+
+def fused_launch() -> tuple[int, int]:
+    """(entries per block, num_warps) of the fused backward: FUSED_DEFAULT or the pins
+    "fused_block" / "fused_warps" of GROUPED_READOUT. 32 by default, not the dF pass's 64: the
+    program also holds the block's q·F and do·Fᵀ products in registers."""
+    be = GROUPED_READOUT.get("fused_block", FUSED_DEFAULT["fused_block"])
+    warps = GROUPED_READOUT.get("fused_warps", FUSED_DEFAULT["fused_warps"])
+    if be not in (16, 32, 64, 128):
+        raise ValueError(f"GROUPED_READOUT['fused_block']: expected 16, 32, 64 or 128, got {be!r}")
+    if warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"GROUPED_READOUT['fused_warps']: expected a power of two <= 16, "
+                         f"got {warps!r}")
+    return be, warps
+
+
+def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp):
+    """dp and DQ (written in place) and dF of the one-pass backward; None when this launch does
+    not fit the GPU (then remembered, and the caller runs the two passes)."""
+    B, H, T, K = q.shape
+    S, V, NK = Fk.shape[2], Fk.shape[4], p.shape[3]
+    be, warps = fused_launch()
+    key = (K, V, q.dtype, Fk.dtype, be, warps, str(q.device))
+    if key in _FUSED_UNFIT:
+        return None
+    seg, s0, s1, NSEG, seg_end, seg_n = dF_segments(order, starts, S, T * NK)
+    P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
+    try:
+        _grouped_bwd_fused[(NSEG, B * H)](
+            q, Fk, p, do, order, seg, s0, s1, DQ, dp, P, T, S, NK, NSEG, K=K, V=V, BE=be,
+            BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
+            PREC=_prec(q.dtype), LOWP=lowp, num_warps=warps)
+    except OutOfResources as exc:
+        _FUSED_UNFIT.add(key)
+        warnings.warn(f"BSBR readout: the one-pass backward does not fit this GPU at {key} "
+                      f"({exc}); using the two-pass backward", RuntimeWarning, stacklevel=3)
+        return None
+    return sum_dF_segments(P, seg_end, seg_n, Fk.shape, F_dtype)
 
 
 def launch_config(V: int) -> tuple[int, int, int]:
@@ -153,16 +282,54 @@ def launch_config(V: int) -> tuple[int, int, int]:
     return be, warps, min(bv, max(16, triton.next_power_of_2(V)))
 
 
+@triton.jit
+def _sum_picks(X, add, out, R, NK, D, HAS_ADD: tl.constexpr, BR: tl.constexpr,
+               BD: tl.constexpr):
+    """out[r] = add[r] + Σ_k X[r, k] (float32 sums, stored in out's dtype); X [R, NK, D]."""
+    i_r, i_d = tl.program_id(0), tl.program_id(1)
+    o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = (o_r[:, None] < R) & (o_d[None, :] < D)
+    acc = tl.zeros([BR, BD], tl.float32)
+    if HAS_ADD:
+        acc += tl.load(add + o_r[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    for k in range(0, NK):
+        acc += tl.load(X + (o_r[:, None] * NK + k) * D + o_d[None, :], mask=m,
+                       other=0.).to(tl.float32)
+    tl.store(out + o_r[:, None] * D + o_d[None, :], acc.to(out.dtype.element_ty), mask=m)
+
+
+def sum_picks(X, dtype, add=None):
+    """Σ over dim 3 of X [B,H,T,k,D] (+ add [B,H,T,D]) in one pass, as `dtype`. Why not
+    `X.sum(3, dtype=float32)` (+ add, then .to): that writes and re-reads a float32 [B,H,T,D]
+    (and the add a second one); at 32k, H16, D128 each pass is ~0.27 GB."""
+    B, H, T, NK, D = X.shape
+    out = torch.empty(B, H, T, D, dtype=dtype, device=X.device)
+    R = B * H * T
+    BR, BD = 32, min(128, max(16, triton.next_power_of_2(D)))
+    a = add.contiguous() if add is not None else X
+    _sum_picks[(triton.cdiv(R, BR), triton.cdiv(D, BD))](X, a, out, R, NK, D,
+                                                        HAS_ADD=add is not None, BR=BR, BD=BD)
+    return out
+
+
 class RoutedReadoutGrouped(torch.autograd.Function):
+    """out = [local +] scale · Σ_k p q F_idx. With `local` the sum over the k picks, the scale
+    and the add run in one pass that writes out in local's dtype, and the backward hands the
+    incoming 16-bit gradient to every kernel as it is (no float32 copy of do: for 16-bit
+    outputs it holds no more than 16 bits anyway)."""
+
     @staticmethod
-    def forward(ctx, q, F, idx, p):
+    def forward(ctx, q, F, idx, p, local, scale, inverse):
         q, F = q.contiguous(), F.contiguous()
         idx = idx.to(torch.int32).contiguous()
-        p32 = p.to(torch.float32).contiguous()
+        p32 = p.to(torch.float32)
+        # The scale rides on the weights (the [T, k] tensor), never on a copy of q.
+        p32 = (p32 * scale if scale != 1.0 else p32).contiguous()
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
         be, warps, BVf = launch_config(F.shape[4])
-        order, starts = _inverse_index(idx, S)
+        order, starts = inverse.get(idx, S) if inverse is not None else _inverse_index(idx, S)
         slot, e0, e1, NB, _, _ = slot_runs(order, starts, S, T * NK, be)
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)
@@ -172,16 +339,19 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         _grouped_fwd[(NB, triton.cdiv(V, BVf), B * H)](
             q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=be, BK=BK, BV=BVf,
             PREC=_prec(q.dtype), LOWP=lowp, num_warps=warps)
-        out = Y.sum(3, dtype=torch.float32)                    # Σ over the k picks, in fp32
+        if local is None:
+            out = sum_picks(Y, torch.float32)
+        else:
+            out = sum_picks(Y, local.dtype, add=local)
         ctx.save_for_backward(q, Fk, idx, p32, order, starts, slot, e0, e1)
         ctx.NB, ctx.p_dtype, ctx.F_dtype, ctx.lowp = NB, p.dtype, F.dtype, lowp
-        ctx.be, ctx.warps = be, warps
+        ctx.be, ctx.warps, ctx.scale, ctx.has_local = be, warps, scale, local is not None
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, Fk, idx, p, order, starts, slot, e0, e1 = ctx.saved_tensors
-        do = do.to(torch.float32).contiguous()
+        do = do.contiguous()
         B, H, T, K = q.shape
         S, V, NK = Fk.shape[2], Fk.shape[4], idx.shape[3]
         BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
@@ -189,10 +359,17 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         DQ = torch.empty(B, H, T, NK, K, dtype=buf_dtype, device=q.device)
         dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
-        _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
-                                        ctx.NB, BE=ctx.be, LOWP=ctx.lowp,
-                                        num_warps=ctx.warps, **meta)
-        dq = DQ.sum(3, dtype=torch.float32).to(q.dtype)
-        dF = routed_readout_dF(q, p, do, order, starts, Fk.shape, ctx.F_dtype,
-                               dict(K=K, V=V, BK=BK, PREC=_prec(q.dtype)))
-        return dq, dF, None, dp.to(ctx.p_dtype)
+        dF = None
+        if use_fused_bwd(K, V, ctx.lowp):
+            dF = fused_backward(q, Fk, p, do, order, starts, DQ, dp, ctx.F_dtype, ctx.lowp)
+        if dF is None:
+            _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
+                                            ctx.NB, BE=ctx.be, LOWP=ctx.lowp,
+                                            num_warps=ctx.warps, **meta)
+            dF = routed_readout_dF(q, p, do, order, starts, Fk.shape, ctx.F_dtype,
+                                   dict(K=K, V=V, BK=BK, PREC=_prec(q.dtype)), lowp=ctx.lowp)
+        dq = sum_picks(DQ, q.dtype)
+        if ctx.scale != 1.0:
+            dp = dp * ctx.scale                       # p carried the scale in every product
+        d_local = do if ctx.has_local else None
+        return dq, dF, None, dp.to(ctx.p_dtype), d_local, None, None

@@ -119,8 +119,10 @@ def _readout_bwd_dq_dp(q, F, idx, p, do, dq, dp, T, S, NK,
 @triton.jit
 def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, T, S, NK, NSEG,
                         K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, PREC: tl.constexpr):
-    """P[seg] = Σ_{entries of the segment} (p q_t)ᵀ do_t: one segment of one slot's run."""
+                        BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """P[seg] = Σ_{entries of the segment} (p q_t)ᵀ do_t: one segment of one slot's run.
+    LOWP: 16-bit operands (p·q rounded to q's dtype, do in q's dtype) on the tensor cores with
+    float32 accumulation, as the grouped forward's products; else float32 operands (PREC)."""
     i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
     j = tl.load(seg_slot + bh * NSEG + i_s)
@@ -142,10 +144,15 @@ def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, T, S, NK, 
             o_t = b_ent // NK
             b_w = tl.load(p + b_ent, mask=m_e, other=0.)
             b_q = tl.load(q + o_t[:, None] * K + o_k[None, :],
-                          mask=m_e[:, None] & (o_k[None, :] < K), other=0.).to(tl.float32)
+                          mask=m_e[:, None] & (o_k[None, :] < K), other=0.)
             b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
-                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.).to(tl.float32)
-            b_dF += tl.dot(tl.trans(b_q * b_w[:, None]), b_do, input_precision=PREC)
+                           mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
+            b_a = b_q.to(tl.float32) * b_w[:, None]
+            if LOWP:
+                b_dF += tl.dot(tl.trans(b_a.to(q.dtype.element_ty)),
+                               b_do.to(q.dtype.element_ty))
+            else:
+                b_dF += tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
         tl.store(P + o_k[:, None] * V + o_v[None, :], b_dF,
                  mask=(o_k[:, None] < K) & (o_v[None, :] < V))
 
@@ -192,24 +199,56 @@ def segment_entries(n_ent: int, S: int) -> int:
     return min(4096, max(64, triton.next_power_of_2(max(1, n_ent // max(S, 1)))))
 
 
-def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, BE=32):
+# Pins of the dF partial pass's launch, for benchmarks ("block": entries per dot, "bv": V tile,
+# "warps"); empty = DF_DEFAULT. Why the defaults changed (12-04, fourth session, not yet timed):
+# the pass gathered q and do rows per entry once per 64-wide V slice, with do in float32 (~4.3 GB
+# of gathers at 32k, H16, D128, k 8); one whole-V tile of 128 and 16-bit do halve that to ~2.1 GB.
+# Expected: 2.2 ms → ~1 ms at 32k. {"block": 32, "bv": 64, "warps": 4} is the old launch.
+DF_LAUNCH: dict = {}
+DF_DEFAULT = {"block": 64, "bv": 128, "warps": 8}
+
+
+def dF_launch(V: int) -> tuple[int, int, int]:
+    """(entries per dot, V tile, num_warps) of the dF partial pass: DF_DEFAULT or the pins."""
+    got = {**DF_DEFAULT, **DF_LAUNCH}
+    for name, ok in (("block", (16, 32, 64, 128)), ("bv", (16, 32, 64, 128, 256)),
+                     ("warps", (1, 2, 4, 8, 16))):
+        if got[name] not in ok:
+            raise ValueError(f"DF_LAUNCH[{name!r}]: expected one of {ok}, got {got[name]!r}")
+    return got["block"], min(got["bv"], max(16, triton.next_power_of_2(V))), got["warps"]
+
+
+def dF_segments(order, starts, S, n_ent):
+    """The dF passes' programs: each slot's run cut into segments of `segment_entries`; the
+    slot_runs tuple (slot, first entry, end entry, NSEG, per-slot segment end, count)."""
+    return slot_runs(order, starts, S, n_ent, segment_entries(n_ent, S))
+
+
+def sum_dF_segments(P, seg_end, seg_n, F_shape, F_dtype):
+    """dF [B,H,S,K,V] from the per-segment partials P [B·H, NSEG, K, V]: per slot, its
+    segments in order (deterministic); 0 for unpicked slots."""
+    S, K, V = F_shape[2], F_shape[3], F_shape[4]
+    dF = torch.empty(F_shape, dtype=F_dtype, device=P.device)
+    BLK = 1024
+    _sum_segments[(S, triton.cdiv(K * V, BLK), P.shape[0])](P, seg_end, seg_n, dF, S, P.shape[1],
+                                                            K * V, BLK=BLK)
+    return dF
+
+
+def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, lowp=False):
     """dF [B,H,S,K,V] = Σ over the entries that picked each slot of (p q_t)ᵀ do_t. Two
-    deterministic passes (no atomics): per-segment partials, then a per-slot sum in order."""
+    deterministic passes (no atomics): per-segment partials, then a per-slot sum in order.
+    do may be 16-bit (it is read as stored); lowp: 16-bit products (see _readout_dF_partial)."""
     B, H, T, K = q.shape
     S, V = F_shape[2], F_shape[4]
     NK = p.shape[3]
-    n_ent = T * NK
-    seg, e0, e1, NSEG, seg_end, seg_n = slot_runs(order, starts, S, n_ent,
-                                                  segment_entries(n_ent, S))
+    seg, e0, e1, NSEG, seg_end, seg_n = dF_segments(order, starts, S, T * NK)
     P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
-    BV = _bv(V)
+    BE, BV, warps = dF_launch(V)
     _readout_dF_partial[(NSEG, triton.cdiv(V, BV), B * H)](
-        q, p, do, order, seg, e0, e1, P, T, S, NK, NSEG, BE=BE, BV=BV, **meta)
-    dF = torch.empty(F_shape, dtype=F_dtype, device=q.device)
-    BLK = 1024
-    _sum_segments[(S, triton.cdiv(K * V, BLK), B * H)](P, seg_end, seg_n, dF, S, NSEG, K * V,
-                                                       BLK=BLK)
-    return dF
+        q, p, do, order, seg, e0, e1, P, T, S, NK, NSEG, BE=BE, BV=BV, LOWP=lowp,
+        num_warps=warps, **meta)
+    return sum_dF_segments(P, seg_end, seg_n, F_shape, F_dtype)
 
 
 def _bv(V):
@@ -231,6 +270,25 @@ def _inverse_index(idx, S):
     slots = torch.arange(S + 1, device=idx.device).expand(BH, S + 1).contiguous()
     starts = torch.searchsorted(sorted_key, slots)
     return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()
+
+
+class SharedInverseIndex:
+    """The inverse index of ONE call's picks, sorted once and shared by the readout (forward
+    and backward) and the Triton routing's backward, which need the same sort of the same idx.
+    Why: at 32k, H16, top-k 8 each stable sort took ~0.37 ms of the fwd+bwd (H200 profile,
+    12-04), and the two sorted identical picks. Create one per call; the first `get` sorts."""
+
+    def __init__(self):
+        self._got = None
+
+    def get(self, idx, S):
+        key = (tuple(idx.shape), S)
+        if self._got is None:
+            self._got = key, _inverse_index(idx, S)
+        elif self._got[0] != key:
+            raise ValueError(f"SharedInverseIndex: made for picks {self._got[0][0]} over "
+                             f"{self._got[0][1]} slots, asked for {key[0]} over {S}")
+        return self._got[1]
 
 
 class RoutedReadoutTriton(torch.autograd.Function):
@@ -269,11 +327,14 @@ class RoutedReadoutTriton(torch.autograd.Function):
         return dq, dF, None, dp.to(ctx.p_dtype)
 
 
-def routed_readout_triton(q, F, idx, p, mode=None):
+def routed_readout_triton(q, F, idx, p, mode=None, *, local=None, scale=1.0, inverse=None):
     """q [B,H,T,K] (fp16/bf16/fp32), F [B,H,S,K,V] float32, idx [B,H,T,k] (-1 = none),
-    p [B,H,T,k]. Returns long [B,H,T,V] float32; differentiable in q, F and p.
+    p [B,H,T,k]. Returns long = scale · Σ_k p q F_idx [B,H,T,V] float32, or, with `local`
+    [B,H,T,V], local + long in local's dtype (the grouped form adds it in the same pass as the
+    sum over the picks). Differentiable in q, F, p (and local).
     mode: "grouped" (per slot, exact O(T·k·d²) work; readout_grouped.py) or "tile" (per query
-    tile over the union of its picks; this file); None = READOUT_MODE."""
+    tile over the union of its picks; this file); None = READOUT_MODE.
+    inverse: a SharedInverseIndex of these picks (the routing backward's sort, reused)."""
     mode = READOUT_MODE if mode is None else mode
     if mode not in ("grouped", "tile"):
         raise ValueError(f"mode: expected 'grouped' or 'tile', got {mode!r}")
@@ -283,9 +344,14 @@ def routed_readout_triton(q, F, idx, p, mode=None):
         if d > MAX_HEAD_DIM:
             raise ValueError(f"{name}: the Triton readout takes head dims up to {MAX_HEAD_DIM}, "
                              f"got {d} (use backend='torch')")
+    if local is not None and local.shape != (*q.shape[:3], F.shape[-1]):
+        raise ValueError(f"local: expected shape {(*q.shape[:3], F.shape[-1])}, "
+                         f"got {tuple(local.shape)}")
     if q.shape[2] == 0 or idx.shape[3] == 0:
-        return torch.zeros(*q.shape[:3], F.shape[-1], dtype=torch.float32, device=q.device)
+        long = torch.zeros(*q.shape[:3], F.shape[-1], dtype=torch.float32, device=q.device)
+        return long if local is None else local + long.to(local.dtype)
     if mode == "grouped":
         from .readout_grouped import RoutedReadoutGrouped
-        return RoutedReadoutGrouped.apply(q, F, idx, p)
-    return RoutedReadoutTriton.apply(q, F, idx, p)
+        return RoutedReadoutGrouped.apply(q, F, idx, p, local, float(scale), inverse)
+    long = RoutedReadoutTriton.apply(q if scale == 1.0 else q * scale, F, idx, p)
+    return long if local is None else long.add_(local).to(local.dtype)

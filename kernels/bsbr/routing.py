@@ -78,19 +78,20 @@ class _SelectedScores(torch.autograd.Function):
 ROUTING: dict = {}
 
 
-def route(r, h, *, n, offset, chunk_size, top_k, backend="torch"):
+def route(r, h, *, n, offset, chunk_size, top_k, backend="torch", inverse=None):
     """r [B,H,Tq,M], h [B,H,S,M] (bank slots first, then the call's chunks; state dtype).
     Returns idx [B,H,Tq,k] int64 (-1 = no slot) and p [B,H,Tq,k] (h's dtype, 0 where idx = -1),
     with k = min(top_k, S) (S when top_k is None). p is differentiable in r and h.
     backend "triton" selects with `routing_triton` (float32 h, k <= its MAX_TOP_K, M <= 256;
-    else the blockwise PyTorch form below)."""
+    else the blockwise PyTorch form below). inverse: a `readout_triton.SharedInverseIndex` the
+    Triton backward takes its sort of idx from (the readout of the same picks fills it)."""
     S = h.shape[2]
     kk = S if top_k is None else min(top_k, S)
     idx = None
     if backend == "triton" and ROUTING.get("triton", True) and h.dtype == torch.float32:
         from .routing_triton import MAX_TOP_K, SelectedScoresTriton
         if kk <= MAX_TOP_K and h.shape[-1] <= 256:      # the meta dim is one register tile
-            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, kk)
+            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, kk, inverse)
     if idx is None:
         idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk)
     # Softmax over the kept scores; rows with no candidate at all (every entry -inf) give 0.

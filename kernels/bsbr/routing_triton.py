@@ -15,7 +15,8 @@ than k slots are valid.
        where passes over it.
   bwd  dr_i = Σ_k g_ik h_{idx_ik}: grid (cdiv(Tq, BQ), B·H), k gathered rows per query.
        dh_j = Σ_{(i,k) that picked j} g_ik r_i over the inverse index (one stable sort of the
-       entries by slot, `readout_triton._inverse_index`): per segment of each slot's run, then
+       entries by slot, `readout_triton._inverse_index`, or the readout's own when the caller
+       shares one: `SharedInverseIndex`): per segment of each slot's run, then
        per slot in segment order (`readout_triton._sum_segments`): deterministic, no atomics.
        O(T·k·M) where the PyTorch backward scatters into a dense [BQ, S] block and multiplies
        it: O(T·S·M), quadratic in T at a fixed chunk size.
@@ -177,7 +178,7 @@ class SelectedScoresTriton(torch.autograd.Function):
     `routing._SelectedScores`, differentiable in r and h through the selected scores."""
 
     @staticmethod
-    def forward(ctx, r, h, n, offset, chunk_size, kk):
+    def forward(ctx, r, h, n, offset, chunk_size, kk, inverse=None):
         B, H, Tq, M = r.shape
         S = h.shape[2]
         r, h = r.contiguous(), h.contiguous()
@@ -190,7 +191,7 @@ class SelectedScoresTriton(torch.autograd.Function):
             num_warps=warps)
         ctx.save_for_backward(r, h, idx)
         ctx.mark_non_differentiable(idx)
-        ctx.kk = kk
+        ctx.kk, ctx.inverse = kk, inverse
         return idx.long(), sel
 
     @staticmethod
@@ -207,7 +208,8 @@ class SelectedScoresTriton(torch.autograd.Function):
         # dh by segments of each slot's sorted entries, then per slot in order: one program
         # per slot serialised the early slots (picked by most later queries; 1.3 ms at 32k,
         # H200 profile 12-04). Deterministic, no atomics, as readout_triton.routed_readout_dF.
-        order, starts = _inverse_index(idx, S)
+        inv = ctx.inverse
+        order, starts = inv.get(idx, S) if inv is not None else _inverse_index(idx, S)
         n_ent = Tq * kk
         seg, e0, e1, NSEG, seg_end, seg_n = slot_runs(order, starts, S, n_ent,
                                                       segment_entries(n_ent, S))
@@ -215,4 +217,4 @@ class SelectedScoresTriton(torch.autograd.Function):
         _route_bwd_dh_partial[(NSEG, B * H)](r, g, order, seg, e0, e1, P, Tq, S, NSEG, M=M,
                                              BM=_bm(M), BE=32, KK=kk, num_warps=4)
         _sum_segments[(S, 1, B * H)](P, seg_end, seg_n, dh, S, NSEG, M, BLK=_bm(M))
-        return dr, dh, None, None, None, None
+        return dr, dh, None, None, None, None, None
