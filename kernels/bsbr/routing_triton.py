@@ -134,7 +134,9 @@ def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, Tq, S, NSEG,
     if j < S:                       # pseudo-slot S (idx = -1) and spare programs: nothing to do
         e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
         e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
-        acc = tl.zeros([BM], tl.float32)
+        # One [BE, BM] accumulator, reduced over its rows once at the end: a tl.sum per block
+        # is a cross-warp reduction (shared memory and a barrier) between dependent gathers.
+        acc = tl.zeros([BE, BM], tl.float32)
         for start in range(e_lo, e_hi, BE):
             o_e = start + tl.arange(0, BE)
             m_e = o_e < e_hi
@@ -143,8 +145,8 @@ def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, Tq, S, NSEG,
             t = (ent // KK).to(tl.int64)
             b_r = tl.load(r + (bh * Tq + t)[:, None] * M + o_m[None, :],
                           mask=m_e[:, None] & m_m[None, :], other=0.).to(tl.float32)
-            acc += tl.sum(w[:, None] * b_r, 0)
-        tl.store(P + (bh * NSEG + i_s) * M + o_m, acc, mask=m_m)
+            acc += w[:, None] * b_r
+        tl.store(P + (bh * NSEG + i_s) * M + o_m, tl.sum(acc, 0), mask=m_m)
 
 
 # Benchmarks may pin the top-k forward's launch: {"BQ": 64, "BS": 32, "warps": 4,
