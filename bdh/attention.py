@@ -36,15 +36,18 @@ class HebbianRoPE(nn.Module):
     float64 (see `kernels.rope`), which also keeps them right after `model.to(torch.bfloat16)`.
     """
 
-    def __init__(self, N: int):
+    def __init__(self, N: int, rope: bool = True):
         super().__init__()
         if N % 2:
             raise ValueError(f"N: RoPE rotates neuron pairs, so N must be even, got {N}")
-        self.N = N
+        self.N, self.rope = N, rope
         self.freqs = nn.Buffer(official_freqs(N, torch.float32).view(1, 1, 1, N))
 
     def rotate(self, xs: torch.Tensor, position=0) -> torch.Tensor:
-        """RoPE from ``position``: an int, or (decoding under a CUDA graph) an int64 tensor."""
+        """RoPE from ``position``: an int, or (decoding under a CUDA graph) an int64 tensor.
+        Without rope (an ablation, not BDH): xs itself."""
+        if not self.rope:
+            return xs
         if isinstance(position, torch.Tensor):
             return rotate_at(xs, position)
         return rotate_neurons(xs, position)
@@ -65,7 +68,7 @@ class HebbianRoPE(nn.Module):
             return o.unsqueeze(2), S
         if backend == "auto" and xs.is_cuda:
             backend = "dense" if xs.shape[2] <= dense_max_tokens else "triton"
-        if backend == "dense" and state is None and not output_final_state:
+        if backend == "dense" and state is None and not output_final_state and self.rope:
             # Training / plain forward of a short piece: the fused q = k form (saves xs, not
             # RoPE(xs); one product for dq + dk). It always recomputes RoPE in the backward.
             return rope_dense_attention(xs, v, position), None
@@ -100,14 +103,17 @@ class BDHAttention(nn.Module):
     float32 tensor; its size is independent of the context length.
 
     n_neurons: N per head; default 16·d_model/n_head (total neurons 16·d_model).
+    rope: False drops RoPE (q = k = xs): an ablation for recall experiments, not BDH.
     """
 
     def __init__(self, d_model: int, n_head: int = 4, n_neurons: int | None = None, *,
-                 backend: str = "auto", chunk_size: int | None = None):
+                 backend: str = "auto", chunk_size: int | None = None, rope: bool = True):
         super().__init__()
         for name, val in (("d_model", d_model), ("n_head", n_head)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
+        if not isinstance(rope, bool):
+            raise ValueError(f"rope: expected True or False, got {rope!r}")
         N = 16 * d_model // n_head if n_neurons is None else n_neurons
         if isinstance(N, bool) or not isinstance(N, int) or N < 2 or N % 2:
             raise ValueError(f"n_neurons: expected an even int >= 2, got {N!r}")
@@ -116,13 +122,16 @@ class BDHAttention(nn.Module):
         self.d_model, self.n_head, self.N = d_model, n_head, N
         self.backend, self.chunk_size = backend, chunk_size
         self.encoder = nn.Parameter(torch.empty(n_head, d_model, N).normal_(std=0.02))
-        self.attn = HebbianRoPE(N)
+        self.attn = HebbianRoPE(N, rope)
         self.out_proj = nn.Linear(n_head * d_model, d_model, bias=False)
         nn.init.normal_(self.out_proj.weight, std=0.02 / math.sqrt(n_head))
 
     def state_config(self) -> dict:
-        return {"model": "BDHAttention", "d_model": self.d_model, "n_head": self.n_head,
-                "N": self.N}
+        cfg = {"model": "BDHAttention", "d_model": self.d_model, "n_head": self.n_head,
+               "N": self.N}
+        if not self.attn.rope:          # only then: states saved before the option still load
+            cfg["rope"] = False
+        return cfg
 
     def init_state(self, batch_size: int, device=None) -> BDHState:
         device = self.encoder.device if device is None else device

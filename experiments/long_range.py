@@ -63,6 +63,7 @@ class LongRangeConfig:
     chunk: int = 16                   # BSBR chunk size
     hebbian_neurons: int = 0          # N per head of the hebbian mixer (0: BDHAttention's default)
     hebbian_heads: int = 0            # heads of the hebbian mixer (0: n_head)
+    hebbian_rope: int = 1             # 1: RoPE on the hebbian mixer's neurons (BDH); 0: off
     steps: int = 200
     batch_size: int = 16
     eval_batch: int = 16
@@ -91,9 +92,12 @@ PRESETS = {
                  weight_decay=0.1, window_reports=20, log_every=100, ckpt_every=500),
 }
 
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LongRangeConfig)
+                  if f.default is not dataclasses.MISSING}
+
 # A checkpoint resumes only a run with the same model, data and optimizer settings.
 RESUME_MUST_MATCH = ("curriculum", "vocab", "d_model", "n_layer", "n_head", "window",
-                     "short_conv", "chunk", "hebbian_neurons", "hebbian_heads",
+                     "short_conv", "chunk", "hebbian_neurons", "hebbian_heads", "hebbian_rope",
                      "batch_size", "lr", "weight_decay", "threshold", "window_reports", "seed")
 
 HELP = {
@@ -116,6 +120,9 @@ HELP = {
     "hebbian_heads": "heads of the hebbian mixer (0: --n-head). Its values are the whole "
                      "d_model-wide input, so at equal state its key width N is d_model/n_head "
                      "(linear attention's head width) with 1 head, d_model/n_head² with n_head",
+    "hebbian_rope": "1: the hebbian mixer rotates its neurons by position (RoPE, as BDH); 0: "
+                    "no RoPE, q = k = relu(x @ encoder) (an ablation: does position "
+                    "rotation cost content recall?)",
     "short_conv": "width of the causal depthwise convolution in front of every mixer (0: none; "
                   "without it no mixer sees positions, and MQAR stalls at ~20%)",
     "steps": "optimizer steps per mixer (a resumed run continues up to this many)",
@@ -212,6 +219,8 @@ def check_config(cfg: LongRangeConfig) -> None:
                  "hebbian_heads"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(cfg, name)}")
+    if cfg.hebbian_rope not in (0, 1):
+        raise ValueError(f"--hebbian-rope: expected 0 or 1, got {cfg.hebbian_rope}")
     if not 0 < cfg.threshold <= 1:
         raise ValueError(f"--threshold: expected a float in (0, 1], got {cfg.threshold}")
     if cfg.max_minutes is not None and cfg.max_minutes < 0:
@@ -242,6 +251,8 @@ def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
     hebbian = {"n_neurons": cfg.hebbian_neurons} if cfg.hebbian_neurons else {}
     if cfg.hebbian_heads:
         hebbian["n_head"] = cfg.hebbian_heads
+    if not cfg.hebbian_rope:
+        hebbian["rope"] = False
     kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk},
           "hebbian": hebbian}.get(mixer, {})
     torch.manual_seed(cfg.seed)        # the same embedding / MLP initialisation for every mixer
@@ -296,11 +307,12 @@ def run_mixer(cfg: LongRangeConfig, mixer: str, deadline: float | None) -> dict:
     if cfg.resume and ckpt.exists():
         saved = load_torch(ckpt, "long_range checkpoint", map_location="cpu",
                            fix="delete it to train this mixer from step 0")
-        diff = [k for k in RESUME_MUST_MATCH if saved["config"].get(k) != getattr(cfg, k)]
+        # A setting the checkpoint predates had its default then.
+        was = {k: saved["config"].get(k, FIELD_DEFAULTS.get(k)) for k in RESUME_MUST_MATCH}
+        diff = [k for k in RESUME_MUST_MATCH if was[k] != getattr(cfg, k)]
         if diff:
             raise SystemExit(f"--resume: {ckpt} was written with other settings: " + ", ".join(
-                f"--{k.replace('_', '-')} {saved['config'].get(k)!r} (now {getattr(cfg, k)!r})"
-                for k in diff))
+                f"--{k.replace('_', '-')} {was[k]!r} (now {getattr(cfg, k)!r})" for k in diff))
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         cur.load_state_dict(saved["curriculum"])

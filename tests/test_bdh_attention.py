@@ -11,9 +11,9 @@ from bdh import BDH, BDHAttention, BDHConfig, BDHState
 from helpers import assert_rel_close
 
 
-def make_attn(D=24, nh=3, N=20, chunk_size=16):
+def make_attn(D=24, nh=3, N=20, chunk_size=16, rope=True):
     torch.manual_seed(0)
-    attn = BDHAttention(D, nh, N, backend="torch", chunk_size=chunk_size)
+    attn = BDHAttention(D, nh, N, backend="torch", chunk_size=chunk_size, rope=rope)
     with torch.no_grad():
         attn.encoder.normal_(std=0.2)
         attn.out_proj.weight.normal_(std=0.2)
@@ -31,7 +31,7 @@ def oracle(attn, x):
     freq = (2.0 ** 16) ** (-2 * j / N) / (2 * math.pi)
     ph = torch.remainder(torch.arange(T, dtype=torch.float64)[:, None] * freq, 1) * 2 * math.pi
     rot = torch.stack((-xs[..., 1::2], xs[..., 0::2]), -1).reshape(xs.shape)
-    q = xs * torch.cos(ph) + rot * torch.sin(ph)
+    q = xs * torch.cos(ph) + rot * torch.sin(ph) if attn.attn.rope else xs
     a = (q @ q.mT).tril(-1) @ x.unsqueeze(1)
     a = F.layer_norm(a, (D,))
     return a.transpose(1, 2).reshape(B, T, nh * D) @ attn.out_proj.weight.detach().double().T
@@ -80,6 +80,26 @@ def test_streaming_equals_one_call(grad):
             sizes.append(state.nbytes())
     assert_rel_close(torch.cat(ys, dim=1), full, 1e-5, "streamed output")
     assert len(set(sizes)) == 1 and sizes[0] == 2 * 3 * 20 * 24 * 4
+
+
+def test_without_rope_q_and_k_are_the_features_themselves():
+    """rope=False (an ablation for recall experiments): the oracle without the rotation, in one
+    call, streamed in pieces and token by token; its state refuses a module with RoPE."""
+    attn = make_attn(rope=False)
+    x = torch.randn(2, 30, 24)
+    y = attn(x)
+    assert_rel_close(y, oracle(attn, x), 1e-4, "BDHAttention(rope=False)")
+    assert (y - make_attn()(x)).abs().max() > 1e-3          # the rotation did matter
+    state, ys = None, []
+    with torch.no_grad():
+        for a, b in zip([0, 7, 8, 9, 10], [7, 8, 9, 10, 30]):
+            out, state = attn(x[:, a:b], state=state, return_state=True)
+            ys.append(out)
+    assert_rel_close(torch.cat(ys, 1), y.detach(), 1e-5, "streamed without RoPE")
+    with pytest.raises(ValueError, match="different configuration"):
+        make_attn()(x[:, :3], state=state)
+    with pytest.raises(ValueError, match="rope: expected True or False"):
+        BDHAttention(24, 3, 20, rope="no")
 
 
 def test_rope_module_is_shared_with_bdh():

@@ -104,6 +104,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     (["--preset", "tpu"], ["--preset", "tpu"]),
     (["--hebbian-neurons", "-2"], ["--hebbian-neurons", "-2"]),
     (["--hebbian-heads", "-1"], ["--hebbian-heads", "-1"]),
+    (["--hebbian-rope", "2"], ["--hebbian-rope", "2"]),
 ])
 def test_bad_flags_exit_with_a_clear_message(flags, words, capsys):
     with pytest.raises(SystemExit):
@@ -160,3 +161,27 @@ def test_hebbian_heads_keep_the_state_and_widen_the_keys():
     lin = [m for m in long_range.build_model(one, "linear").modules()
            if type(m).__name__ == "LinearAttention"]
     assert lin and all(m.n_head == 2 for m in lin)
+
+
+def test_hebbian_rope_off_reaches_the_mixer_and_old_checkpoints_still_resume(tmp_path):
+    """--hebbian-rope 0 builds BDHAttention(rope=False) (the other mixers are untouched); a
+    checkpoint written before the flag existed resumes as the default (RoPE on)."""
+    import torch
+    off = long_range.config_from_args(["--d-model", "64", "--n-head", "2", "--vocab", "64",
+                                       "--hebbian-rope", "0"])
+    mixers = [m for m in long_range.build_model(off, "hebbian").modules()
+              if type(m).__name__ == "BDHAttention"]
+    assert mixers and not any(m.attn.rope for m in mixers)
+    on = long_range.build_model(long_range.config_from_args(["--vocab", "64"]), "hebbian")
+    assert all(m.attn.rope for m in on.modules() if type(m).__name__ == "BDHAttention")
+    out = str(tmp_path)
+    long_range.main(TINY + ["--mixers", "hebbian", "--steps", "1", "--out", out])
+    ckpt = tmp_path / "hebbian" / "ckpt" / "state.pt"
+    from experiments.results import load_torch, save_torch
+    saved = load_torch(ckpt, map_location="cpu")
+    del saved["config"]["hebbian_rope"]                  # as written before the flag existed
+    save_torch(saved, ckpt)
+    long_range.main(TINY + ["--mixers", "hebbian", "--steps", "2", "--out", out, "--resume"])
+    with pytest.raises(SystemExit, match="hebbian-rope"):
+        long_range.main(TINY + ["--mixers", "hebbian", "--steps", "3", "--out", out, "--resume",
+                                "--hebbian-rope", "0"])
