@@ -166,7 +166,6 @@ def test_hebbian_heads_keep_the_state_and_widen_the_keys():
 def test_hebbian_rope_off_reaches_the_mixer_and_old_checkpoints_still_resume(tmp_path):
     """--hebbian-rope 0 builds BDHAttention(rope=False) (the other mixers are untouched); a
     checkpoint written before the flag existed resumes as the default (RoPE on)."""
-    import torch
     off = long_range.config_from_args(["--d-model", "64", "--n-head", "2", "--vocab", "64",
                                        "--hebbian-rope", "0"])
     mixers = [m for m in long_range.build_model(off, "hebbian").modules()
