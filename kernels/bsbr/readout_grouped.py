@@ -106,6 +106,14 @@ def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
 
 
 @triton.jit
+def _bwd_bases(q, F, p, dp, do, order, DQ, bh, j, T, S, NK, K, V):
+    """The (b, h) rows of every backward operand, and slot j's F (slot S, the entries with no
+    pick, reads slot S − 1 under a zero weight)."""
+    return (q + bh * T * K, F + (bh * S + tl.minimum(j, S - 1)) * K * V, p + bh * T * NK,
+            dp + bh * T * NK, do + bh * T * V, order + bh * T * NK, DQ + bh * T * NK * K)
+
+
+@triton.jit
 def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, NK, NB,
                    K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
@@ -116,13 +124,8 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
         b_real = (j < S).to(tl.float32)
         e0 = tl.load(blk_e0 + bh * NB + i_b)
         e1 = tl.load(blk_e1 + bh * NB + i_b)
-        q += bh * T * K
-        F += (bh * S + tl.minimum(j, S - 1)) * K * V
-        p += bh * T * NK
-        dp += bh * T * NK
-        do += bh * T * V
-        order += bh * T * NK
-        DQ += bh * T * NK * K
+        q, F, p, dp, do, order, DQ = _bwd_bases(q, F, p, dp, do, order, DQ, bh, j, T, S, NK,
+                                                K, V)
         o_e = e0 + tl.arange(0, BE)
         m_e = o_e < e1
         o_k = tl.arange(0, BK)
@@ -165,13 +168,8 @@ def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, 
         b_real = (j < S).to(tl.float32)
         e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
         e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
-        q += bh * T * K
-        F += (bh * S + tl.minimum(j, S - 1)) * K * V
-        p += bh * T * NK
-        dp += bh * T * NK
-        do += bh * T * V
-        order += bh * T * NK
-        DQ += bh * T * NK * K
+        q, F, p, dp, do, order, DQ = _bwd_bases(q, F, p, dp, do, order, DQ, bh, j, T, S, NK,
+                                                K, V)
         o_k = tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
