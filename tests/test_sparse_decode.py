@@ -547,12 +547,12 @@ def test_reduce_layernorm_rounds_to_float16_where_the_modules_do(kernel_device, 
                                           (4, 66, 256, torch.float16), (1, 530, 100,
                                                                          torch.float32)])
 def test_plain_reduce_sums_every_partial(kernel_device, poison_empty, R, NS, V, dtype):
-    """sparse_step._reduce on narrow column blocks: NS not a multiple of the rows per load (one
+    """step.reduce_partials on narrow column blocks: NS not a multiple of the rows per load (one
     masked load at 70, several at 300 and 530), V not a multiple of the block; every column of
     every row written (empty buffers are NaN here), cast to out's dtype."""
-    from kernels.hebbian.sparse_step import _reduce
+    from kernels.hebbian.step import reduce_partials
     part = torch.randn(R, NS, V, device=kernel_device)
-    out = _reduce(part, torch.empty(R, V, dtype=dtype, device=kernel_device))
+    out = reduce_partials(part, torch.empty(R, V, dtype=dtype, device=kernel_device))
     ref = part.double().sum(1).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * NS ** 0.5)

@@ -39,7 +39,7 @@ from ..checks import resolve_backend
 from .common import INTERPRET
 from .function import check_grid
 from .sparse_naive import sparse_hebbian_step_naive, sparse_rows_matmul_naive
-from .step import fused_recurrent_hebbian_reduce_kernel, reduce_tiles
+from .step import reduce_partials
 from .validate import check_same_device, check_step_inputs, check_tensor
 
 SPARSE_BACKENDS = ("auto", "triton", "torch")
@@ -150,15 +150,6 @@ def _splits(n_tiles: int, programs: int, device: torch.device) -> int:
     return max(1, min(n_tiles, triton.cdiv(4 * sms, programs)))
 
 
-def _reduce(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[r] = Σ_s part[r, s] (fixed order), cast to out's dtype. part [R, NS, V]."""
-    R, NS, V = part.shape
-    RB, RS = reduce_tiles(R, NS, V)      # narrow column blocks: many programs at R = 1–4
-    fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), R)](
-        part, out, NS, V, BS=RS, BV=RB, num_warps=4)
-    return out
-
-
 def compact_nonzero_triton(x, y=None, *, idx=None, count=None):
     """x (and y) [R, L] contiguous → (idx int32 [R, L], count int32 [R]). Validated by caller.
 
@@ -202,7 +193,7 @@ def sparse_hebbian_step_triton(q, k, v, state, idx, count, *, scale=1.0, strict=
     part = sparse_step_partials(q, k, v, state, idx, count, scale=scale, strict=strict)
     B, H = q.shape[:2]
     o = torch.empty(B, H, v.shape[2], dtype=v.dtype, device=q.device)
-    _reduce(part, o.view(B * H, v.shape[2]))
+    reduce_partials(part, o.view(B * H, v.shape[2]))
     return o, state
 
 
@@ -226,8 +217,8 @@ def sparse_rows_matmul_triton(x, weight, idx, count):
     """x [R, L], weight [L, D] contiguous; idx/count: x's non-zeros.
     Returns y [R, D] in x's dtype."""
     part = sparse_rows_partials(x, weight, idx, count)
-    return _reduce(part, torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype,
-                                     device=x.device))
+    return reduce_partials(part, torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype,
+                                             device=x.device))
 
 
 def sparse_rows_partials(x, weight, idx, count):

@@ -128,7 +128,15 @@ def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
         BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=bool(strict),
         num_warps=STEP_TILES.get("warps", 8))
     o = torch.empty(B, H, V, dtype=v.dtype, device=q.device)
-    RB, RS = reduce_tiles(B * H, n_k, V)
-    fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), B * H)](
-        part, o, n_k, V, BS=RS, BV=RB, num_warps=4)
+    reduce_partials(part, o.view(B * H, V))
     return o, state
+
+
+def reduce_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[r] = Σ_s part[r, s] (fixed order), cast to out's dtype. part [R, NS, V] float32,
+    out [R, V] contiguous. Narrow column blocks (`reduce_tiles`): many programs at R = 1–4."""
+    R, NS, V = part.shape
+    RB, RS = reduce_tiles(R, NS, V)
+    fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), R)](
+        part, out, NS, V, BS=RS, BV=RB, num_warps=4)
+    return out
