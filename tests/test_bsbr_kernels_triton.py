@@ -158,7 +158,6 @@ def test_bsbr_attention_sorts_the_picks_once(poison_empty, kernel_device, monkey
     """With the Triton routing and the grouped readout, one fwd + bwd sorts the picks once (the
     readout and the routing backward share the inverse index), and the gradients still match
     the float64 reference; a shared index refuses picks of another shape."""
-    import kernels.bsbr.routing_triton as routing_triton
     monkeypatch.setattr(readout_triton, "READOUT_MODE", "grouped")
     calls = []
     real = readout_triton._inverse_index
@@ -166,10 +165,9 @@ def test_bsbr_attention_sorts_the_picks_once(poison_empty, kernel_device, monkey
     def counted(idx, S):
         calls.append(tuple(idx.shape))
         return real(idx, S)
+    # Every sort goes through readout_triton._inverse_index (the readout and the routing
+    # backward reach it through readout_triton.inverse_index).
     monkeypatch.setattr(readout_triton, "_inverse_index", counted)
-    monkeypatch.setattr(routing_triton, "_inverse_index", counted)
-    import kernels.bsbr.readout_grouped as grouped
-    monkeypatch.setattr(grouped, "_inverse_index", counted)
     B, H, T, K, V, M, C = 1, 2, 40, 12, 20, 5, 8
     dev = kernel_device
     x = [torch.randn(B, H, T, d, device=dev) for d in (K, K, V, M, M)]
@@ -258,7 +256,6 @@ def test_triton_routing_equals_the_torch_routing(kernel_device, monkeypatch, B, 
     several query blocks (different causal bounds) and several slot tiles (the merge rounds
     after the first tile) into the small shapes, and cut every slot's entries into segments of
     3 for dh (several partials per slot, summed in order)."""
-    from kernels.bsbr import routing_triton
     from kernels.bsbr.routing import _SelectedScores
     from kernels.bsbr.routing_triton import ROUTE_LAUNCH, SelectedScoresTriton
     # Float32 FMAs: the exact-selection contract (the default tf32x3 may differ at near-ties
@@ -266,8 +263,8 @@ def test_triton_routing_equals_the_torch_routing(kernel_device, monkeypatch, B, 
     monkeypatch.setitem(ROUTE_LAUNCH, "prec", "ieee")
     for key, value in pins.items():
         monkeypatch.setitem(ROUTE_LAUNCH, key, value)
-    if pins:
-        monkeypatch.setattr(routing_triton, "segment_entries", lambda n_ent, S: 3)
+    if pins:                     # dh's segments come from readout_triton.slot_segments
+        monkeypatch.setattr(readout_triton, "segment_entries", lambda n_ent, S: 3)
     r = torch.randn(B, H, Tq, M, device=kernel_device)
     h = torch.randn(B, H, S, M, device=kernel_device)
     outs = []

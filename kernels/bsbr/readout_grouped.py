@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .readout_triton import (_bv, _inverse_index, _prec, dF_segments, routed_readout_dF,
-                             slot_runs, sum_dF_segments)
+from .readout_triton import (_bv, _prec, inverse_index, routed_readout_dF, slot_runs,
+                             slot_segments, sum_dF_segments)
 
 BE = 64          # entries per program (the H200 sweep of 12-04 at 32k: 64 > 128 > 32)
 
@@ -249,7 +249,7 @@ def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp):
     key = (K, V, q.dtype, Fk.dtype, be, warps, str(q.device))
     if key in _FUSED_UNFIT:
         return None
-    seg, s0, s1, NSEG, seg_end, seg_n = dF_segments(order, starts, S, T * NK)
+    seg, s0, s1, NSEG, seg_end, seg_n = slot_segments(order, starts, S, T * NK)
     P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
     try:
         _grouped_bwd_fused[(NSEG, B * H)](
@@ -327,7 +327,7 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
         be, warps, BVf = launch_config(F.shape[4])
-        order, starts = inverse.get(idx, S) if inverse is not None else _inverse_index(idx, S)
+        order, starts = inverse_index(idx, S, inverse)
         slot, e0, e1, NB, _, _ = slot_runs(order, starts, S, T * NK, be)
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)

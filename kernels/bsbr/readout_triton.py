@@ -218,9 +218,10 @@ def dF_launch(V: int) -> tuple[int, int, int]:
     return got["block"], min(got["bv"], max(16, triton.next_power_of_2(V))), got["warps"]
 
 
-def dF_segments(order, starts, S, n_ent):
-    """The dF passes' programs: each slot's run cut into segments of `segment_entries`; the
-    slot_runs tuple (slot, first entry, end entry, NSEG, per-slot segment end, count)."""
+def slot_segments(order, starts, S, n_ent):
+    """The programs of the per-slot sums (the readout's dF, the routing's dh): each slot's run
+    cut into segments of `segment_entries`; the slot_runs tuple (slot, first entry, end entry,
+    NSEG, per-slot segment end, count)."""
     return slot_runs(order, starts, S, n_ent, segment_entries(n_ent, S))
 
 
@@ -242,7 +243,7 @@ def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, lowp=Fals
     B, H, T, K = q.shape
     S, V = F_shape[2], F_shape[4]
     NK = p.shape[3]
-    seg, e0, e1, NSEG, seg_end, seg_n = dF_segments(order, starts, S, T * NK)
+    seg, e0, e1, NSEG, seg_end, seg_n = slot_segments(order, starts, S, T * NK)
     P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
     BE, BV, warps = dF_launch(V)
     _readout_dF_partial[(NSEG, triton.cdiv(V, BV), B * H)](
@@ -270,6 +271,11 @@ def _inverse_index(idx, S):
     slots = torch.arange(S + 1, device=idx.device).expand(BH, S + 1).contiguous()
     starts = torch.searchsorted(sorted_key, slots)
     return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()
+
+
+def inverse_index(idx, S, shared=None):
+    """`_inverse_index` of idx, or the one `shared` (a SharedInverseIndex) holds for it."""
+    return shared.get(idx, S) if shared is not None else _inverse_index(idx, S)
 
 
 class SharedInverseIndex:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .readout_triton import _inverse_index, _sum_segments, segment_entries, slot_runs
+from .readout_triton import _sum_segments, inverse_index, slot_segments
 
 MAX_TOP_K = 16
 
@@ -210,11 +210,8 @@ class SelectedScoresTriton(torch.autograd.Function):
         # dh by segments of each slot's sorted entries, then per slot in order: one program
         # per slot serialised the early slots (picked by most later queries; 1.3 ms at 32k,
         # H200 profile 12-04). Deterministic, no atomics, as readout_triton.routed_readout_dF.
-        inv = ctx.inverse
-        order, starts = inv.get(idx, S) if inv is not None else _inverse_index(idx, S)
-        n_ent = Tq * kk
-        seg, e0, e1, NSEG, seg_end, seg_n = slot_runs(order, starts, S, n_ent,
-                                                      segment_entries(n_ent, S))
+        order, starts = inverse_index(idx, S, ctx.inverse)
+        seg, e0, e1, NSEG, seg_end, seg_n = slot_segments(order, starts, S, Tq * kk)
         P = torch.empty(B * H, NSEG, M, dtype=torch.float32, device=r.device)
         _route_bwd_dh_partial[(NSEG, B * H)](r, g, order, seg, e0, e1, P, Tq, S, NSEG, M=M,
                                              BM=_bm(M), BE=32, KK=kk, num_warps=4)
