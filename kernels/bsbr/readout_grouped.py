@@ -50,6 +50,7 @@ from triton.runtime.errors import OutOfResources
 
 from .readout_triton import (_bv, _prec, inverse_index, routed_readout_dF, slot_runs,
                              slot_segments, sum_dF_segments)
+from .validate import POW2_BLOCKS, POW2_WARPS, resolve_launch
 
 BE = 64          # entries per program (the H200 sweep of 12-04 at 32k: 64 > 128 > 32)
 
@@ -230,14 +231,10 @@ def fused_launch() -> tuple[int, int]:
     """(entries per block, num_warps) of the fused backward: FUSED_DEFAULT or the pins
     "fused_block" / "fused_warps" of GROUPED_READOUT. 32 by default, not the dF pass's 64: the
     program also holds the block's q·F and do·Fᵀ products in registers."""
-    be = GROUPED_READOUT.get("fused_block", FUSED_DEFAULT["fused_block"])
-    warps = GROUPED_READOUT.get("fused_warps", FUSED_DEFAULT["fused_warps"])
-    if be not in (16, 32, 64, 128):
-        raise ValueError(f"GROUPED_READOUT['fused_block']: expected 16, 32, 64 or 128, got {be!r}")
-    if warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"GROUPED_READOUT['fused_warps']: expected a power of two <= 16, "
-                         f"got {warps!r}")
-    return be, warps
+    got = resolve_launch(GROUPED_READOUT, FUSED_DEFAULT,
+                         {"fused_block": POW2_BLOCKS, "fused_warps": POW2_WARPS},
+                         "GROUPED_READOUT")
+    return got["fused_block"], got["fused_warps"]
 
 
 def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp):
@@ -269,15 +266,10 @@ def launch_config(V: int) -> tuple[int, int, int]:
     defaults, or the pins "block" / "warps" / "bv" of GROUPED_READOUT (bench_bsbr sweeps them).
     Why a whole-V forward tile is worth trying: with BV < V every V slice re-gathers the block's
     q rows (at 32k, H16, D128 and BV = 64 that is ~2 GB of gathers per forward)."""
-    be, warps = GROUPED_READOUT.get("block", BE), GROUPED_READOUT.get("warps", 4)
-    bv = GROUPED_READOUT.get("bv", _bv(V))
-    if be not in (16, 32, 64, 128):
-        raise ValueError(f"GROUPED_READOUT['block']: expected 16, 32, 64 or 128, got {be!r}")
-    if warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"GROUPED_READOUT['warps']: expected a power of two <= 16, got {warps!r}")
-    if bv not in (16, 32, 64, 128, 256):
-        raise ValueError(f"GROUPED_READOUT['bv']: expected a power of two in 16..256, got {bv!r}")
-    return be, warps, min(bv, max(16, triton.next_power_of_2(V)))
+    got = resolve_launch(GROUPED_READOUT, {"block": BE, "warps": 4, "bv": _bv(V)},
+                         {"block": POW2_BLOCKS, "warps": POW2_WARPS, "bv": (*POW2_BLOCKS, 256)},
+                         "GROUPED_READOUT")
+    return got["block"], got["warps"], min(got["bv"], max(16, triton.next_power_of_2(V)))
 
 
 @triton.jit

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .validate import POW2_BLOCKS, POW2_WARPS, resolve_launch
+
 MAX_HEAD_DIM = 256
 # Which readout bsbr_attention runs: "grouped" (readout_grouped.py) or "tile" (this file).
 READOUT_MODE = os.environ.get("GLASSBRAIN_BSBR_READOUT", "grouped")
@@ -210,11 +212,8 @@ DF_DEFAULT = {"block": 64, "bv": 128, "warps": 8}
 
 def dF_launch(V: int) -> tuple[int, int, int]:
     """(entries per dot, V tile, num_warps) of the dF partial pass: DF_DEFAULT or the pins."""
-    got = {**DF_DEFAULT, **DF_LAUNCH}
-    for name, ok in (("block", (16, 32, 64, 128)), ("bv", (16, 32, 64, 128, 256)),
-                     ("warps", (1, 2, 4, 8, 16))):
-        if got[name] not in ok:
-            raise ValueError(f"DF_LAUNCH[{name!r}]: expected one of {ok}, got {got[name]!r}")
+    got = resolve_launch(DF_LAUNCH, DF_DEFAULT, {"block": POW2_BLOCKS, "bv": (*POW2_BLOCKS, 256),
+                                                 "warps": POW2_WARPS}, "DF_LAUNCH")
     return got["block"], min(got["bv"], max(16, triton.next_power_of_2(V))), got["warps"]
 
 

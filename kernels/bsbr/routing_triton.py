@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .readout_triton import _sum_segments, inverse_index, slot_segments
+from .validate import POW2_BLOCKS, resolve_launch
 
 MAX_TOP_K = 16
 
@@ -163,11 +164,9 @@ ROUTE_DEFAULT = {"BQ": 64, "BS": 32, "warps": 4, "prec": "tf32x3"}
 
 def route_launch():
     """(BQ, BS, num_warps, input precision) of the top-k forward: defaults or the pins."""
-    got = {**ROUTE_DEFAULT, **ROUTE_LAUNCH}
-    for name, ok in (("BQ", (16, 32, 64, 128)), ("BS", (16, 32, 64, 128)),
-                     ("warps", (1, 2, 4, 8)), ("prec", ("ieee", "tf32", "tf32x3"))):
-        if got[name] not in ok:
-            raise ValueError(f"ROUTE_LAUNCH[{name!r}]: expected one of {ok}, got {got[name]!r}")
+    got = resolve_launch(ROUTE_LAUNCH, ROUTE_DEFAULT,
+                         {"BQ": POW2_BLOCKS, "BS": POW2_BLOCKS, "warps": (1, 2, 4, 8),
+                          "prec": ("ieee", "tf32", "tf32x3")}, "ROUTE_LAUNCH")
     return got["BQ"], got["BS"], got["warps"], got["prec"]
 
 

@@ -47,6 +47,21 @@ def check_long_scale(long_scale, name: str = "long_scale") -> float:
     return float(long_scale)
 
 
+POW2_WARPS = (1, 2, 4, 8, 16)
+POW2_BLOCKS = (16, 32, 64, 128)
+
+
+def resolve_launch(pins: dict, defaults: dict, allowed: dict, label: str) -> dict:
+    """A kernel's launch: ``defaults`` with the benchmark ``pins`` (a module-level dict named
+    ``label``) over them, for the keys of ``defaults``; each value must be one of
+    ``allowed[key]``, else a ValueError naming ``label[key]``."""
+    got = {key: pins.get(key, value) for key, value in defaults.items()}
+    for key, ok in allowed.items():
+        if got[key] not in ok:
+            raise ValueError(f"{label}[{key!r}]: expected one of {ok}, got {got[key]!r}")
+    return got
+
+
 def check_local_inputs(q, k, v, chunk_size, offset) -> Dims:
     """q [B,H,Tq,K], k [B,H,Tk,K], v [B,H,Tk,V] with Tk = offset + Tq, 0 <= offset < chunk_size."""
     check_chunk_size(chunk_size)
