@@ -16,7 +16,8 @@ initialisation (d_model 128, 2 heads, C = 64, T = 256) the long term's std was 7
 term's (11.1 against 0.16). Measured (CPU, `python -m experiments.quality`, 600 steps): the BSBR
 LM's validation loss 2.41 with the default against 2.77 with λ = 1. The same default as
 `bsbr.hf` (where λ = 1 took a converted GPT-2 from 2.58 to 4.88 val loss). λ is the kernels'
-`long_scale` argument (it scales the readout's query only), so the bank holds plain F_j.
+`long_scale` argument (it scales the routed term only, not the local softmax or the
+routing), so the bank holds plain F_j.
 
 The maths runs in `kernels.bsbr` (one call per piece; a single token decodes as local attention
 over the partial chunk plus `routed_readout_step` over the bank). The streaming state

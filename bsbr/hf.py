@@ -21,8 +21,8 @@ logit times a value, not C of them. With λ = 1 (DESIGN.md's plain formula) the 
 sum over C keys swamps the local softmax of a converted model (measured on the byte-level GPT-2
 of experiments.convert_gpt2, C = 16: val loss 2.58 → 4.88 right after conversion, 2.92 after the
 fine-tune, against 2.59 and 2.51 with the default λ). λ is the kernels' `long_scale` argument
-(it scales the readout's query only; the bank holds plain F_j). Options, read from the model
-config:
+(it scales the routed term only, not the local softmax or the routing; the bank holds plain
+F_j). Options, read from the model config:
 
     bsbr_chunk_size   C                                    default 64
     bsbr_top_k        routed chunks per token, None=all    default None

@@ -22,8 +22,8 @@ process RSS, rough). Methods:
 Before the kernel sweep (CUDA), two small launch sweeps at --tune-T (32k at --preset h100): the
 top-k routing forward for each launch in TUNE_ROUTES ("tune_routing" in the JSON), then bsbr
 fwd+bwd for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps, V tile;
-one-pass or two-pass backward and the dF launch; "tune"); the fastest of each is pinned for the bsbr rows; then a CUDA kernel profile of one
-bsbr fwd+bwd at --profile-T ("profile").
+one-pass or two-pass backward and the dF launch; "tune"); the fastest of each is pinned for
+the bsbr rows; then a CUDA kernel profile of one bsbr fwd+bwd at --profile-T ("profile").
 An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
 that pass; any other failure is a row with its note. Before timing, ours is checked against the
 float64 reference (`kernels.bsbr.naive`) at T = --check-T: output and every input gradient.
@@ -362,9 +362,8 @@ def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
 def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
     """Time bsbr fwd+bwd at T for each grouped-readout launch in TUNE_LAUNCHES (a small
     autotune: the best block size depends on the GPU); returns the fastest launch as
-    {"block", "warps", "bv"[, "fused_bwd", "df_block", "df_bv", "df_warps"]}, or None when
-    none ran. On CUDA only (the CPU runs the torch
-    backend)."""
+    {"block", "warps", "bv"[, "fused_bwd", "fused_block", "df_block", "df_bv", "df_warps"]},
+    or None when none ran. On CUDA only (the CPU runs the torch backend)."""
     from kernels.bsbr import bsbr_attention
     ins = make_inputs(sz, T, dev, dtype)
     leaves = [t.detach().requires_grad_(True) for t in ins]

@@ -52,8 +52,9 @@ def test_shape_contract_and_oracle():
     assert attn.encoder.grad is not None and attn.out_proj.weight.grad.abs().sum() > 0
 
 
-def test_causality_perturbation():
-    attn = make_attn()
+@pytest.mark.parametrize("rope", [True, False])
+def test_causality_perturbation(rope):
+    attn = make_attn(rope=rope)
     x = torch.randn(2, 40, 24)
     t = 21
     x2 = x.clone()

@@ -16,9 +16,9 @@ and each F_j is read once per block of BE entries that picked it.
          (w = scale · p), one row of a [BH, T·k, V] buffer per entry (no two programs write the
          same row: deterministic); then one pass (`sum_picks`) writes Σ_k Y (+ local) in the
          output dtype.
-  bwd    (default with 16-bit products and K, V <= 128) one pass, grid (segments, BH): a program owns one segment of
-         a slot's run (as the dF partials), loads F_j once and per block of entries gathers q_t
-         and do_t once for dp_e = (q_t F_j)·do_t, DQ[e] = w_e · do_t F_jᵀ and the partial
+  bwd    (default with 16-bit products and K, V <= 128) one pass, grid (segments, BH): a
+         program owns one segment of a slot's run (as the dF partials), loads F_j once and per
+         block of entries gathers q_t and do_t once for dp_e = (q_t F_j)·do_t, DQ[e] = w_e · do_t F_jᵀ and the partial
          dF_j += (w_e q_t)ᵀ do_t; dq = Σ_k DQ (`sum_picks`), dF = per-slot sum of the partials
          in order (deterministic).
          Else two passes: dq/dp grid (NB, BH) as the forward, then
