@@ -15,7 +15,7 @@ What a graph needs, and how the step provides it:
   * no synchronisation inside the step: `BDH._run` checks nothing on the device.
 
 `DecodeGraph.step()` is equivalent to `model._run(idx, states, position, want_state=True,
-inplace=True, last_only=True)` followed by `position += 1`; tests/test_bdh_decode_graph.py
+inplace=True, last_only=True)` followed by `position += 1`; tests/models/test_bdh_decode_graph.py
 compares the two on a GPU.
 """
 from __future__ import annotations

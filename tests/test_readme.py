@@ -1,5 +1,5 @@
 """The README's BSBR / baselines and `transformers` drop-in examples, run as written (the BDH
-block is run by tests/test_results.py)."""
+block is run by tests/experiments/test_results.py)."""
 import os
 import re
 
