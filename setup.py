@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # The design card fixes these top-level names. `kernels` is generic and could clash with
     # another distribution that installs a module of the same name: see README.
-    packages=find_packages(include=["kernels", "kernels.*", "bdh", "bdh.*", "bsbr", "bsbr.*",
+    packages=find_packages(include=["kernels", "kernels.*", "glassbrain", "glassbrain.*", "bdh", "bdh.*", "bsbr", "bsbr.*",
                                     "baselines", "baselines.*", "experiments", "experiments.*"]),
     install_requires=[
         "torch>=2.4",

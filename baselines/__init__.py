@@ -1,6 +1,4 @@
 """Baselines that speak Glass Brain's streaming protocol."""
-from kernels import sample_next
-
 from .deltanet import DeltaNetAttention
 from .gpt2 import GPT2LM, GPT2State, gpt2_config, gpt2_param_count, match_gpt2_config
 from .linear import LinearAttention
@@ -11,6 +9,6 @@ from .softmax import SoftmaxAttention
 from .state import KVCacheState, RecurrentState
 
 __all__ = ["GPT2LM", "GPT2State", "gpt2_config", "gpt2_param_count", "match_gpt2_config",
-           "sample_next", "SoftmaxAttention", "LinearAttention", "SlidingWindowAttention",
+           "SoftmaxAttention", "LinearAttention", "SlidingWindowAttention",
            "DeltaNetAttention", "KVCacheState", "RecurrentState", "MIXERS", "MixerLM",
            "MixerLMConfig", "MixerLMState", "build_mixer", "ShortConv", "ConvMixerState"]

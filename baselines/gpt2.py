@@ -21,8 +21,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bdh.hf import cache_nbytes
-from kernels import generate_from_state
-from kernels.checks import check_token_ids, next_token_loss
+from glassbrain.sampling import generate_from_state
+from glassbrain.checks import check_token_ids, next_token_loss
 
 from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
 

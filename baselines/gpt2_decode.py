@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from kernels import sample_next
+from glassbrain.sampling import sample_next
 
 SDPA_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn", None)
 _SDPA_NAMES = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import generate_from_state
-from kernels.checks import check_token_ids, next_token_loss
+from glassbrain.sampling import generate_from_state
+from glassbrain.checks import check_token_ids, next_token_loss
 
 from .deltanet import DeltaNetAttention
 from .linear import LinearAttention

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.checks import check_sequence
+from glassbrain.checks import check_sequence
 
 
 def check_positive_int(name: str, val) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import hebbian_attention, hebbian_step
-from kernels.checks import check_sequence
+from glassbrain.checks import check_sequence
 
 from .config import ATTENTION_BACKENDS
 from kernels.rope import official_freqs, rope_dense_attention, rotate_at, rotate_neurons

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import sample_next
-from kernels.checks import check_token_ids, next_token_loss
+from glassbrain.sampling import sample_next
+from glassbrain.checks import check_token_ids, next_token_loss
 
 from .attention import HebbianRoPE
 from .config import BDHConfig

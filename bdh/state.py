@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from kernels.atomic_file import UncheckedFileError, load_checked, save_checked
+from glassbrain.atomic_file import UncheckedFileError, load_checked, save_checked
 
 STATE_FORMAT = "glassbrain.bdh_state"
-# 2: the payload is wrapped by kernels.atomic_file.save_checked (with a sha256); 1 was a bare
+# 2: the payload is wrapped by glassbrain.atomic_file.save_checked (with a sha256); 1 was a bare
 # torch.save of the same dict.
 STATE_VERSION = 2
 
@@ -100,7 +100,7 @@ class BDHState:
 
 
 def save_state(state: BDHState, path) -> None:
-    """Write ``state`` to ``path`` atomically (`kernels.atomic_file.save_checked`: a temporary
+    """Write ``state`` to ``path`` atomically (`glassbrain.atomic_file.save_checked`: a temporary
     file in the same folder, fsync'ed and renamed over ``path``), so a crash never leaves a
     half-written state behind, with a sha256 of the contents that `load_state` verifies.
     Records a format version and the model's shape config."""

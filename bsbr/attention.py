@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kernels import bsbr as kb
-from kernels.checks import check_sequence
+from glassbrain.checks import check_sequence
 
 from .bank import empty_bank, push_chunks, update_salience
 from .config import (BACKENDS, BankConfig, bank_from, check_int, check_long_scale,

@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from kernels import sample_next
-from kernels.checks import check_token_ids, next_token_loss
+from glassbrain.sampling import sample_next
+from glassbrain.checks import check_token_ids, next_token_loss
 
 from .attention import BSBRAttention
 from .config import BSBRLMConfig, check_int

@@ -1,6 +1,6 @@
 """Writing results: run metadata, atomic JSON / text / torch files, Markdown tables.
 
-Every write goes through `kernels.atomic_file.atomic_write` (a temp file in the destination
+Every write goes through `glassbrain.atomic_file.atomic_write` (a temp file in the destination
 folder, fsync'ed and renamed into place; mode 0644 by default), so an interrupted run never
 leaves a truncated result or checkpoint behind. Torch files carry a checksum (`save_checked`).
 Experiments write under ``runs/<experiment>`` (gitignored) by default; the committed figures
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.atomic_file import atomic_write, load_checked, save_checked
+from glassbrain.atomic_file import atomic_write, load_checked, save_checked
 
 RUNS_DIR = "runs"           # gitignored home of every experiment's default output
 

@@ -37,7 +37,7 @@ import torch
 
 from . import train as tr
 from .data import ByteBatcher, load_corpus
-from kernels.atomic_file import atomic_write
+from glassbrain.atomic_file import atomic_write
 
 from .results import default_out, markdown_table, run_meta, save_figure, write_json, write_text
 

@@ -3,20 +3,16 @@
 Imports nothing else of ours. Every public name is importable from here
 (`from kernels import hebbian_attention`).
 """
-from .atomic_file import CorruptFileError, atomic_write, load_checked, save_checked
 from .bsbr import BACKENDS as BSBR_BACKENDS
 from .bsbr import bsbr_attention, chunk_local_attention, chunk_states, routed_readout_step
 from .deltanet import chunk_delta_rule_torch, delta_rule, delta_rule_recurrent, delta_rule_step
 from .hebbian import _SPARSE as hebbian_lazy_names
 from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
                       hebbian_recurrent, hebbian_step)
-from .sampling import generate_from_state, sample_next
 
 __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
-           "hebbian_recurrent", "chunk_hebbian_torch", "sample_next", "generate_from_state",
-           "atomic_write", "save_checked", "load_checked",
-           "CorruptFileError", "BSBR_BACKENDS", "bsbr_attention", "chunk_local_attention",
-           "chunk_states", "routed_readout_step", "delta_rule", "delta_rule_step",
+           "hebbian_recurrent", "chunk_hebbian_torch", "BSBR_BACKENDS", "bsbr_attention",
+           "chunk_local_attention", "chunk_states", "routed_readout_step", "delta_rule", "delta_rule_step",
            "delta_rule_recurrent", "chunk_delta_rule_torch", "SPARSE_BACKENDS", "compact_nonzero",
            "sparse_hebbian_step", "sparse_rows_matmul"]
 

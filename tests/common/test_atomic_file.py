@@ -1,4 +1,4 @@
-"""kernels.atomic_file: atomic writes (mode, durability, failure, stale temp files) and
+"""glassbrain.atomic_file: atomic writes (mode, durability, failure, stale temp files) and
 checksummed torch files (round trip, missing / truncated / garbage / bit-flipped files)."""
 import os
 import stat
@@ -6,9 +6,9 @@ import stat
 import pytest
 import torch
 
-import kernels
-from kernels import atomic_file as af
-from kernels.atomic_file import (CorruptFileError, UncheckedFileError, atomic_write,
+import glassbrain
+from glassbrain import atomic_file as af
+from glassbrain.atomic_file import (CorruptFileError, UncheckedFileError, atomic_write,
                                  load_checked, save_checked)
 
 
@@ -26,8 +26,9 @@ def umask():
 
 
 def test_exported_from_the_package_root():
-    assert kernels.atomic_write is atomic_write and kernels.save_checked is save_checked
-    assert kernels.load_checked is load_checked and kernels.CorruptFileError is CorruptFileError
+    assert glassbrain.atomic_write is atomic_write and glassbrain.save_checked is save_checked
+    assert glassbrain.load_checked is load_checked
+    assert glassbrain.CorruptFileError is CorruptFileError
 
 
 @pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -1,8 +1,8 @@
-"""kernels.checks.next_token_loss: the one loss of every language model here."""
+"""glassbrain.checks.next_token_loss: the one loss of every language model here."""
 import pytest
 import torch
 
-from kernels.checks import next_token_loss
+from glassbrain.checks import next_token_loss
 
 
 def test_next_token_loss_is_the_float32_cross_entropy():

@@ -101,7 +101,7 @@ def test_bench_bdh_sparse_item_with_a_trained_checkpoint(tmp_path):
 
 
 def test_bench_bdh_sparse_refuses_a_foreign_checkpoint(tmp_path):
-    from kernels.atomic_file import save_checked
+    from glassbrain.atomic_file import save_checked
     save_checked({"model": {}, "config": {"model": "gpt2"}}, tmp_path / "g.pt")
     with pytest.raises(SystemExit, match="not a BDH training checkpoint"):
         bench_bdh.main(["--items", "sparse", "--checkpoint", str(tmp_path / "g.pt"),

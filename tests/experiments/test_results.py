@@ -14,7 +14,7 @@ import torch
 from experiments import results
 from experiments.results import (commit_label, load_torch, markdown_table, run_meta, save_torch,
                                  write_json, write_text)
-from kernels.atomic_file import CorruptFileError
+from glassbrain.atomic_file import CorruptFileError
 
 
 def test_write_json_is_atomic_and_readable(tmp_path):

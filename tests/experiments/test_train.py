@@ -9,7 +9,7 @@ import pytest
 
 from experiments import train as tr
 from experiments.results import load_torch
-from kernels.atomic_file import CorruptFileError
+from glassbrain.atomic_file import CorruptFileError
 
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 200)
 CORPUS = {"train": TEXT, "val": TEXT[:3000], "test": TEXT[:3000]}

@@ -286,7 +286,7 @@ def test_damaged_missing_and_old_state_files_fail_clearly(tmp_path):
     import stat
 
     from bdh.state import STATE_FORMAT, STATE_VERSION
-    from kernels.atomic_file import CorruptFileError
+    from glassbrain.atomic_file import CorruptFileError
     model = make_model()
     with torch.no_grad():
         _, st = model(torch.randint(0, 256, (1, 7)), return_state=True)

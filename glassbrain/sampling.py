@@ -1,6 +1,6 @@
 """Next-token sampling shared by every model's `generate` (BDH, GPT-2, the baselines, BSBR).
 
-It lives in the bottom layer because `bdh`, `bsbr` and `baselines` may not import each other's
+It lives in the shared tier because `bdh`, `bsbr` and `baselines` may not import each other's
 helpers; it is a plain function on logits, no nn.Module.
 """
 from __future__ import annotations
