@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dense, reference, torch_chunk
+from . import dense, naive, torch_chunk
 from ..checks import resolve_backend
 from .validate import check_attention_inputs, check_step_inputs
 
@@ -58,8 +58,8 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
                                                initial_state=initial_state,
                                                chunk_size=chunk_size or 64)
     else:
-        o, S = reference.hebbian_recurrent(q, k, v, scale=scale, strict=strict, decay=decay,
-                                           initial_state=initial_state)
+        o, S = naive.hebbian_recurrent(q, k, v, scale=scale, strict=strict, decay=decay,
+                                       initial_state=initial_state)
     if not output_final_state:
         return o, None
     S = S.float()

@@ -4,7 +4,7 @@
 
 D is the strict (s < t) or inclusive (s ≤ t) causal mask, times γ^{t-1-s} / γ^{t-s} when decay
 is on; Γ holds γ^t (strict) or γ^{t+1} (inclusive), W the weights γ^{T-1-s}. This is
-`reference.hebbian_quadratic` in the input dtype: the matmuls run on tensor cores with float32
+`naive.hebbian_quadratic` in the input dtype: the matmuls run on tensor cores with float32
 accumulation, and the final state is formed in float32. Its cost is O(T²·(K+V)) per head and it
 holds a [B,H,T,T] score matrix, so it only pays while T is small next to K (BDH: K = 8192);
 the chunked Triton kernels take over beyond that. Differentiable by autograd.

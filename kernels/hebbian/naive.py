@@ -1,4 +1,4 @@
-"""Hebbian attention, the readable references (DESIGN.md, "Math: Hebbian attention").
+"""Hebbian attention, the readable references.
 
 Per batch element and head the state is S ∈ R^{K×V}, with an optional per-head decay γ:
 
