@@ -47,6 +47,12 @@ def length_bucket(T: int) -> int:
     return 1 if T <= 1 else 1 << (int(T) - 1).bit_length()
 
 
+def shape_class(**sizes) -> str:
+    """A shape class from named sizes, in the order given (dtypes by name):
+    shape_class(K=64, dtype=torch.bfloat16) == "K=64,dtype=bfloat16"."""
+    return ",".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in sizes.items())
+
+
 def tuning_dir() -> str:
     return os.environ.get("GLASSBRAIN_TUNING_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "glassbrain", "tuning")
