@@ -57,9 +57,18 @@ def rope_tables(start: int, T: int, N: int, device=None, dtype=torch.float32):
     return torch.cos(ang), torch.sin(ang)
 
 
-def rotate_reference(x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+def rotate_reference(x: torch.Tensor, start, inverse: bool) -> torch.Tensor:
     """Rotate x [..., T, N] by the angles of positions start…; inverse=True rotates by −φ (the
-    transpose, used for the gradient)."""
+    transpose, used for the gradient). ``start``: an int, or one int per row of x's first
+    dimension (rows at different positions, as a batch of streams decoded together)."""
+    if not isinstance(start, int):
+        starts = [int(s) for s in start]
+        if x.dim() < 3 or len(starts) != x.shape[0]:
+            raise ValueError(f"start: expected one position per row of x's first dimension "
+                             f"(x {list(x.shape)}), got {len(starts)}")
+        if not starts:
+            return x.clone()
+        return torch.stack([rotate_reference(x[b], s, inverse) for b, s in enumerate(starts)])
     T, N = x.shape[-2], x.shape[-1]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -36,3 +36,25 @@ def test_triton_rope_partial_row_group(kernel_device, poison_empty):
     x = torch.randn(3, 7, 5, 8, device=kernel_device)
     out = rope_rotate_triton(x, 42, False, pair_freqs64(8, x.device))
     assert_rel_close(out, _rotate(x.double(), 42, False), 1e-5, "rotated")
+
+
+@pytest.mark.parametrize("starts", [(5, 300), (0, 1_000_003, 7)])
+@pytest.mark.parametrize("T", [1, 19])
+def test_triton_rope_per_row_positions(kernel_device, poison_empty, starts, T):
+    """One device-held position per row of the first dimension (streams at different
+    positions): each row equals that row rotated alone, heads sharing their row's position;
+    3 rows × 7 heads = 21 batch·head rows cross a row group of 16."""
+    x = torch.randn(len(starts), 7, T, 40, device=kernel_device)
+    pos = torch.tensor(starts, dtype=torch.int64, device=kernel_device)
+    out = rope_rotate_triton(x, pos, False, pair_freqs64(40, x.device))
+    for b, s in enumerate(starts):
+        assert_rel_close(out[b], _rotate(x[b].double(), s, False), 1e-5, f"row {b}")
+    back = rope_rotate_triton(out, pos, True, pair_freqs64(40, x.device))
+    assert_rel_close(back, x, 1e-5, "inverse∘rotate, per row")
+
+
+def test_triton_rope_rejects_a_position_per_row_of_the_wrong_length(kernel_device):
+    x = torch.randn(2, 3, 1, 8, device=kernel_device)
+    with pytest.raises(ValueError, match="start"):
+        rope_rotate_triton(x, torch.tensor([1, 2, 3], device=kernel_device), False,
+                           pair_freqs64(8, x.device))
