@@ -11,7 +11,9 @@ checkpoints), so `bdh` and `experiments` share one implementation; it imports no
 * `save_checked(obj, path)` / `load_checked(path, what=...)`: `torch.save` atomically, with a
   sha256 over the payload (every tensor's bytes, dtype and shape, and the plain values around
   them) stored in the same file. Loading re-computes it, so silently flipped bits are caught;
-  a missing, truncated or unreadable file raises an error that names the path and the fix.
+  a missing, truncated or unreadable file raises an error that names the path and the fix,
+  and an intact file that cannot be loaded here (a missing device, a bad ``map_location``)
+  raises another one (`UnloadableFileError`), which never advises deleting it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ CHECKED_VERSION = 1
 
 class CorruptFileError(ValueError):
     """A file exists but its content cannot be trusted (truncated, damaged, wrong format)."""
+
+
+class UnloadableFileError(ValueError):
+    """A file that may well be intact but cannot be loaded here: its tensors live on a device
+    this machine lacks, ``map_location`` names no usable device, or it holds an object that
+    weights-only loading refuses. Not a CorruptFileError: the fix is the call, not the file."""
 
 
 class UncheckedFileError(CorruptFileError):
@@ -196,34 +204,89 @@ def save_checked(obj, path) -> Path:
     return atomic_write(path, lambda f: torch.save(wrapped, f))
 
 
+def _device_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index is None
+                                              or device.index < torch.cuda.device_count())
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True                       # cpu; other backends are left to torch.load to judge
+
+
+def _check_map_location(map_location, what: str, path: Path) -> None:
+    """Refuse, before reading, a ``map_location`` that names no device or one this machine
+    lacks, and "meta" (meta tensors hold no data, so the checksum cannot be verified)."""
+    if map_location is None or callable(map_location):
+        return
+    targets = map_location.values() if isinstance(map_location, dict) else [map_location]
+    for target in targets:
+        try:
+            device = torch.device(target)
+        except (RuntimeError, TypeError, ValueError):
+            raise UnloadableFileError(
+                f"{what} {path}: map_location={map_location!r} names no device (expected "
+                f"'cpu', 'cuda', 'cuda:0', a torch.device, a dict of them or a function)") \
+                from None
+        if device.type == "meta":
+            raise UnloadableFileError(
+                f"{what} {path}: map_location={map_location!r}: meta tensors hold no data, so "
+                f"the checksum cannot be verified; load on 'cpu' instead")
+        if not _device_available(device):
+            raise UnloadableFileError(
+                f"{what} {path}: map_location={map_location!r}: device {device} is not "
+                f"available on this machine; pass map_location='cpu' (or another device "
+                f"this machine has)")
+
+
+def _loads_on_cpu(path: Path, weights_only: bool) -> bool:
+    """Whether ``path`` loads when every tensor is mapped to the CPU (the file is intact)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception:                                               # noqa: BLE001
+        return False
+    return True
+
+
 def load_checked(path, what: str = "file", *, map_location=None, weights_only: bool = True,
                  fix: str | None = None):
     """Load what `save_checked` wrote to ``path`` and verify its checksum.
 
     ``what`` names the file in errors ("BDH state", "training checkpoint"); ``fix`` replaces
-    the default advice for a damaged file. Raises FileNotFoundError (missing), CorruptFileError
-    (truncated / unreadable / checksum mismatch), UncheckedFileError (a torch file without a
-    checksum: an older format or another program's file); each message names the path and
-    what to do."""
+    the default advice for a damaged file. Raises FileNotFoundError (missing),
+    IsADirectoryError (a folder), CorruptFileError (truncated / unreadable / checksum
+    mismatch), UncheckedFileError (a torch file without a checksum: an older format or another
+    program's file), UnloadableFileError (an intact file that cannot be loaded here: a device
+    this machine lacks, a bad ``map_location``, an object weights-only loading refuses); each
+    message names the path and what to do. Only the corrupt kinds advise replacing the file."""
     path = Path(path)
     remedy = fix or ("delete it and write it again (rerun the command that made it), or "
                      "restore a good copy")
     if not path.exists():
         raise FileNotFoundError(f"{what} {path}: no such file (check the path; it is written "
                                 f"by the run that makes the {what})")
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path}: is a folder, not a file (check the path)")
+    _check_map_location(map_location, what, path)
     try:
         raw = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:                                        # noqa: BLE001
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}{': ' + first if first else ''}"
         if weights_only and "Unsupported global" in str(exc):
             # Readable, but it holds a Python object that safe loading refuses to build.
             name = str(exc).split("Unsupported global:", 1)[1].split(" was ")[0].strip()
-            raise CorruptFileError(
+            raise UnloadableFileError(
                 f"{what} {path}: holds an object that weights-only loading refuses ({name}); "
                 f"if you trust the file, load it with weights_only=False") from exc
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if map_location != "cpu" and _loads_on_cpu(path, weights_only):
+            # Intact: it is the target device (saved on, or asked for) that is missing here.
+            raise UnloadableFileError(
+                f"{what} {path}: intact, but cannot be loaded onto "
+                f"{'its saved device' if map_location is None else repr(map_location)} here "
+                f"({reason}); pass map_location='cpu' (or a device this machine has)") from exc
         raise CorruptFileError(
             f"{what} {path}: cannot be read, the file is truncated or corrupt "
-            f"({type(exc).__name__}{': ' + first if first else ''}); {remedy}") from exc
+            f"({reason}); {remedy}") from exc
     if not (isinstance(raw, dict) and raw.get("format") == CHECKED_FORMAT):
         raise UncheckedFileError(
             f"{what} {path}: not written by save_checked (no checksum): an older format or "
@@ -233,7 +296,13 @@ def load_checked(path, what: str = "file", *, map_location=None, weights_only: b
                                f"not supported (this code reads version {CHECKED_VERSION}); "
                                f"{remedy}")
     payload = raw.get("payload")
-    got = payload_sha256(payload)
+    try:
+        got = payload_sha256(payload)
+    except (NotImplementedError, RuntimeError) as exc:
+        # e.g. a map_location function that made meta tensors: nothing to hash
+        raise UnloadableFileError(
+            f"{what} {path}: the loaded tensors cannot be read back to verify the checksum "
+            f"({type(exc).__name__}); load with map_location='cpu'") from exc
     if got != raw.get("sha256"):
         raise CorruptFileError(f"{what} {path}: checksum mismatch (stored "
                                f"{str(raw.get('sha256'))[:12]}…, content hashes to "

@@ -8,8 +8,8 @@ import torch
 
 import glassbrain
 from glassbrain import atomic_file as af
-from glassbrain.atomic_file import (CorruptFileError, UncheckedFileError, atomic_write,
-                                 load_checked, save_checked)
+from glassbrain.atomic_file import (CorruptFileError, UncheckedFileError, UnloadableFileError,
+                                    atomic_write, load_checked, save_checked)
 
 
 @pytest.fixture
@@ -181,10 +181,64 @@ def test_plain_torch_file_is_reported_as_unchecked(tmp_path):
 
 def test_unsafe_object_is_not_called_corrupt(tmp_path):
     save_checked({"obj": _Picklable()}, tmp_path / "c.pt")
-    with pytest.raises(CorruptFileError, match="weights-only loading refuses.*weights_only=False"):
+    with pytest.raises(UnloadableFileError,
+                       match="weights-only loading refuses.*weights_only=False") as e:
         load_checked(tmp_path / "c.pt")
+    assert not isinstance(e.value, CorruptFileError) and "delete" not in str(e.value)
     back = load_checked(tmp_path / "c.pt", weights_only=False)
     assert isinstance(back["obj"], _Picklable)
+
+
+def _good_file(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checked({"w": torch.randn(3, 5), "step": 2}, path)
+    return path
+
+
+@pytest.mark.parametrize("map_location,match", [
+    ("gpu7", "names no device"), (42, "names no device"), ({"cpu": "tpu:x"}, "names no device"),
+    ("meta", "meta tensors hold no data"), (torch.device("meta"), "meta tensors"),
+    pytest.param("cuda", "not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+    ("cuda:99", "not available on this machine")])
+def test_a_map_location_that_cannot_work_here_is_not_called_corrupt(tmp_path, map_location,
+                                                                     match):
+    path = _good_file(tmp_path)
+    with pytest.raises(UnloadableFileError, match=match) as e:
+        load_checked(path, "checkpoint", map_location=map_location)
+    assert "c.pt" in str(e.value) and "map_location" in str(e.value)
+    assert not isinstance(e.value, CorruptFileError) and "delete" not in str(e.value)
+    assert torch.equal(load_checked(path, map_location="cpu")["w"],
+                       load_checked(path)["w"])                    # the file is fine
+
+
+def test_a_device_missing_at_load_time_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A file whose tensors were saved on a device this machine lacks: torch.load fails unless
+    everything is mapped to the CPU. Simulated (no such file can be made on a CPU machine)."""
+    path = _good_file(tmp_path)
+    real_load = torch.load
+
+    def load_without_the_saved_device(f, map_location=None, **kw):
+        if map_location != "cpu":
+            raise RuntimeError("Attempting to deserialize object on a CUDA device but "
+                               "torch.cuda.is_available() is False.")
+        return real_load(f, map_location=map_location, **kw)
+
+    monkeypatch.setattr(torch, "load", load_without_the_saved_device)
+    with pytest.raises(UnloadableFileError, match=r"intact.*map_location='cpu'") as e:
+        load_checked(path, "checkpoint")
+    assert "delete" not in str(e.value) and isinstance(e.value.__cause__, RuntimeError)
+    assert load_checked(path, map_location="cpu")["step"] == 2
+    path.write_bytes(path.read_bytes()[:100])                      # truncated: corrupt after all
+    with pytest.raises(CorruptFileError, match="truncated or corrupt"):
+        load_checked(path)
+
+
+def test_a_folder_is_not_called_corrupt(tmp_path):
+    (tmp_path / "d.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"d\.pt: is a folder, not a file") as e:
+        load_checked(tmp_path / "d.pt", "BDH state")
+    assert "delete" not in str(e.value)
 
 
 class _Picklable:
