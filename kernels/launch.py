@@ -124,8 +124,14 @@ def store_tuned(op: str, device, shape_class: str, fields: dict) -> str:
 
 def with_tuned(default, op: str, device, shape_class: str):
     """``default`` (a frozen launch dataclass) with the cache's fields for this call applied;
-    unknown or mistyped fields in the file are ignored rather than trusted."""
+    unknown or mistyped fields in the file are ignored rather than trusted, and so is an entry
+    that the dataclass's own checks refuse (its defaults apply)."""
     fields = {f.name: f.type for f in dataclasses.fields(default)}
     found = {k: v for k, v in tuned(op, device, shape_class).items()
              if k in fields and isinstance(v, type(getattr(default, k)))}
-    return dataclasses.replace(default, **found) if found else default
+    if not found:
+        return default
+    try:
+        return dataclasses.replace(default, **found)
+    except (TypeError, ValueError):
+        return default

@@ -1,4 +1,4 @@
-"""Public entry points of `kernels.bsbr` (the contract in bsbr_api.md).
+"""Public entry points of `kernels.bsbr`.
 
 Backends:
   "auto"       Triton on CUDA (when it takes the inputs: not float64, chunk_size and head dims
@@ -6,14 +6,30 @@ Backends:
   "triton"     Triton kernels (local attention, chunk states, top-k routing for top_k <= 16,
                routed readout; fwd + bwd); dense routing and h in PyTorch. On the CPU only
                under TRITON_INTERPRET=1.
-  "torch"      blockwise PyTorch: never builds a T×T matrix.
+  "torch"      blockwise PyTorch: never builds a T×T matrix, and its memory follows T, not
+               chunk_size (chunk_size >= T is exact softmax attention).
   "reference"  naive.py: dense masks, an oracle for short sequences.
+
+Launches: ``launch`` is a `BSBRLaunch` (kernels/bsbr/launch.py) or None; the Triton backend
+runs each stage at the launch given, or at the tuning cache's launch for this GPU and shape
+class (the defaults without one). The other backends have no launch choices.
+
+Non-finite inputs: a NaN or inf in an input gives NaN in exactly the output rows of the
+float64 reference, for the routing inputs r, hk and bank_h and for q, on every backend. A slot
+whose score r_t · h_j is NaN or +inf is a candidate of query t (it wins the top-k) and makes
+t's routing weights NaN, so row t is NaN; a score of -inf is no candidate. So a NaN in hk_s
+gives NaN in the rows t of later chunks (c(t) > c(s)) that may read chunk c(s); a NaN in r_t,
+or an inf that meets a positive h_j, gives NaN in row t when t has a slot to read; a NaN in q_t
+gives NaN in row t. A NaN or inf in k, v or bank_F also reaches the rows that share a product
+with it under a zero weight (0 · NaN = NaN: its chunk's earlier rows in the local softmax, the
+rows of a tile), which differs between backends: treat such a call's output as NaN.
 """
 from __future__ import annotations
 
 import torch
 
 from . import naive
+from .launch import check_launch, resolve, shape_classes
 from .local_torch import chunk_local_attention_torch
 from .readout_torch import routed_readout_torch
 from .routing import bank_slot_weights, route
@@ -22,11 +38,19 @@ from .validate import (check_bsbr_inputs, check_local_inputs, check_long_scale,
                        check_states_inputs, check_step_inputs, check_triton_ok, resolve_backend)
 
 
-def _local(q, k, v, chunk_size, offset, scale, kind):
+def _resolved(launch, kind, device, dtype, stages, **sizes):
+    """The launch of each Triton stage in ``stages``; None off the Triton backend."""
+    if kind != "triton":
+        return None
+    classes = shape_classes(dtype=dtype, **sizes)
+    return resolve(launch, device, {s: classes[s] for s in stages})
+
+
+def _local(q, k, v, chunk_size, offset, scale, kind, launch):
     if kind == "triton":
         from .local_triton import chunk_local_attention_triton
         return chunk_local_attention_triton(q, k, v, chunk_size=chunk_size, offset=offset,
-                                            scale=scale)
+                                            scale=scale, launch=launch.local)
     if kind == "torch":
         return chunk_local_attention_torch(q, k, v, chunk_size=chunk_size, offset=offset,
                                            scale=scale)
@@ -34,47 +58,60 @@ def _local(q, k, v, chunk_size, offset, scale, kind):
                                            scale=scale)
 
 
-def chunk_local_attention(q, k, v, *, chunk_size, offset=0, scale=None, backend="auto"):
+def chunk_local_attention(q, k, v, *, chunk_size, offset=0, scale=None, backend="auto",
+                          launch=None):
     """Softmax attention of query i over keys s <= offset + i of the same chunk (of size
     chunk_size, chunks aligned to the first key). q [B,H,Tq,K], k [B,H,offset+Tq,K],
-    v [B,H,offset+Tq,V]; scale defaults to 1/sqrt(K). Returns [B,H,Tq,V] in v's dtype;
-    differentiable in q, k, v."""
-    d = check_local_inputs(q, k, v, chunk_size, offset)
+    v [B,H,offset+Tq,V]; scale (a finite number > 0) defaults to 1/sqrt(K). launch: a
+    BSBRLaunch (its ``local`` stage) or None. Returns [B,H,Tq,V] in v's dtype; differentiable
+    in q, k, v."""
+    d = check_local_inputs(q, k, v, chunk_size, offset, scale)
+    launch = check_launch(launch)
     kind = resolve_backend(backend, q.device, q.dtype, chunk_size, (d.K, d.V))
     if kind == "triton":
         check_triton_ok(q, chunk_size)
-    return _local(q, k, v, chunk_size, offset, scale, kind)
+    launch = _resolved(launch, kind, q.device, q.dtype, ("local",), T=d.Tk, K=d.K, V=d.V,
+                       chunk_size=chunk_size)
+    return _local(q, k, v, chunk_size, offset, scale, kind, launch)
 
 
-def _states(k, v, hk, chunk_size, kind):
+def _states(k, v, hk, chunk_size, kind, launch):
     if kind == "triton":
         from .states_triton import chunk_states_triton
-        return chunk_states_triton(k, v, hk, chunk_size=chunk_size)
+        return chunk_states_triton(k, v, hk, chunk_size=chunk_size, launch=launch.states)
     if kind == "torch":
         return chunk_states_torch(k, v, hk, chunk_size=chunk_size)
     return naive.chunk_states_ref(k, v, hk, chunk_size=chunk_size)
 
 
-def chunk_states(k, v, hk, *, chunk_size, backend="auto"):
+def chunk_states(k, v, hk, *, chunk_size, backend="auto", launch=None):
     """(F [B,H,nC,K,V], h [B,H,nC,M]) of the nC = T // chunk_size COMPLETE chunks:
     F_j = Σ_{s in j} k_sᵀ v_s, h_j = mean_{s in j} hk_s; float32 (float64 for float64 k).
     Differentiable in k, v, hk. backend as in chunk_local_attention ("triton": F by a Triton
-    kernel with float32 accumulation, for 16-bit inputs on the GPU)."""
+    kernel with float32 accumulation, for 16-bit inputs on the GPU); launch: a BSBRLaunch (its
+    ``states`` stage) or None."""
     check_states_inputs(k, v, hk, chunk_size)
-    kind = resolve_backend(backend, k.device, k.dtype, 1, (k.shape[-1], v.shape[-1]))
+    launch = check_launch(launch)
+    K, V = k.shape[-1], v.shape[-1]
+    kind = resolve_backend(backend, k.device, k.dtype, 1, (K, V))
     if kind == "triton":
         check_triton_ok(k, 1, name="k")
-    return _states(k, v, hk, chunk_size, kind)
+    launch = _resolved(launch, kind, k.device, k.dtype, ("states",), T=k.shape[2], K=K, V=V,
+                       chunk_size=chunk_size)
+    return _states(k, v, hk, chunk_size, kind, launch)
 
 
 def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset=0,
                    bank_F=None, bank_h=None, return_slot_weights=False, long_scale=1.0,
-                   backend="auto"):
-    """Causal BSBR attention: out = local + long_scale · long (bsbr_api.md; long = q Σ p F).
-    Returns o [B,H,Tq,V] in v's dtype, or (o, slot_weights [B,H,n] float32, no grad) with
-    return_slot_weights. Differentiable in q, k, v, r, hk, bank_F, bank_h."""
-    d = check_bsbr_inputs(q, k, v, r, hk, chunk_size, top_k, offset, bank_F, bank_h)
+                   backend="auto", launch=None):
+    """Causal BSBR attention: out = local + long_scale · long (long = q Σ p F; the module
+    docstring of naive.py has the math). scale and long_scale: finite numbers > 0 (scale None:
+    1/sqrt(K)). launch: a BSBRLaunch or None (see the module docstring). Returns o [B,H,Tq,V] in
+    v's dtype, or (o, slot_weights [B,H,n] float32, no grad) with return_slot_weights.
+    Differentiable in q, k, v, r, hk, bank_F, bank_h."""
+    d = check_bsbr_inputs(q, k, v, r, hk, chunk_size, top_k, offset, bank_F, bank_h, scale)
     long_scale = check_long_scale(long_scale)
+    launch = check_launch(launch)
     kind = resolve_backend(backend, q.device, q.dtype, chunk_size, (d.K, d.V))
     if kind == "reference":
         return naive.bsbr_attention_ref(q, k, v, r, hk, chunk_size=chunk_size, top_k=top_k,
@@ -83,9 +120,11 @@ def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset
                                         long_scale=long_scale)
     if kind == "triton":
         check_triton_ok(q, chunk_size)
+    launch = _resolved(launch, kind, q.device, q.dtype, ("routing", "readout", "local", "states"),
+                       T=d.Tk, K=d.K, V=d.V, M=d.M, chunk_size=chunk_size, top_k=top_k)
     sd = naive.state_dtype(q)
-    local = _local(q, k, v, chunk_size, offset, scale, kind)
-    F, h = _states(k, v, hk, chunk_size, "torch" if kind == "torch" else "triton")
+    local = _local(q, k, v, chunk_size, offset, scale, kind, launch)
+    F, h = _states(k, v, hk, chunk_size, kind, launch)
     if d.n:
         F = torch.cat([bank_F.to(sd), F], 2)
         h = torch.cat([bank_h.to(sd), h], 2)
@@ -93,19 +132,18 @@ def bsbr_attention(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset
         o = local
         w = torch.zeros(d.B, d.H, 0, dtype=sd, device=q.device)
     else:
-        # One sort of the picks serves the readout and the routing backward (Triton).
-        inverse = None
         if kind == "triton":
             from .readout_triton import SharedInverseIndex, routed_readout_triton
+            # One sort of the picks serves the readout and the routing backward.
             inverse = SharedInverseIndex()
-        idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k,
-                       backend="triton" if kind == "triton" else "torch", inverse=inverse)
-        if kind == "triton":
+            idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k,
+                           backend="triton", inverse=inverse, launch=launch.routing)
             # λ rides on the routing weights and the add of local on the sum over the picks:
             # one pass writes o in v's dtype.
-            o = routed_readout_triton(q, F, idx, p, local=local, scale=long_scale,
-                                      inverse=inverse)
+            o = routed_readout_triton(q, F, idx, p, launch.readout, local=local,
+                                      scale=long_scale, inverse=inverse)
         else:
+            idx, p = route(r, h, n=d.n, offset=offset, chunk_size=chunk_size, top_k=top_k)
             # λ rides on the readout's query (q is [Tq, K] in the input dtype, the smallest
             # operand), never on the local softmax or the routing.
             q_long = q if long_scale == 1.0 else q * long_scale

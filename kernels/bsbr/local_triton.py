@@ -20,18 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import dot_precision, pow2_tile
+from .launch import LocalLaunch
+from .validate import TRITON_MAX_HEAD_DIM
+
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
-
-
-def _prec(dtype):
-    # float32 inputs: exact products (tf32 would cost ~3e-4 relative error).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _tiles(C):
-    BT = min(64, max(16, triton.next_power_of_2(C)))
-    return BT, BT
 
 
 @triton.jit
@@ -184,36 +177,38 @@ def _query_tiles(Tk, offset, BT):
     return triton.cdiv(Tk, BT) - offset // BT
 
 
-def _launch_meta(q, v, C):
+def _launch_meta(q, v, C, launch: LocalLaunch):
+    """Row and key tiles of min(launch.block, padded C); whole K and V per tile."""
     K, V = q.shape[-1], v.shape[-1]
-    BT, BS = _tiles(C)
-    return dict(K=K, V=V, BT=BT, BS=BS, BK=max(16, triton.next_power_of_2(K)),
-                BV=max(16, triton.next_power_of_2(V)), PREC=_prec(q.dtype))
+    BT = pow2_tile(C, launch.block)
+    return dict(K=K, V=V, BT=BT, BS=BT, BK=pow2_tile(K, TRITON_MAX_HEAD_DIM),
+                BV=pow2_tile(V, TRITON_MAX_HEAD_DIM), PREC=dot_precision(q.dtype),
+                num_warps=launch.warps)
 
 
 class ChunkLocalAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, chunk_size, offset, scale):
+    def forward(ctx, q, k, v, chunk_size, offset, scale, launch):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, Tq, K = q.shape
         Tk = k.shape[2]
-        meta = _launch_meta(q, v, chunk_size)
+        meta = _launch_meta(q, v, chunk_size, launch)
         o = torch.empty(B, H, Tq, v.shape[-1], dtype=v.dtype, device=q.device)
         lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
         grid = (_query_tiles(Tk, offset, meta["BT"]), B * H)
         _local_fwd[grid](q, k, v, o, lse, Tq, Tk, offset, chunk_size, scale * LOG2E, **meta)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (chunk_size, offset, scale)
+        ctx.args = (chunk_size, offset, scale, launch)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        chunk_size, offset, scale = ctx.args
+        chunk_size, offset, scale, launch = ctx.args
         do = do.contiguous()
         B, H, Tq, K = q.shape
         Tk = k.shape[2]
-        meta = _launch_meta(q, v, chunk_size)
+        meta = _launch_meta(q, v, chunk_size, launch)
         delta = (o.float() * do.float()).sum(-1)
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
@@ -223,16 +218,17 @@ class ChunkLocalAttentionTriton(torch.autograd.Function):
         _local_bwd_dkdv[(triton.cdiv(Tk, meta["BS"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, Tq, Tk, offset, chunk_size, scale * LOG2E, scale,
             **meta)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def chunk_local_attention_triton(q, k, v, *, chunk_size, offset=0, scale=None):
+def chunk_local_attention_triton(q, k, v, *, chunk_size, offset=0, scale=None,
+                                 launch: LocalLaunch = LocalLaunch()):
     """Inputs as `kernels.bsbr.chunk_local_attention` (validated there); K, V <= 256."""
     for name, t in (("q", q), ("v", v)):
-        if t.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(f"{name}: the Triton backend takes head dims up to {MAX_HEAD_DIM}, "
-                             f"got {t.shape[-1]} (use backend='torch')")
+        if t.shape[-1] > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{name}: the Triton backend takes head dims up to "
+                             f"{TRITON_MAX_HEAD_DIM}, got {t.shape[-1]} (use backend='torch')")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.shape[2] == 0:
         return v.new_empty(*q.shape[:3], v.shape[-1])
-    return ChunkLocalAttentionTriton.apply(q, k, v, chunk_size, offset, scale)
+    return ChunkLocalAttentionTriton.apply(q, k, v, chunk_size, offset, scale, launch)

@@ -1,12 +1,23 @@
 """BSBR, made causal: the readable reference of the whole `kernels.bsbr` contract.
 
+Per (batch, head), chunk size C, chunk c(t) = t // C of key index t:
+
+    local_t = softmax(scale · q_t k_sᵀ) over keys s <= t with c(s) = c(t)    (scale 1/√K)
+    F_j     = Σ_{s in chunk j} k_sᵀ v_s,   h_j = mean_{s in chunk j} hk_s      (complete chunks)
+    p_tj    = softmax over the candidates j of r_t · h_j / √M, kept to the top_k scores
+              (candidates: every bank slot, and this call's chunks j < c(t))
+    o_t     = local_t + long_scale · q_t Σ_j p_tj F_j
+
 Dense masks and full score matrices, so short sequences only; it is the oracle every faster
 path is tested against. It computes in float64 when given float64 (states in float32
-otherwise, as in the contract). See /work/shared/DESIGN.md "BSBR, made causal".
+otherwise, as in the contract).
 
 A call continues a stream whose keys start at a chunk boundary: ``offset`` tokens of the
 current (partial) chunk came before this call's queries, so query i sits at key index
 offset + i, in chunk c_i = (offset + i) // C.
+
+Non-finite scores: a candidate scored NaN or +inf stays a candidate (topk ranks NaN first)
+and makes the query's weights NaN; -inf is no candidate (as a masked slot).
 """
 from __future__ import annotations
 
@@ -53,21 +64,21 @@ def chunk_states_ref(k, v, hk, *, chunk_size):
 
 def routing_weights_ref(scores, valid, top_k):
     """p = softmax over the valid candidates, restricted to the top_k highest valid scores.
-    scores, valid [..., S]; rows with no valid candidate get all zeros."""
+    scores, valid [..., S]; rows with no valid candidate (all scores -inf) get all zeros."""
     scores = scores.masked_fill(~valid, float("-inf"))
     S = scores.shape[-1]
     if top_k is not None and top_k < S:
         kth = scores.topk(top_k, dim=-1).indices
         keep = torch.zeros_like(valid).scatter(-1, kth, True)
         scores = scores.masked_fill(~keep, float("-inf"))
-    any_valid = torch.isfinite(scores).any(-1, keepdim=True)
+    any_valid = (scores != float("-inf")).any(-1, keepdim=True)
     p = scores.masked_fill(~any_valid, 0.0).softmax(-1)
     return torch.where(any_valid, p, torch.zeros_like(p))
 
 
 def bsbr_attention_ref(q, k, v, r, hk, *, chunk_size, top_k=None, scale=None, offset=0,
                        bank_F=None, bank_h=None, return_slot_weights=False, long_scale=1.0):
-    """out = local + long_scale · long (see the module docstring and bsbr_api.md). Returns o
+    """out = local + long_scale · long (see the module docstring). Returns o
     [B,H,Tq,V] in v's dtype, and slot_weights [B,H,n] (Σ over queries of each bank slot's
     weight) if asked."""
     B, H, Tq, K = q.shape

@@ -18,9 +18,9 @@ and each F_j is read once per block of BE entries that picked it.
          output dtype.
   bwd    (default with 16-bit products and K, V <= 128) one pass, grid (segments, BH): a
          program owns one segment of a slot's run (as the dF partials), loads F_j once and per
-         block of entries gathers q_t and do_t once for dp_e = (q_t F_j)·do_t, DQ[e] = w_e · do_t F_jᵀ and the partial
-         dF_j += (w_e q_t)ᵀ do_t; dq = Σ_k DQ (`sum_picks`), dF = per-slot sum of the partials
-         in order (deterministic).
+         block of entries gathers q_t and do_t once for dp_e = (q_t F_j)·do_t,
+         DQ[e] = w_e · do_t F_jᵀ and the partial dF_j += (w_e q_t)ᵀ do_t; dq = Σ_k DQ
+         (`sum_picks`), dF = per-slot sum of the partials in order (deterministic).
          Else two passes: dq/dp grid (NB, BH) as the forward, then
          readout_triton.routed_readout_dF (per segment, then per slot).
   do     is read as it arrives: with `local` (the bsbr_attention path) it is the 16-bit
@@ -28,16 +28,13 @@ and each F_j is read once per block of BE entries that picked it.
 The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
 T = 32k, k = 8, d = 128 that is 64 MiB per head in bf16), alive only inside the call.
 
-Precision of the products ("lowp"): for bf16 inputs F is cast to bf16 once per call and the
-fwd and dq/dp products run bf16 × bf16 on the tensor cores (float32 accumulation); otherwise
-they run on float32 F (tf32 for fp16 inputs, "ieee" for float32). Why: the H200 profile at
-T = 32k (BENCHMARKS.md, 2026-11-29) put these two passes at 2.6 + 4.5 ms, and their main
-traffic is F, re-read once per block of BE entries (~8.6 GB at 32k in float32). Expected from
-bf16 F: that traffic and the MMA time halve, about −3 ms at 32k. Measured only together with the
-Triton top-k routing (12-04, H200): −6.5 ms at 32k for both.
-fp16 keeps float32 F by default (F = KᵀV over a chunk can pass fp16's 65504); `GROUPED_READOUT`
-pins the choice (benchmarks A/B it in one process; tests force it for fp16 under the
-interpreter, where bf16 cannot run).
+Precision of the products ("lowp", `ReadoutLaunch.products`): by default, for bf16 inputs F is
+cast to bf16 once per call and the fwd and dq/dp products run bf16 × bf16 on the tensor cores
+(float32 accumulation); otherwise they run on float32 F (tf32 for fp16 inputs, "ieee" for
+float32). Why: these two passes' main traffic is F, re-read once per block of BE entries (~8.6 GB
+at T = 32k, H16, D128 in float32); with bf16 F it halves. fp16 keeps float32 F by default
+(F = KᵀV over a chunk can pass fp16's 65504); `products="16bit"` takes 16-bit F for fp16 too
+(how the interpreter tests run these products: it cannot run bf16).
 """
 from __future__ import annotations
 
@@ -48,26 +45,17 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .readout_triton import (_bv, _prec, inverse_index, routed_readout_dF, slot_runs,
-                             slot_segments, sum_dF_segments)
-from .validate import POW2_BLOCKS, POW2_WARPS, resolve_launch
-
-BE = 64          # entries per program (the H200 sweep of 12-04 at 32k: 64 > 128 > 32)
-
-# {"lowp": True/False} pins the product precision above (empty: bf16 inputs only);
-# {"fused_bwd": True/False} the one-pass backward (use_fused_bwd; empty: 16-bit products and
-# K, V <= 128), "fused_block" / "fused_warps" its launch (fused_launch);
-# "block" (entries per program), "warps" and "bv" (the forward's V tile) pin the fwd and dq/dp
-# launch (launch_config).
-GROUPED_READOUT: dict = {}
+from ..launch import dot_precision, pow2_tile
+from .launch import ReadoutLaunch
+from .readout_triton import (_bv, inverse_index, routed_readout_dF, slot_runs, slot_segments,
+                             sum_dF_segments)
 
 
-def use_lowp(dtype: torch.dtype) -> bool:
+def use_lowp(launch: ReadoutLaunch, dtype: torch.dtype) -> bool:
     """Whether the products run on F cast to ``dtype`` (see the module docstring)."""
-    pin = GROUPED_READOUT.get("lowp")
-    if pin is None:
+    if launch.products == "auto":
         return dtype == torch.bfloat16
-    return bool(pin) and dtype in (torch.float16, torch.bfloat16)
+    return launch.products == "16bit" and dtype in (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -204,45 +192,36 @@ def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, 
 
 
 FUSED_MAX_DIM = 128     # whole-K and whole-V tiles of the fused backward (registers)
-FUSED_DEFAULT = {"fused_block": 32, "fused_warps": 8}
-# Launches of the fused backward that did not fit the GPU (Triton's OutOfResources, e.g. shared
-# memory): those calls take the two-pass backward instead.
+# A per-process memo of failures, not a choice: the one-pass launches (head dims, dtypes, block,
+# warps, device) that raised Triton's OutOfResources (e.g. too little shared memory on this
+# GPU). Those calls take the two-pass backward without trying (and warning) again.
 _FUSED_UNFIT: set = set()
 
 
-def use_fused_bwd(K: int, V: int, lowp: bool) -> bool:
-    """Whether the backward runs _grouped_bwd_fused (pin GROUPED_READOUT["fused_bwd"]; by default
-    with 16-bit products (F 16-bit: its tile and the operands stay well inside shared memory)
-    and K, V <= FUSED_MAX_DIM). Why (12-04, fourth session; not yet timed): the separate dq/dp
-    and dF passes each gather the q and do rows of every entry (~2.1 GB each at 32k, H16,
-    D128, k 8, 16-bit), 1.5 + 2.2 ms in the third session's profile. Expected: one pass of
-    ~1.1 ms."""
-    pin = GROUPED_READOUT.get("fused_bwd")
-    fits = max(K, V) <= FUSED_MAX_DIM
-    if pin is None:
-        return fits and lowp
-    if pin and not fits:
-        raise ValueError(f"GROUPED_READOUT['fused_bwd']: the fused backward takes K, V <= "
-                         f"{FUSED_MAX_DIM}, got K={K}, V={V}")
-    return bool(pin)
+def check_backward(launch: ReadoutLaunch, K: int, V: int) -> None:
+    """A one-pass backward asked for explicitly must fit its whole-K, whole-V tiles."""
+    if launch.backward == "one_pass" and max(K, V) > FUSED_MAX_DIM:
+        raise ValueError(f"ReadoutLaunch.backward: 'one_pass' takes K, V <= {FUSED_MAX_DIM}, "
+                         f"got K={K}, V={V} (use 'auto' or 'two_pass')")
 
 
-def fused_launch() -> tuple[int, int]:
-    """(entries per block, num_warps) of the fused backward: FUSED_DEFAULT or the pins
-    "fused_block" / "fused_warps" of GROUPED_READOUT. 32 by default, not the dF pass's 64: the
-    program also holds the block's q·F and do·Fᵀ products in registers."""
-    got = resolve_launch(GROUPED_READOUT, FUSED_DEFAULT,
-                         {"fused_block": POW2_BLOCKS, "fused_warps": POW2_WARPS},
-                         "GROUPED_READOUT")
-    return got["fused_block"], got["fused_warps"]
+def use_fused_bwd(launch: ReadoutLaunch, K: int, V: int, lowp: bool) -> bool:
+    """Whether the backward runs _grouped_bwd_fused: "auto" with 16-bit products (F 16-bit: its
+    tile and the operands stay well inside shared memory) and K, V <= FUSED_MAX_DIM. Why: the
+    separate dq/dp and dF passes each gather the q and do rows of every entry (~2.1 GB each at
+    32k, H16, D128, k 8, 16-bit); one pass gathers them once."""
+    check_backward(launch, K, V)
+    if launch.backward == "auto":
+        return max(K, V) <= FUSED_MAX_DIM and lowp
+    return launch.backward == "one_pass"
 
 
-def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp):
+def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp, launch: ReadoutLaunch):
     """dp and DQ (written in place) and dF of the one-pass backward; None when this launch does
     not fit the GPU (then remembered, and the caller runs the two passes)."""
     B, H, T, K = q.shape
     S, V, NK = Fk.shape[2], Fk.shape[4], p.shape[3]
-    be, warps = fused_launch()
+    be, warps = launch.fused_block, launch.fused_warps
     key = (K, V, q.dtype, Fk.dtype, be, warps, str(q.device))
     if key in _FUSED_UNFIT:
         return None
@@ -251,25 +230,14 @@ def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp):
     try:
         _grouped_bwd_fused[(NSEG, B * H)](
             q, Fk, p, do, order, seg, s0, s1, DQ, dp, P, T, S, NK, NSEG, K=K, V=V, BE=be,
-            BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
-            PREC=_prec(q.dtype), LOWP=lowp, num_warps=warps)
+            BK=pow2_tile(K, FUSED_MAX_DIM), BV=pow2_tile(V, FUSED_MAX_DIM),
+            PREC=dot_precision(q.dtype), LOWP=lowp, num_warps=warps)
     except OutOfResources as exc:
         _FUSED_UNFIT.add(key)
         warnings.warn(f"BSBR readout: the one-pass backward does not fit this GPU at {key} "
                       f"({exc}); using the two-pass backward", RuntimeWarning, stacklevel=3)
         return None
     return sum_dF_segments(P, seg_end, seg_n, Fk.shape, F_dtype)
-
-
-def launch_config(V: int) -> tuple[int, int, int]:
-    """(entries per program, num_warps, V tile of the forward) of the fwd and dq/dp kernels: the
-    defaults, or the pins "block" / "warps" / "bv" of GROUPED_READOUT (bench_bsbr sweeps them).
-    Why a whole-V forward tile is worth trying: with BV < V every V slice re-gathers the block's
-    q rows (at 32k, H16, D128 and BV = 64 that is ~2 GB of gathers per forward)."""
-    got = resolve_launch(GROUPED_READOUT, {"block": BE, "warps": 4, "bv": _bv(V)},
-                         {"block": POW2_BLOCKS, "warps": POW2_WARPS, "bv": (*POW2_BLOCKS, 256)},
-                         "GROUPED_READOUT")
-    return got["block"], got["warps"], min(got["bv"], max(16, triton.next_power_of_2(V)))
 
 
 @triton.jit
@@ -310,7 +278,7 @@ class RoutedReadoutGrouped(torch.autograd.Function):
     outputs it holds no more than 16 bits anyway)."""
 
     @staticmethod
-    def forward(ctx, q, F, idx, p, local, scale, inverse):
+    def forward(ctx, q, F, idx, p, local, scale, inverse, launch):
         q, F = q.contiguous(), F.contiguous()
         idx = idx.to(torch.int32).contiguous()
         p32 = p.to(torch.float32)
@@ -318,24 +286,24 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         p32 = (p32 * scale if scale != 1.0 else p32).contiguous()
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
-        be, warps, BVf = launch_config(F.shape[4])
+        be, warps, BVf = launch.block, launch.warps, pow2_tile(V, launch.block_v)
         order, starts = inverse_index(idx, S, inverse)
         slot, e0, e1, NB, _, _ = slot_runs(order, starts, S, T * NK, be)
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         Y = torch.empty(B, H, T, NK, V, dtype=buf_dtype, device=q.device)
-        BK = max(16, triton.next_power_of_2(K))
-        lowp = use_lowp(q.dtype)
+        BK = pow2_tile(K, 256)
+        lowp = use_lowp(launch, q.dtype)
         Fk = F.to(q.dtype) if lowp else F            # the operand both product kernels read
         _grouped_fwd[(NB, triton.cdiv(V, BVf), B * H)](
             q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=be, BK=BK, BV=BVf,
-            PREC=_prec(q.dtype), LOWP=lowp, num_warps=warps)
+            PREC=dot_precision(q.dtype), LOWP=lowp, num_warps=warps)
         if local is None:
             out = sum_picks(Y, torch.float32)
         else:
             out = sum_picks(Y, local.dtype, add=local)
         ctx.save_for_backward(q, Fk, idx, p32, order, starts, slot, e0, e1)
         ctx.NB, ctx.p_dtype, ctx.F_dtype, ctx.lowp = NB, p.dtype, F.dtype, lowp
-        ctx.be, ctx.warps, ctx.scale, ctx.has_local = be, warps, scale, local is not None
+        ctx.scale, ctx.has_local, ctx.launch = scale, local is not None, launch
         return out
 
     @staticmethod
@@ -344,22 +312,25 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         do = do.contiguous()
         B, H, T, K = q.shape
         S, V, NK = Fk.shape[2], Fk.shape[4], idx.shape[3]
-        BK, BV = max(16, triton.next_power_of_2(K)), _bv(V)
-        meta = dict(K=K, V=V, BK=BK, BV=BV, PREC=_prec(q.dtype))
+        launch = ctx.launch
+        BK, BV = pow2_tile(K, 256), _bv(V)
+        meta = dict(K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype))
         buf_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         DQ = torch.empty(B, H, T, NK, K, dtype=buf_dtype, device=q.device)
         dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
         dF = None
-        if use_fused_bwd(K, V, ctx.lowp):
-            dF = fused_backward(q, Fk, p, do, order, starts, DQ, dp, ctx.F_dtype, ctx.lowp)
+        if use_fused_bwd(launch, K, V, ctx.lowp):
+            dF = fused_backward(q, Fk, p, do, order, starts, DQ, dp, ctx.F_dtype, ctx.lowp,
+                                launch)
         if dF is None:
             _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
-                                            ctx.NB, BE=ctx.be, LOWP=ctx.lowp,
-                                            num_warps=ctx.warps, **meta)
+                                            ctx.NB, BE=launch.block, LOWP=ctx.lowp,
+                                            num_warps=launch.warps, **meta)
             dF = routed_readout_dF(q, p, do, order, starts, Fk.shape, ctx.F_dtype,
-                                   dict(K=K, V=V, BK=BK, PREC=_prec(q.dtype)), lowp=ctx.lowp)
+                                   dict(K=K, V=V, BK=BK, PREC=dot_precision(q.dtype)), launch,
+                                   lowp=ctx.lowp)
         dq = sum_picks(DQ, q.dtype)
         if ctx.scale != 1.0:
             dp = dp * ctx.scale                       # p carried the scale in every product
         d_local = do if ctx.has_local else None
-        return dq, dF, None, dp.to(ctx.p_dtype), d_local, None, None
+        return dq, dF, None, dp.to(ctx.p_dtype), d_local, None, None, None

@@ -20,21 +20,13 @@ and slot bases in int64. Whole K per tile (K <= 256), V in BV <= 64 slices.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .validate import POW2_BLOCKS, POW2_WARPS, resolve_launch
-
-MAX_HEAD_DIM = 256
-# Which readout bsbr_attention runs: "grouped" (readout_grouped.py) or "tile" (this file).
-READOUT_MODE = os.environ.get("GLASSBRAIN_BSBR_READOUT", "grouped")
-
-
-def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+from ..launch import dot_precision, pow2_tile
+from .launch import ReadoutLaunch
+from .validate import TRITON_MAX_HEAD_DIM
 
 
 @triton.jit
@@ -201,22 +193,6 @@ def segment_entries(n_ent: int, S: int) -> int:
     return min(4096, max(64, triton.next_power_of_2(max(1, n_ent // max(S, 1)))))
 
 
-# Pins of the dF partial pass's launch, for benchmarks ("block": entries per dot, "bv": V tile,
-# "warps"); empty = DF_DEFAULT. Why the defaults changed (12-04, fourth session, not yet timed):
-# the pass gathered q and do rows per entry once per 64-wide V slice, with do in float32 (~4.3 GB
-# of gathers at 32k, H16, D128, k 8); one whole-V tile of 128 and 16-bit do halve that to ~2.1 GB.
-# Expected: 2.2 ms → ~1 ms at 32k. {"block": 32, "bv": 64, "warps": 4} is the old launch.
-DF_LAUNCH: dict = {}
-DF_DEFAULT = {"block": 64, "bv": 128, "warps": 8}
-
-
-def dF_launch(V: int) -> tuple[int, int, int]:
-    """(entries per dot, V tile, num_warps) of the dF partial pass: DF_DEFAULT or the pins."""
-    got = resolve_launch(DF_LAUNCH, DF_DEFAULT, {"block": POW2_BLOCKS, "bv": (*POW2_BLOCKS, 256),
-                                                 "warps": POW2_WARPS}, "DF_LAUNCH")
-    return got["block"], min(got["bv"], max(16, triton.next_power_of_2(V))), got["warps"]
-
-
 def slot_segments(order, starts, S, n_ent):
     """The programs of the per-slot sums (the readout's dF, the routing's dh): each slot's run
     cut into segments of `segment_entries`; the slot_runs tuple (slot, first entry, end entry,
@@ -235,29 +211,31 @@ def sum_dF_segments(P, seg_end, seg_n, F_shape, F_dtype):
     return dF
 
 
-def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, lowp=False):
+def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, launch: ReadoutLaunch,
+                      lowp=False):
     """dF [B,H,S,K,V] = Σ over the entries that picked each slot of (p q_t)ᵀ do_t. Two
-    deterministic passes (no atomics): per-segment partials, then a per-slot sum in order.
-    do may be 16-bit (it is read as stored); lowp: 16-bit products (see _readout_dF_partial)."""
+    deterministic passes (no atomics): per-segment partials, then a per-slot sum in order, at
+    ``launch``'s df_block / df_block_v / df_warps. do may be 16-bit (it is read as stored);
+    lowp: 16-bit products (see _readout_dF_partial)."""
     B, H, T, K = q.shape
     S, V = F_shape[2], F_shape[4]
     NK = p.shape[3]
     seg, e0, e1, NSEG, seg_end, seg_n = slot_segments(order, starts, S, T * NK)
     P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
-    BE, BV, warps = dF_launch(V)
+    BV = pow2_tile(V, launch.df_block_v)
     _readout_dF_partial[(NSEG, triton.cdiv(V, BV), B * H)](
-        q, p, do, order, seg, e0, e1, P, T, S, NK, NSEG, BE=BE, BV=BV, LOWP=lowp,
-        num_warps=warps, **meta)
+        q, p, do, order, seg, e0, e1, P, T, S, NK, NSEG, BE=launch.df_block, BV=BV, LOWP=lowp,
+        num_warps=launch.df_warps, **meta)
     return sum_dF_segments(P, seg_end, seg_n, F_shape, F_dtype)
 
 
 def _bv(V):
-    return min(64, max(16, triton.next_power_of_2(V)))
+    return pow2_tile(V, 64)
 
 
-def _meta(q, F, NK):
+def _meta(q, F):
     K, V = F.shape[-2], F.shape[-1]
-    return dict(K=K, V=V, BK=max(16, triton.next_power_of_2(K)), PREC=_prec(q.dtype))
+    return dict(K=K, V=V, BK=pow2_tile(K, TRITON_MAX_HEAD_DIM), PREC=dot_precision(q.dtype))
 
 
 def _inverse_index(idx, S):
@@ -280,8 +258,8 @@ def inverse_index(idx, S, shared=None):
 class SharedInverseIndex:
     """The inverse index of ONE call's picks, sorted once and shared by the readout (forward
     and backward) and the Triton routing's backward, which need the same sort of the same idx.
-    Why: at 32k, H16, top-k 8 each stable sort took ~0.37 ms of the fwd+bwd (H200 profile,
-    12-04), and the two sorted identical picks. Create one per call; the first `get` sorts."""
+    Why: at 32k, H16, top-k 8 each stable sort took ~0.37 ms of a fwd+bwd (H200 profile), and
+    the two sorted identical picks. Create one per call; the first `get` sorts."""
 
     def __init__(self):
         self._got = None
@@ -298,20 +276,20 @@ class SharedInverseIndex:
 
 class RoutedReadoutTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, F, idx, p):
+    def forward(ctx, q, F, idx, p, launch):
         q, F = q.contiguous(), F.contiguous()
         idx = idx.to(torch.int32).contiguous()
         p32 = p.to(torch.float32).contiguous()
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
-        meta = _meta(q, F, NK)
+        meta = _meta(q, F)
         BT, BV = 32, _bv(V)
         out = torch.empty(B, H, T, V, dtype=torch.float32, device=q.device)
         grid = (triton.cdiv(T, BT), triton.cdiv(V, BV), B * H)
         _readout_fwd[grid](q, F, idx, p32, out, T, S, NK, BT=BT, BV=BV,
                            BKS=triton.next_power_of_2(NK), **meta)
         ctx.save_for_backward(q, F, idx, p32)
-        ctx.p_dtype = p.dtype
+        ctx.p_dtype, ctx.launch = p.dtype, launch
         return out
 
     @staticmethod
@@ -320,7 +298,7 @@ class RoutedReadoutTriton(torch.autograd.Function):
         do = do.to(torch.float32).contiguous()
         B, H, T, K = q.shape
         S, V, NK = F.shape[2], F.shape[4], idx.shape[3]
-        meta = _meta(q, F, NK)
+        meta = _meta(q, F)
         dq = torch.empty_like(q)
         dp = torch.empty(B, H, T, NK, dtype=torch.float32, device=q.device)
         BT = 32
@@ -328,35 +306,36 @@ class RoutedReadoutTriton(torch.autograd.Function):
             q, F, idx, p, do, dq, dp, T, S, NK, BT=BT, BV=_bv(V), BKS=triton.next_power_of_2(NK),
             **meta)
         order, starts = _inverse_index(idx, S)
-        dF = routed_readout_dF(q, p, do, order, starts, F.shape, F.dtype, meta)
-        return dq, dF, None, dp.to(ctx.p_dtype)
+        dF = routed_readout_dF(q, p, do, order, starts, F.shape, F.dtype, meta, ctx.launch)
+        return dq, dF, None, dp.to(ctx.p_dtype), None
 
 
-def routed_readout_triton(q, F, idx, p, mode=None, *, local=None, scale=1.0, inverse=None):
+def routed_readout_triton(q, F, idx, p, launch: ReadoutLaunch = ReadoutLaunch(), *,
+                          local=None, scale=1.0, inverse=None):
     """q [B,H,T,K] (fp16/bf16/fp32), F [B,H,S,K,V] float32, idx [B,H,T,k] (-1 = none),
     p [B,H,T,k]. Returns long = scale · Σ_k p q F_idx [B,H,T,V] float32, or, with `local`
     [B,H,T,V], local + long in local's dtype (the grouped form adds it in the same pass as the
     sum over the picks). Differentiable in q, F, p (and local).
-    mode: "grouped" (per slot, exact O(T·k·d²) work; readout_grouped.py) or "tile" (per query
-    tile over the union of its picks; this file); None = READOUT_MODE.
+    launch.mode: "grouped" (per slot, exact O(T·k·d²) work; readout_grouped.py) or "tile" (per
+    query tile over the union of its picks; this file); the rest of ``launch`` sets the tiles.
     inverse: a SharedInverseIndex of these picks (the routing backward's sort, reused)."""
-    mode = READOUT_MODE if mode is None else mode
-    if mode not in ("grouped", "tile"):
-        raise ValueError(f"mode: expected 'grouped' or 'tile', got {mode!r}")
+    if not isinstance(launch, ReadoutLaunch):
+        raise TypeError(f"launch: expected a ReadoutLaunch, got {type(launch).__name__}")
     if F.dtype != torch.float32:
         raise TypeError(f"F: the Triton readout takes float32 states, got {F.dtype}")
     for name, d in (("q", q.shape[-1]), ("F", F.shape[-1])):
-        if d > MAX_HEAD_DIM:
-            raise ValueError(f"{name}: the Triton readout takes head dims up to {MAX_HEAD_DIM}, "
-                             f"got {d} (use backend='torch')")
+        if d > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{name}: the Triton readout takes head dims up to "
+                             f"{TRITON_MAX_HEAD_DIM}, got {d} (use backend='torch')")
     if local is not None and local.shape != (*q.shape[:3], F.shape[-1]):
         raise ValueError(f"local: expected shape {(*q.shape[:3], F.shape[-1])}, "
                          f"got {tuple(local.shape)}")
     if q.shape[2] == 0 or idx.shape[3] == 0:
         long = torch.zeros(*q.shape[:3], F.shape[-1], dtype=torch.float32, device=q.device)
         return long if local is None else local + long.to(local.dtype)
-    if mode == "grouped":
-        from .readout_grouped import RoutedReadoutGrouped
-        return RoutedReadoutGrouped.apply(q, F, idx, p, local, float(scale), inverse)
-    long = RoutedReadoutTriton.apply(q if scale == 1.0 else q * scale, F, idx, p)
+    if launch.mode == "grouped":
+        from .readout_grouped import RoutedReadoutGrouped, check_backward
+        check_backward(launch, q.shape[-1], F.shape[-1])
+        return RoutedReadoutGrouped.apply(q, F, idx, p, local, float(scale), inverse, launch)
+    long = RoutedReadoutTriton.apply(q if scale == 1.0 else q * scale, F, idx, p, launch)
     return long if local is None else long.add_(local).to(local.dtype)

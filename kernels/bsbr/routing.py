@@ -9,12 +9,18 @@ Scores are computed per block of queries ([BQ, S] at a time, never [T, S] at onc
 on the block, and only (idx, selected score) survive: [B,H,T,k]. No host sync. The backward
 of the selected scores is blockwise too: scatter dscore into a [BQ, S] block, then
 dr = dS_blk @ h and dh += dS_blkᵀ @ r: the same O(T·S·M) as the forward scores.
+
+Non-finite scores: a valid slot scored NaN or +inf is a candidate like any other (torch.topk
+ranks NaN above every number), and it makes the query's weights p NaN, as the reference does;
+a -inf score is no candidate.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .launch import RoutingLaunch
 
 # Elements of one [B,H,BQ,S] score block; bounds the routing's working memory.
 SCORE_BLOCK_ELEMS = 1 << 24
@@ -46,8 +52,8 @@ class _SelectedScores(torch.autograd.Function):
             s = (r[:, :, i0:i1].to(cd) @ h.transpose(-1, -2)) * inv          # [B,H,bq,S]
             s = s.masked_fill(~_valid(i0, i1, S, n, offset, chunk_size, r.device), float("-inf"))
             vals, inds = s.topk(kk, dim=-1)
-            ok = torch.isfinite(vals)
-            idx[:, :, i0:i1] = torch.where(ok, inds, -1)
+            # -inf: no valid slot left; NaN and +inf stay (they poison the row's weights).
+            idx[:, :, i0:i1] = torch.where(vals != float("-inf"), inds, -1)
             sel[:, :, i0:i1] = vals
         ctx.save_for_backward(r, h, idx)
         ctx.mark_non_differentiable(idx)
@@ -74,27 +80,27 @@ class _SelectedScores(torch.autograd.Function):
         return dr.to(r.dtype), dh, None, None, None, None
 
 
-# Benchmarks may pin {"triton": False} to time the PyTorch routing on the Triton backend.
-ROUTING: dict = {}
-
-
-def route(r, h, *, n, offset, chunk_size, top_k, backend="torch", inverse=None):
+def route(r, h, *, n, offset, chunk_size, top_k, backend="torch", inverse=None,
+          launch: RoutingLaunch = RoutingLaunch()):
     """r [B,H,Tq,M], h [B,H,S,M] (bank slots first, then the call's chunks; state dtype).
     Returns idx [B,H,Tq,k] int64 (-1 = no slot) and p [B,H,Tq,k] (h's dtype, 0 where idx = -1),
     with k = min(top_k, S) (S when top_k is None). p is differentiable in r and h.
-    backend "triton" selects with `routing_triton` (float32 h, k <= its MAX_TOP_K, M <= 256;
-    else the blockwise PyTorch form below). inverse: a `readout_triton.SharedInverseIndex` the
-    Triton backward takes its sort of idx from (the readout of the same picks fills it)."""
+    backend "triton" with launch.method "triton" selects with `routing_triton` (float32 h,
+    k <= its MAX_TOP_K, M <= 256; else the blockwise PyTorch form below) at ``launch``'s tiles.
+    inverse: a `readout_triton.SharedInverseIndex` the Triton backward takes its sort of idx
+    from (the readout of the same picks fills it)."""
     S = h.shape[2]
     kk = S if top_k is None else min(top_k, S)
     idx = None
-    if backend == "triton" and ROUTING.get("triton", True) and h.dtype == torch.float32:
+    if backend == "triton" and launch.method == "triton" and h.dtype == torch.float32:
         from .routing_triton import MAX_TOP_K, SelectedScoresTriton
         if kk <= MAX_TOP_K and h.shape[-1] <= 256:      # the meta dim is one register tile
-            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, kk, inverse)
+            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, kk, inverse,
+                                                  launch)
     if idx is None:
         idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk)
     # Softmax over the kept scores; rows with no candidate at all (every entry -inf) give 0.
+    # A NaN or +inf kept score makes m non-finite, so the row's p is NaN (the contract).
     m = sel.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.where(idx >= 0, torch.exp(sel - m), torch.zeros_like(sel))

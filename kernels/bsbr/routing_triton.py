@@ -6,13 +6,17 @@ slots j < n, and the call's chunks j − n < c_i), as (idx, selected score), idx
 than k slots are valid.
 
   fwd  grid (cdiv(Tq, BQ), B·H). A program scores its BQ queries against BS slots at a time
-       (one tl.dot: tf32x3 on the GPU by default, float32 "ieee" when pinned, which picks the
-       same slots as the PyTorch matmul; see ROUTE_LAUNCH) and merges each tile into a running
-       top-k held in registers: rounds of "the tile's best beats the running minimum →
+       (one tl.dot at the launch's precision: tf32x3 by default, float32 "ieee" for the exact
+       selection of the PyTorch matmul; see `RoutingLaunch`) and merges each tile into a
+       running top-k held in registers: rounds of "the tile's best beats the running minimum →
        replace it", only while some row still gains (at most k). Ties keep the earlier slot.
        The slot loop stops at the block's last causal slot. Finally the k kept are written in
        descending order. Work O(T·S·M), but no [BQ, S] block in memory, no masked_fill / topk /
        where passes over it.
+       Non-finite scores keep the contract of `routing.route`: a NaN score enters the merge as
+       +inf (so it is kept, as torch.topk keeps NaN first) and is written as +inf, which makes
+       the query's weights NaN; a block whose r holds an inf scores with "ieee" products (a
+       split-precision product would turn inf · h into NaN where the reference has -inf).
   bwd  dr_i = Σ_k g_ik h_{idx_ik}: grid (cdiv(Tq, BQ), B·H), k gathered rows per query.
        dh_j = Σ_{(i,k) that picked j} g_ik r_i over the inverse index (one stable sort of the
        entries by slot, `readout_triton._inverse_index`, or the readout's own when the caller
@@ -21,12 +25,10 @@ than k slots are valid.
        O(T·k·M) where the PyTorch backward scatters into a dense [BQ, S] block and multiplies
        it: O(T·S·M), quadratic in T at a fixed chunk size.
 
-Why: on the H200 at T = 32k (BENCHMARKS.md, 2026-11-29) `torch.topk` alone took 3.4 ms of a
-23 ms BSBR fwd+bwd, and the routing's dense matmuls 2.2 ms; the O(T·S) backward is also why the
-fwd+bwd slope was 1.39–1.83 rather than 1. This kernel replaced both (measured 12-04). Its first
-version still took 3.5 ms of a 16.6 ms fwd+bwd at 32k (H200 profile, 12-04): k merge rounds for
-every tile of every slot, causal or not. The causal bound and the rounds that stop when no row
-gains took it to 1.94 ms, tf32x3 products at 64×32 to 0.55 ms (H200 profile, 12-04).
+Why a kernel: `torch.topk` over [BQ, S] blocks and the dense score matmuls were a sixth of a
+BSBR forward and backward at T = 32k on an H200, and the PyTorch backward's O(T·S) made the
+fwd+bwd time grow faster than T. The causal bound and the merge rounds that stop when no row
+gains cut the kernel's own time by about half; tf32x3 products at 64×32 by another 3.5×.
 Used for top_k ≤ MAX_TOP_K (the k ordered writes are unrolled); dense routing keeps the PyTorch
 form.
 """
@@ -38,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import RoutingLaunch
 from .readout_triton import _sum_segments, inverse_index, slot_segments
-from .validate import POW2_BLOCKS, resolve_launch
 
 MAX_TOP_K = 16
 
@@ -56,6 +58,7 @@ def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
     m_m = o_m < M
     b_r = tl.load(r + bh * Tq * M + o_q[:, None] * M + o_m[None, :],
                   mask=m_q[:, None] & m_m[None, :], other=0.).to(tl.float32)
+    r_inf = tl.max(tl.max((tl.abs(b_r) == float("inf")).to(tl.int32), 1), 0) > 0
     c_q = (o_q + offset) // C                                   # each query's chunk
     o_p = tl.arange(0, KP)
     # Padding columns (KP > KK) hold +inf, so they are never the minimum that gets replaced.
@@ -72,8 +75,12 @@ def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
         m_s = o_s < S
         b_h = tl.load(h + bh * S * M + o_s[:, None] * M + o_m[None, :],
                       mask=m_s[:, None] & m_m[None, :], other=0.).to(tl.float32)
-        b_s = tl.dot(b_r, tl.trans(b_h), input_precision=PREC) * inv            # [BQ, BS]
+        if r_inf:
+            b_s = tl.dot(b_r, tl.trans(b_h), input_precision="ieee") * inv
+        else:
+            b_s = tl.dot(b_r, tl.trans(b_h), input_precision=PREC) * inv        # [BQ, BS]
         ok = m_s[None, :] & ((o_s[None, :] < n) | ((o_s[None, :] - n) < c_q[:, None]))
+        b_s = tl.where(b_s != b_s, float("inf"), b_s)                       # NaN is kept
         b_s = tl.where(ok, b_s, float("-inf"))
         # Merge rounds only while some row's tile best beats its running minimum: after the
         # first tiles most tiles add nothing, so this runs ~0-2 rounds instead of k.
@@ -150,26 +157,6 @@ def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, Tq, S, NSEG,
         tl.store(P + (bh * NSEG + i_s) * M + o_m, tl.sum(acc, 0), mask=m_m)
 
 
-# Benchmarks may pin the top-k forward's launch: {"BQ": 64, "BS": 32, "warps": 4,
-# "prec": "ieee"}; empty normally. "prec" is the score product's input precision: "tf32x3"
-# (three tensor-core passes, float32-level accuracy; the default) or "ieee" (float32 FMAs) or
-# "tf32" (one pass, ~1e-3 relative: may pick other slots at near-ties). Why tf32x3: the H200
-# sweep at T = 32k (12-04, bench_bsbr) measured 0.57 ms at 64×32 / 4 warps against 1.96 ms
-# for the best ieee launch; it picked the same slots as ieee for all but 3 in a million
-# (query, pick) entries of the random benchmark inputs (near-ties). The interpreter computes
-# every dot in float32, so the CPU tests compare the selection exactly either way.
-ROUTE_LAUNCH: dict = {}
-ROUTE_DEFAULT = {"BQ": 64, "BS": 32, "warps": 4, "prec": "tf32x3"}
-
-
-def route_launch():
-    """(BQ, BS, num_warps, input precision) of the top-k forward: defaults or the pins."""
-    got = resolve_launch(ROUTE_LAUNCH, ROUTE_DEFAULT,
-                         {"BQ": POW2_BLOCKS, "BS": POW2_BLOCKS, "warps": (1, 2, 4, 8),
-                          "prec": ("ieee", "tf32", "tf32x3")}, "ROUTE_LAUNCH")
-    return got["BQ"], got["BS"], got["warps"], got["prec"]
-
-
 def _bm(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
@@ -179,17 +166,18 @@ class SelectedScoresTriton(torch.autograd.Function):
     `routing._SelectedScores`, differentiable in r and h through the selected scores."""
 
     @staticmethod
-    def forward(ctx, r, h, n, offset, chunk_size, kk, inverse=None):
+    def forward(ctx, r, h, n, offset, chunk_size, kk, inverse=None,
+                launch: RoutingLaunch = RoutingLaunch()):
         B, H, Tq, M = r.shape
         S = h.shape[2]
         r, h = r.contiguous(), h.contiguous()
         idx = torch.empty(B, H, Tq, kk, dtype=torch.int32, device=r.device)
         sel = torch.empty(B, H, Tq, kk, dtype=h.dtype, device=r.device)
-        BQ, BS, warps, prec = route_launch()
+        BQ = launch.block_q
         _route_topk_fwd[(triton.cdiv(Tq, BQ), B * H)](
             r, h, idx, sel, Tq, S, n, offset, chunk_size, 1.0 / math.sqrt(M), M=M, BM=_bm(M),
-            BQ=BQ, BS=BS, KK=kk, KP=max(2, triton.next_power_of_2(kk)), PREC=prec,
-            num_warps=warps)
+            BQ=BQ, BS=launch.block_s, KK=kk, KP=max(2, triton.next_power_of_2(kk)),
+            PREC=launch.precision, num_warps=launch.warps)
         ctx.save_for_backward(r, h, idx)
         ctx.mark_non_differentiable(idx)
         ctx.kk, ctx.inverse = kk, inverse
@@ -207,12 +195,12 @@ class SelectedScoresTriton(torch.autograd.Function):
         _route_bwd_dr[(triton.cdiv(Tq, BQ), B * H)](h, idx, g, dr, Tq, S, M=M, BM=_bm(M), BQ=BQ,
                                                      KK=kk, num_warps=4)
         # dh by segments of each slot's sorted entries, then per slot in order: one program
-        # per slot serialised the early slots (picked by most later queries; 1.3 ms at 32k,
-        # H200 profile 12-04). Deterministic, no atomics, as readout_triton.routed_readout_dF.
+        # per slot serialised the early slots (picked by most later queries). Deterministic,
+        # no atomics, as readout_triton.routed_readout_dF.
         order, starts = inverse_index(idx, S, ctx.inverse)
         seg, e0, e1, NSEG, seg_end, seg_n = slot_segments(order, starts, S, Tq * kk)
         P = torch.empty(B * H, NSEG, M, dtype=torch.float32, device=r.device)
         _route_bwd_dh_partial[(NSEG, B * H)](r, g, order, seg, e0, e1, P, Tq, S, NSEG, M=M,
                                              BM=_bm(M), BE=32, KK=kk, num_warps=4)
         _sum_segments[(S, 1, B * H)](P, seg_end, seg_n, dh, S, NSEG, M, BLK=_bm(M))
-        return dr, dh, None, None, None, None, None
+        return dr, dh, None, None, None, None, None, None

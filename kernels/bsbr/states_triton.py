@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+from ..launch import dot_precision, pow2_tile
+from .launch import StatesLaunch
 
 
 @triton.jit
@@ -75,30 +74,28 @@ def _states_bwd(k, v, dF, dk, dv, T, C, nC, NTC,
     tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
-def _meta(k, v):
+def _meta(k, v, C, launch: StatesLaunch):
+    """Whole K per tile; BT rows per product (capped at the padded C) and V in BV slices."""
     K, V = k.shape[-1], v.shape[-1]
-    return dict(K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
-                BV=min(64, max(16, triton.next_power_of_2(V))), PREC=_prec(k.dtype))
-
-
-def _bt(C):
-    return min(64, max(16, triton.next_power_of_2(C)))
+    return dict(K=K, V=V, BT=pow2_tile(C, launch.block_t), BK=max(16, triton.next_power_of_2(K)),
+                BV=pow2_tile(V, launch.block_v), PREC=dot_precision(k.dtype),
+                num_warps=launch.warps)
 
 
 class ChunkStatesTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v, chunk_size):
+    def forward(ctx, k, v, chunk_size, launch):
         k, v = k.contiguous(), v.contiguous()
         B, H, T, K = k.shape
         V = v.shape[-1]
         nC = T // chunk_size
-        meta = _meta(k, v)
+        meta = _meta(k, v, chunk_size, launch)
         F = torch.empty(B, H, nC, K, V, dtype=torch.float32, device=k.device)
         if nC:
             _states_fwd[(nC, triton.cdiv(V, meta["BV"]), B * H)](
-                k, v, F, T, chunk_size, nC, BT=_bt(chunk_size), **meta)
+                k, v, F, T, chunk_size, nC, **meta)
         ctx.save_for_backward(k, v)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.launch = chunk_size, launch
         return F
 
     @staticmethod
@@ -108,22 +105,22 @@ class ChunkStatesTriton(torch.autograd.Function):
         B, H, T, K = k.shape
         nC = T // C
         dF = dF.to(torch.float32).contiguous()
-        meta = _meta(k, v)
-        BT = _bt(C)
+        meta = _meta(k, v, C, ctx.launch)
         # rows past the last complete chunk are no input of F: zero gradient
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
-        NTC = triton.cdiv(C, BT)
+        NTC = triton.cdiv(C, meta["BT"])
         if nC:
-            _states_bwd[(nC * NTC, B * H)](k, v, dF, dk, dv, T, C, nC, NTC, BT=BT, **meta)
-        return dk, dv, None
+            _states_bwd[(nC * NTC, B * H)](k, v, dF, dk, dv, T, C, nC, NTC, **meta)
+        return dk, dv, None, None
 
 
-def chunk_states_triton(k, v, hk, *, chunk_size):
+def chunk_states_triton(k, v, hk, *, chunk_size, launch: StatesLaunch = StatesLaunch()):
     """(F [B,H,nC,K,V] float32, h [B,H,nC,M] float32) of the complete chunks; F by the Triton
-    kernels, h (a mean, memory-bound) in PyTorch. Differentiable in k, v, hk."""
+    kernels at ``launch``'s tiles, h (a mean, memory-bound) in PyTorch. Differentiable in k, v,
+    hk."""
     B, H, T, M = hk.shape
     nC = T // chunk_size
-    F = ChunkStatesTriton.apply(k, v, chunk_size)
+    F = ChunkStatesTriton.apply(k, v, chunk_size, launch)
     h = hk[:, :, :nC * chunk_size].float().reshape(B, H, nC, chunk_size, M).mean(3)
     return F, h

@@ -4,16 +4,16 @@ Every error names the argument, the value received and what was expected.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..checks import _shape, check_same_device, check_tensor
+from ..checks import resolve_backend as resolve_any_backend
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_MAX_CHUNK = 256
-TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM = 256          # whole K (and V) in one register tile
 
 
 @dataclass
@@ -47,24 +47,16 @@ def check_long_scale(long_scale, name: str = "long_scale") -> float:
     return float(long_scale)
 
 
-POW2_WARPS = (1, 2, 4, 8, 16)
-POW2_BLOCKS = (16, 32, 64, 128)
+def check_scale(scale):
+    """The softmax scale of the local attention: None (1/√K) or a finite number > 0."""
+    return None if scale is None else check_long_scale(scale, "scale (None for 1/sqrt(K))")
 
 
-def resolve_launch(pins: dict, defaults: dict, allowed: dict, label: str) -> dict:
-    """A kernel's launch: ``defaults`` with the benchmark ``pins`` (a module-level dict named
-    ``label``) over them, for the keys of ``defaults``; each value must be one of
-    ``allowed[key]``, else a ValueError naming ``label[key]``."""
-    got = {key: pins.get(key, value) for key, value in defaults.items()}
-    for key, ok in allowed.items():
-        if got[key] not in ok:
-            raise ValueError(f"{label}[{key!r}]: expected one of {ok}, got {got[key]!r}")
-    return got
-
-
-def check_local_inputs(q, k, v, chunk_size, offset) -> Dims:
-    """q [B,H,Tq,K], k [B,H,Tk,K], v [B,H,Tk,V] with Tk = offset + Tq, 0 <= offset < chunk_size."""
+def check_local_inputs(q, k, v, chunk_size, offset, scale=None) -> Dims:
+    """q [B,H,Tq,K], k [B,H,Tk,K], v [B,H,Tk,V] with Tk = offset + Tq, 0 <= offset < chunk_size;
+    scale None or a finite number > 0."""
     check_chunk_size(chunk_size)
+    check_scale(scale)
     check_tensor("q", q, 4, "[B,H,Tq,K]")
     check_tensor("k", k, 4, "[B,H,Tk,K]")
     check_tensor("v", v, 4, "[B,H,Tk,V]")
@@ -129,8 +121,9 @@ def check_bank(bank_F, bank_h, d: Dims, device, name_F="bank_F", name_h="bank_h"
     return n
 
 
-def check_bsbr_inputs(q, k, v, r, hk, chunk_size, top_k, offset, bank_F, bank_h) -> Dims:
-    d = check_local_inputs(q, k, v, chunk_size, offset)
+def check_bsbr_inputs(q, k, v, r, hk, chunk_size, top_k, offset, bank_F, bank_h,
+                      scale=None) -> Dims:
+    d = check_local_inputs(q, k, v, chunk_size, offset, scale)
     check_top_k(top_k)
     check_tensor("r", r, 4, "[B,H,Tq,M]")
     check_tensor("hk", hk, 4, "[B,H,Tk,M]")
@@ -165,18 +158,13 @@ def check_step_inputs(q, r, bank_F, bank_h, top_k) -> int:
 
 
 def resolve_backend(backend, device, dtype=None, chunk_size=1, head_dims=()) -> str:
-    """"auto" = Triton on CUDA when the kernels take these inputs (not float64, chunk_size
-    <= 256, head dims <= 256), else the blockwise PyTorch path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        ok = (device.type == "cuda" and dtype != torch.float64 and chunk_size <= TRITON_MAX_CHUNK
-              and all(d <= TRITON_MAX_HEAD_DIM for d in head_dims))
-        return "triton" if ok else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                         f"import to run on the CPU; got tensors on {device}")
-    return backend
+    """`kernels.checks.resolve_backend` over BACKENDS, except that "auto" on CUDA takes the
+    blockwise PyTorch path where the Triton kernels do not take these inputs (float64,
+    chunk_size > TRITON_MAX_CHUNK, a head dim > TRITON_MAX_HEAD_DIM)."""
+    kind = resolve_any_backend(backend, device, BACKENDS)
+    fits = (dtype != torch.float64 and chunk_size <= TRITON_MAX_CHUNK
+            and all(d <= TRITON_MAX_HEAD_DIM for d in head_dims))
+    return "torch" if backend == "auto" and kind == "triton" and not fits else kind
 
 
 def check_triton_ok(q, chunk_size, name="q"):

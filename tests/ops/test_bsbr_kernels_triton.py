@@ -5,14 +5,17 @@ float16; the bf16 tests at larger shapes are marked `gpu`."""
 import pytest
 import torch
 
-from helpers import assert_rel_close
-from kernels.bsbr import bsbr_attention, bsbr_attention_ref, chunk_local_attention, chunk_states, \
-    chunk_local_attention_ref, chunk_states_ref
+import kernels.bsbr.readout_grouped as grouped
 import kernels.bsbr.readout_triton as readout_triton
+from helpers import assert_rel_close
+from kernels.bsbr import (BSBRLaunch, LocalLaunch, ReadoutLaunch, RoutingLaunch, StatesLaunch,
+                          bsbr_attention, bsbr_attention_ref, chunk_local_attention,
+                          chunk_local_attention_ref, chunk_states, chunk_states_ref)
 from kernels.bsbr.readout_triton import routed_readout_triton
 
 f64, fp32, fp16 = torch.float64, torch.float32, torch.float16
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+BACKWARD = {True: "one_pass", False: "two_pass", None: "auto"}
 # GPU shapes are larger (K = 128, T ~ 1000): more rounding in the 16-bit backward
 GPU_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -64,8 +67,8 @@ def test_readout_triton(poison_empty, kernel_device, mode, dtype, T, S, NK, K, V
     p = torch.where(idx >= 0, p, 0.0)
     do = torch.randn(2, 3, T, V, dtype=f64, device=kernel_device)
     leaves = [q, F, p]
-    o, g = grads_of(lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode=mode),
-                    leaves, do)
+    o, g = grads_of(lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_,
+                                                             ReadoutLaunch(mode=mode)), leaves, do)
     o_r, g_r = grads_of(lambda q_, F_, p_: dense_readout(q_, F_, idx.long(), p_),
                         [t.double() for t in leaves], do)
     assert o.dtype == torch.float32
@@ -82,14 +85,10 @@ def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device,
     """Skewed routing (slot 0 picked by every row) with 16-entry fwd / dq blocks and 16-entry dF
     segments: every slot's run spans several programs, and the per-slot sums of the dF partials
     still equal the float64 readout's gradients."""
-    import kernels.bsbr.readout_grouped as grouped
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "block", 16)
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "warps", 2)
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "bv", 16)          # V = 20: two V slices
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", fused)
+    # V = 20: two V slices in the forward and in the dF pass (16-entry dots)
+    launch = ReadoutLaunch(mode=mode, block=16, warps=2, block_v=16, backward=BACKWARD[fused],
+                           df_block=16, df_block_v=16)
     monkeypatch.setattr(readout_triton, "segment_entries", lambda n_ent, S: 16)
-    monkeypatch.setitem(readout_triton.DF_LAUNCH, "block", 16)     # dF: 16-entry dots,
-    monkeypatch.setitem(readout_triton.DF_LAUNCH, "bv", 16)        # two V slices
     T, S, NK, K, V = 70, 5, 3, 12, 20
     q = torch.randn(1, 2, T, K, device=kernel_device)
     F = torch.randn(1, 2, S, K, V, device=kernel_device)
@@ -100,7 +99,7 @@ def test_readout_with_runs_split_over_many_programs(poison_empty, kernel_device,
     idx = idx.to(torch.int32)
     p = torch.where(idx >= 0, p, 0.0)
     do = torch.randn(1, 2, T, V, dtype=f64, device=kernel_device)
-    o, g = grads_of(lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode=mode),
+    o, g = grads_of(lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, launch),
                     [q, F, p], do)
     o_r, g_r = grads_of(lambda q_, F_, p_: dense_readout(q_, F_, idx.long(), p_),
                         [t.double() for t in (q, F, p)], do)
@@ -124,20 +123,18 @@ def readout_inputs(dev, dtype, T=29, S=6, NK=2, K=12, V=20):
 
 @pytest.mark.parametrize("dtype,lowp", [(fp32, False), (fp16, False), (fp16, True)])
 @pytest.mark.parametrize("mode,fused", [("grouped", True), ("grouped", False), ("tile", None)])
-def test_readout_adds_local_and_scale(poison_empty, kernel_device, monkeypatch, mode, fused,
-                                      dtype, lowp):
+def test_readout_adds_local_and_scale(poison_empty, kernel_device, mode, fused, dtype, lowp):
     """routed_readout_triton(local=, scale=): local + scale · long in local's dtype, and the
     gradients of q, F, p and local, against the float64 readout, with the one-pass backward
     (fused) and the two-pass one. In fp16 the backward gets a 16-bit gradient and hands it to
     the kernels as stored (lowp: 16-bit dq and dF products too)."""
-    import kernels.bsbr.readout_grouped as grouped
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", lowp)
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", fused)
+    launch = ReadoutLaunch(mode=mode, products="16bit" if lowp else "float32",
+                           backward=BACKWARD[fused])
     q, F, idx, p, local = readout_inputs(kernel_device, dtype)
     do = torch.randn(*local.shape, dtype=f64, device=kernel_device)
     lam = 0.37
     o, g = grads_of(lambda q_, F_, p_, l_: routed_readout_triton(
-        q_, F_, idx, p_, mode=mode, local=l_, scale=lam), [q, F, p, local], do)
+        q_, F_, idx, p_, launch, local=l_, scale=lam), [q, F, p, local], do)
     o_r, g_r = grads_of(lambda q_, F_, p_, l_: l_ + lam * dense_readout(q_, F_, idx.long(), p_),
                         [t.double() for t in (q, F, p, local)], do)
     assert o.dtype == dtype and g[3].dtype == dtype
@@ -158,7 +155,6 @@ def test_bsbr_attention_sorts_the_picks_once(poison_empty, kernel_device, monkey
     """With the Triton routing and the grouped readout, one fwd + bwd sorts the picks once (the
     readout and the routing backward share the inverse index), and the gradients still match
     the float64 reference; a shared index refuses picks of another shape."""
-    monkeypatch.setattr(readout_triton, "READOUT_MODE", "grouped")
     calls = []
     real = readout_triton._inverse_index
 
@@ -173,7 +169,8 @@ def test_bsbr_attention_sorts_the_picks_once(poison_empty, kernel_device, monkey
     x = [torch.randn(B, H, T, d, device=dev) for d in (K, K, V, M, M)]
     do = torch.randn(B, H, T, V, dtype=f64, device=dev)
     kw = dict(chunk_size=C, top_k=2)
-    o, g = grads_of(lambda *a: bsbr_attention(*a, **kw, backend="triton"), x, do)
+    launch = BSBRLaunch(readout=ReadoutLaunch(mode="grouped"))
+    o, g = grads_of(lambda *a: bsbr_attention(*a, **kw, backend="triton", launch=launch), x, do)
     assert calls == [(B, H, T, 2)]
     o_r, g_r = grads_of(lambda *a: bsbr_attention_ref(*a, **kw), [t.double() for t in x], do)
     for name, a, b in zip(("o", "dq", "dk", "dv", "dr", "dhk"), (o, *g), (o_r, *g_r)):
@@ -185,25 +182,24 @@ def test_bsbr_attention_sorts_the_picks_once(poison_empty, kernel_device, monkey
         shared.get(idx[:, :, :2], 3)
 
 
-def test_fused_backward_refuses_head_dims_over_its_tile(monkeypatch):
-    import kernels.bsbr.readout_grouped as grouped
-    assert grouped.use_fused_bwd(128, 128, True) and not grouped.use_fused_bwd(129, 64, True)
-    assert not grouped.use_fused_bwd(64, 64, False)          # float32 F: two passes by default
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", True)
-    with pytest.raises(ValueError, match="fused_bwd"):
-        grouped.use_fused_bwd(64, 256, True)
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_block", 48)
-    with pytest.raises(ValueError, match="fused_block"):
-        grouped.fused_launch()
+def test_fused_backward_refuses_head_dims_over_its_tile(kernel_device):
+    auto = ReadoutLaunch()
+    assert grouped.use_fused_bwd(auto, 128, 128, True)
+    assert not grouped.use_fused_bwd(auto, 129, 64, True)
+    assert not grouped.use_fused_bwd(auto, 64, 64, False)     # float32 F: two passes by default
+    assert not grouped.use_fused_bwd(ReadoutLaunch(backward="two_pass"), 64, 64, True)
+    one_pass = ReadoutLaunch(backward="one_pass")
+    assert grouped.use_fused_bwd(one_pass, 64, 64, False)
+    q, F, idx, p, _ = readout_inputs(kernel_device, fp32, K=12, V=130)
+    with pytest.raises(ValueError, match="ReadoutLaunch.backward.*V=130"):
+        routed_readout_triton(q, F, idx, p, one_pass)          # refused before any work
 
 
 def test_fused_backward_that_does_not_fit_falls_back_to_two_passes(poison_empty, kernel_device,
                                                                    monkeypatch):
     """A fused launch that raises Triton's OutOfResources (as too little shared memory would on
     a GPU) warns once, is remembered, and the two-pass backward gives the right gradients."""
-    import kernels.bsbr.readout_grouped as grouped
     from triton.runtime.errors import OutOfResources
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "fused_bwd", True)
     monkeypatch.setattr(grouped, "_FUSED_UNFIT", set())
     launches = []
 
@@ -216,7 +212,8 @@ def test_fused_backward_that_does_not_fit_falls_back_to_two_passes(poison_empty,
     monkeypatch.setattr(grouped, "_grouped_bwd_fused", Unfit())
     q, F, idx, p, _ = readout_inputs(kernel_device, fp32)
     do = torch.randn(*q.shape[:3], F.shape[-1], dtype=f64, device=kernel_device)
-    call = lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode="grouped")  # noqa: E731
+    launch = ReadoutLaunch(backward="one_pass")
+    call = lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, launch)  # noqa: E731
     with pytest.warns(RuntimeWarning, match="two-pass"):
         _, g = grads_of(call, [q, F, p], do)
     _, g2 = grads_of(call, [q, F, p], do)               # remembered: no second try, no warning
@@ -230,47 +227,34 @@ def test_fused_backward_that_does_not_fit_falls_back_to_two_passes(poison_empty,
         assert torch.equal(a, a2)
 
 
-@pytest.mark.parametrize("key,value", [("block", 48), ("bv", 100), ("warps", 3)])
-def test_dF_rejects_bad_launch_pins(monkeypatch, key, value):
-    monkeypatch.setitem(readout_triton.DF_LAUNCH, key, value)
-    with pytest.raises(ValueError, match=f"DF_LAUNCH\\['{key}'\\]"):
-        readout_triton.dF_launch(128)
-
-
-@pytest.mark.parametrize("key,value", [("block", 48), ("block", 256), ("warps", 3), ("bv", 100)])
-def test_grouped_readout_rejects_bad_launch_pins(monkeypatch, key, value):
-    import kernels.bsbr.readout_grouped as grouped
-    monkeypatch.setitem(grouped.GROUPED_READOUT, key, value)
-    with pytest.raises(ValueError, match=f"GROUPED_READOUT\\['{key}'\\]"):
-        grouped.launch_config(128)
-
-
 @pytest.mark.parametrize("B,H,Tq,S,M,n,offset,C,kk", [
     (1, 2, 37, 7, 12, 0, 0, 5, 3), (2, 1, 70, 9, 20, 3, 5, 8, 4), (1, 1, 40, 40, 16, 0, 0, 1, 5),
     (1, 2, 33, 4, 8, 2, 0, 16, 4), (1, 1, 50, 6, 130, 1, 3, 9, 6)])
-@pytest.mark.parametrize("pins", [{}, {"BQ": 16, "BS": 16}], ids=["default", "small_tiles"])
+@pytest.mark.parametrize("tiles", [{}, {"block_q": 16, "block_s": 16}],
+                         ids=["default", "small_tiles"])
 def test_triton_routing_equals_the_torch_routing(kernel_device, monkeypatch, B, H, Tq, S, M, n,
-                                                 offset, C, kk, pins):
+                                                 offset, C, kk, tiles):
     """Top-k selection (same slots, same order, -1 where fewer than k are valid), the selected
     scores and the gradients of r and h, against the blockwise PyTorch form. Small tiles put
     several query blocks (different causal bounds) and several slot tiles (the merge rounds
     after the first tile) into the small shapes, and cut every slot's entries into segments of
     3 for dh (several partials per slot, summed in order)."""
     from kernels.bsbr.routing import _SelectedScores
-    from kernels.bsbr.routing_triton import ROUTE_LAUNCH, SelectedScoresTriton
+    from kernels.bsbr.routing_triton import SelectedScoresTriton
     # Float32 FMAs: the exact-selection contract (the default tf32x3 may differ at near-ties
     # on a GPU: test_gpu_routing_tf32x3_agrees_with_ieee).
-    monkeypatch.setitem(ROUTE_LAUNCH, "prec", "ieee")
-    for key, value in pins.items():
-        monkeypatch.setitem(ROUTE_LAUNCH, key, value)
-    if pins:                     # dh's segments come from readout_triton.slot_segments
+    launch = RoutingLaunch(precision="ieee", **tiles)
+    if tiles:                    # dh's segments come from readout_triton.slot_segments
         monkeypatch.setattr(readout_triton, "segment_entries", lambda n_ent, S: 3)
     r = torch.randn(B, H, Tq, M, device=kernel_device)
     h = torch.randn(B, H, S, M, device=kernel_device)
     outs = []
-    for fn in (_SelectedScores, SelectedScoresTriton):
+    for triton_form in (False, True):
         r_, h_ = r.clone().requires_grad_(), h.clone().requires_grad_()
-        idx, sel = fn.apply(r_, h_, n, offset, C, kk)
+        if triton_form:
+            idx, sel = SelectedScoresTriton.apply(r_, h_, n, offset, C, kk, None, launch)
+        else:
+            idx, sel = _SelectedScores.apply(r_, h_, n, offset, C, kk)
         g = torch.randn(sel.shape, generator=torch.Generator().manual_seed(1)).to(sel.device)
         dr, dh = torch.autograd.grad((torch.where(idx >= 0, sel, 0.0) * g).sum(), (r_, h_))
         outs.append((idx, sel, dr, dh))
@@ -285,45 +269,38 @@ def test_triton_routing_equals_the_torch_routing(kernel_device, monkeypatch, B, 
 
 
 @pytest.mark.gpu
-def test_gpu_routing_tf32x3_agrees_with_ieee(monkeypatch):
+def test_gpu_routing_tf32x3_agrees_with_ieee():
     """The default score precision (tf32x3) against float32 FMAs at a benchmark-like shape
     (B1 H4 T8192, chunk 128 → 64 slots, M 128, top-8): the same slots for all but near-ties and
     the same selected scores to float32 accuracy."""
-    from kernels.bsbr.routing_triton import ROUTE_LAUNCH, SelectedScoresTriton
+    from kernels.bsbr.routing_triton import SelectedScoresTriton
     g = torch.Generator().manual_seed(3)
     r = (torch.randn(1, 4, 8192, 128, generator=g) / 128 ** 0.5).cuda().to(torch.bfloat16)
     h = (torch.randn(1, 4, 64, 128, generator=g) / 128 ** 0.5).cuda()
-    idx, sel = SelectedScoresTriton.apply(r, h, 0, 0, 128, 8)
-    monkeypatch.setitem(ROUTE_LAUNCH, "prec", "ieee")
-    idx_f, sel_f = SelectedScoresTriton.apply(r, h, 0, 0, 128, 8)
+    idx, sel = SelectedScoresTriton.apply(r, h, 0, 0, 128, 8, None, RoutingLaunch())
+    idx_f, sel_f = SelectedScoresTriton.apply(r, h, 0, 0, 128, 8, None,
+                                              RoutingLaunch(precision="ieee"))
     same = idx == idx_f
     assert same.float().mean() >= 0.999, same.float().mean()
     ok = same & (idx >= 0)
     assert_rel_close(sel[ok], sel_f[ok], 1e-5, "selected scores")
 
 
-@pytest.mark.parametrize("key,value", [("BQ", 48), ("BS", 8), ("warps", 3), ("prec", "fp8")])
-def test_routing_rejects_bad_launch_pins(monkeypatch, key, value):
-    from kernels.bsbr.routing_triton import ROUTE_LAUNCH, route_launch
-    monkeypatch.setitem(ROUTE_LAUNCH, key, value)
-    with pytest.raises(ValueError, match=f"ROUTE_LAUNCH\\['{key}'\\]"):
-        route_launch()
-
-
-def test_grouped_readout_with_16bit_products(poison_empty, kernel_device, monkeypatch):
+def test_grouped_readout_with_16bit_products(poison_empty, kernel_device):
     """The "lowp" products (F cast to the 16-bit input dtype, bf16 × bf16 on a GPU by default)
     forced for fp16 so that the interpreter runs them: forward and every gradient against the
     float64 readout within the 16-bit tolerance, and not the float32-F path's result."""
-    import kernels.bsbr.readout_grouped as grouped
-    monkeypatch.setattr(readout_triton, "READOUT_MODE", "grouped")
     q, F, idx, p, _ = readout_inputs(kernel_device, fp16)
     do = torch.randn(*q.shape[:3], F.shape[-1], dtype=f64, device=kernel_device)
-    call = lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, mode="grouped")  # noqa: E731
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", False)
-    o32, _ = grads_of(call, [q, F, p], do)
-    monkeypatch.setitem(grouped.GROUPED_READOUT, "lowp", True)
-    assert grouped.use_lowp(fp16) and not grouped.use_lowp(fp32)
-    o, g = grads_of(call, [q, F, p], do)
+
+    def call(launch):
+        return lambda q_, F_, p_: routed_readout_triton(q_, F_, idx, p_, launch)
+    o32, _ = grads_of(call(ReadoutLaunch(products="float32")), [q, F, p], do)
+    low = ReadoutLaunch(products="16bit")
+    assert grouped.use_lowp(low, fp16) and not grouped.use_lowp(low, fp32)
+    assert not grouped.use_lowp(ReadoutLaunch(), fp16) and grouped.use_lowp(ReadoutLaunch(),
+                                                                             torch.bfloat16)
+    o, g = grads_of(call(low), [q, F, p], do)
     o_r, g_r = grads_of(lambda q_, F_, p_: dense_readout(q_, F_, idx.long(), p_),
                         [t.double() for t in (q, F, p)], do)
     assert not torch.equal(o, o32)                  # the 16-bit products did run
@@ -369,6 +346,27 @@ def test_bsbr_attention_triton(poison_empty, kernel_device, dtype, C, top_k, off
         assert_rel_close(w, w_r, TOL[dtype], "slot_weights")
 
 
+@pytest.mark.parametrize("dtype,products", [(fp32, "auto"), (fp16, "16bit")])
+def test_gpu_default_launch_under_the_interpreter(poison_empty, kernel_device, dtype, products):
+    """bsbr_attention at the GPU's default launch of every stage, given through launch= (local
+    and state tiles of 64, routing 64×32 on tf32x3, readout blocks of 64 entries, dF dots of
+    64), at shapes that keep those tiles whole (C = 64, K = V = 64): float32 with its two-pass
+    backward, and float16 with 16-bit products and the one-pass backward (the path bfloat16
+    takes on a GPU), against the float64 reference."""
+    launch = BSBRLaunch(RoutingLaunch(), ReadoutLaunch(products=products), LocalLaunch(),
+                        StatesLaunch())
+    B, H, T, D, M, C = 1, 2, 200, 64, 16, 64
+    x = [(torch.randn(B, H, T, d, device=kernel_device) * 0.5).to(dtype)
+         for d in (D, D, D, M, M)]
+    do = torch.randn(B, H, T, D, dtype=f64, device=kernel_device)
+    kw = dict(chunk_size=C, top_k=2)
+    o, g = grads_of(lambda *a: bsbr_attention(*a, **kw, backend="triton", launch=launch), x, do)
+    o_r, g_r = grads_of(lambda *a: bsbr_attention_ref(*a, **kw), [t.double() for t in x], do)
+    assert o.dtype == dtype
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dr", "dhk"), (o, *g), (o_r, *g_r)):
+        assert_rel_close(a, b, TOL[dtype], name)
+
+
 # ------------------------------------------------------------------------------------------
 # GPU (bf16 and realistic tiles); skipped without CUDA.
 # ------------------------------------------------------------------------------------------
@@ -390,18 +388,18 @@ def gpu_inputs(dtype, B, H, Tq, offset, K, V, M, n):
 @pytest.mark.parametrize("C,top_k,offset,n,T", [(64, 4, 0, 0, 1000), (256, 8, 100, 5, 1500),
                                                 (100, None, 7, 2, 700)])
 @pytest.mark.parametrize("mode", ["grouped", "tile"])
-def test_bsbr_attention_gpu(monkeypatch, mode, dtype, C, top_k, offset, n, T):
+def test_bsbr_attention_gpu(mode, dtype, C, top_k, offset, n, T):
     """Triton path vs the torch backend on float32 copies of the same inputs. Both route in
     float32 from the same values, so they pick the same slots (a float64 oracle could break a
     near-tie of top-k scores differently); the torch backend itself is checked against the
     float64 reference on the CPU."""
-    monkeypatch.setattr(readout_triton, "READOUT_MODE", mode)
     x = gpu_inputs(dtype, 1, 3, T, offset, 128, 96, 64, n)
     names = list(x)
     do = torch.randn(1, 3, T, 96, dtype=f64, device="cuda")
     kw = dict(chunk_size=C, top_k=top_k, offset=offset)
-    o, g = grads_of(lambda *a: bsbr_attention(**dict(zip(names, a)), **kw, backend="triton"),
-                    list(x.values()), do)
+    launch = BSBRLaunch(readout=ReadoutLaunch(mode=mode))
+    o, g = grads_of(lambda *a: bsbr_attention(**dict(zip(names, a)), **kw, backend="triton",
+                                              launch=launch), list(x.values()), do)
     o_r, g_r = grads_of(lambda *a: bsbr_attention(**dict(zip(names, a)), **kw, backend="torch"),
                         [t.float() for t in x.values()], do)
     assert o.dtype == dtype
@@ -412,15 +410,15 @@ def test_bsbr_attention_gpu(monkeypatch, mode, dtype, C, top_k, offset, n, T):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["grouped", "tile"])
-def test_triton_backward_is_deterministic_gpu(monkeypatch, mode):
+def test_triton_backward_is_deterministic_gpu(mode):
     """Same inputs, two backward passes: bitwise equal gradients (dF is gathered per slot
     through the inverse index, no atomics)."""
-    monkeypatch.setattr(readout_triton, "READOUT_MODE", mode)
     x = gpu_inputs(torch.bfloat16, 2, 4, 2048, 0, 128, 128, 64, 3)
     names = list(x)
     do = torch.randn(2, 4, 2048, 128, dtype=f64, device="cuda")
-    call = lambda *a: bsbr_attention(**dict(zip(names, a)), chunk_size=128, top_k=8,
-                                     backend="triton")
+    call = lambda *a: bsbr_attention(**dict(zip(names, a)), chunk_size=128, top_k=8,  # noqa: E731
+                                     backend="triton",
+                                     launch=BSBRLaunch(readout=ReadoutLaunch(mode=mode)))
     _, g1 = grads_of(call, list(x.values()), do)
     _, g2 = grads_of(call, list(x.values()), do)
     for name, a, b in zip(names, g1, g2):
