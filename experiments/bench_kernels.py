@@ -156,8 +156,8 @@ def run_shape(s: Shape, fla, rep_ms, do_reference):
     print(f"[{s.name}] ours vs torch: fwd rel err {err_fwd:.2e}, grads {err_bwd:.2e}", flush=True)
 
     # ---- forward
-    from kernels.hebbian.plan import plan
-    p = plan(s.B, s.H, s.K, s.V, None)
+    from kernels.hebbian.plan import default_chunk_launch, plan
+    p = plan(s.B, s.H, s.K, s.V, default_chunk_launch(s.B, s.H, s.K, s.V, q.dtype, q.device))
     how = f"{'fused' if p.fused else 'split'} fwd, chunk {p.BT}"
     ms = bench(lambda: ours(q, k, v), rep_ms)
     rows.append(row(s, "fwd", "ours", ms, ff, err=err_fwd, note=how))
@@ -269,7 +269,7 @@ def run_sweep(s: Shape, rep_ms):
     """Time ours (fwd, fwd+bwd) over chunk sizes, tile sizes and the two forward algorithms:
     the data for tuning. Each config's output is checked against the torch path."""
     from kernels.hebbian.function import hebbian_attention_triton
-    from kernels.hebbian.plan import Plan
+    from kernels.hebbian.launches import ChunkLaunch
     dev, dt = torch.device("cuda"), torch.bfloat16
     HV = 1 if s.shared_v else s.H
     q = torch.randn(s.B, s.H, s.T, s.K, device=dev, dtype=dt)
@@ -285,10 +285,10 @@ def run_sweep(s: Shape, rep_ms):
         o_ref_qk, _ = chunk_hebbian_torch(q, q, v, scale=scale, strict=False, chunk_size=CHUNK)
     rows = []
     for chunk_size, mode, tiles in SWEEP:
-        pl = Plan(mode == "fused", chunk_size, chunk_size, dict(tiles))
+        pl = ChunkLaunch(mode=mode, BT=chunk_size, BT_bwd=chunk_size, **tiles)
 
         def f(q_, k_, v_, pl=pl):
-            return hebbian_attention_triton(q_, k_, v_, scale=scale, strict=False, plan=pl)
+            return hebbian_attention_triton(q_, k_, v_, scale=scale, strict=False, launch=pl)
         cases = [("q, k", k, o_ref)]
         if o_ref_qk is not None and mode == "fused":
             cases.append(("q is k", q, o_ref_qk))

@@ -9,12 +9,18 @@ from .deltanet import chunk_delta_rule_torch, delta_rule, delta_rule_recurrent, 
 from .hebbian import _SPARSE as hebbian_lazy_names
 from .hebbian import (BACKENDS, chunk_hebbian_torch, hebbian_attention, hebbian_quadratic,
                       hebbian_recurrent, hebbian_step)
+from .hebbian import check_normalised_options, normalised_hebbian_attention
+from .hebbian import (ChunkLaunch, CompactLaunch, EncodeGateLaunch, EncodeRopeLaunch,
+                      ReduceLaunch, SparseStepLaunch, StepLaunch)
 
-__all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "hebbian_quadratic",
+__all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "normalised_hebbian_attention",
+           "check_normalised_options", "hebbian_quadratic",
            "hebbian_recurrent", "chunk_hebbian_torch", "BSBR_BACKENDS", "bsbr_attention",
            "chunk_local_attention", "chunk_states", "routed_readout_step", "delta_rule", "delta_rule_step",
            "delta_rule_recurrent", "chunk_delta_rule_torch", "SPARSE_BACKENDS", "compact_nonzero",
-           "sparse_hebbian_step", "sparse_rows_matmul"]
+           "sparse_hebbian_step", "sparse_rows_matmul", "ChunkLaunch", "StepLaunch",
+           "CompactLaunch", "SparseStepLaunch", "EncodeRopeLaunch", "EncodeGateLaunch",
+           "ReduceLaunch"]
 
 
 def __getattr__(name):

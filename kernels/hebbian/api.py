@@ -14,6 +14,7 @@ import torch
 
 from . import dense, naive, torch_chunk
 from ..checks import resolve_backend
+from .launches import ChunkLaunch, StepLaunch, check_launch
 from .validate import check_attention_inputs, check_step_inputs
 
 BACKENDS = ("auto", "triton", "torch", "dense", "reference")
@@ -24,7 +25,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_state=None,
-                      output_final_state=False, chunk_size=None, backend="auto"):
+                      output_final_state=False, chunk_size=None, backend="auto",
+                      launch: ChunkLaunch | None = None):
     """Causal Hebbian (linear) attention with a float32 state S ∈ R^{K×V} per batch and head.
 
     strict:     o_t = scale · q_t S_{t-1},  S_t = γ S_{t-1} + k_tᵀ v_t   (BDH)
@@ -39,15 +41,19 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
     at 65504), and bf16 too under TRITON_INTERPRET (the interpreter mis-loads bf16). Under
     `torch.use_deterministic_algorithms(True)` it avoids the float32 atomics of the fused
     forward, so repeated calls give bitwise-equal outputs.
+
+    launch: the Triton kernels' algorithm, chunks and tiles (`ChunkLaunch`); None takes the
+    default for the shape (`plan.default_chunk_launch`). The other backends ignore it.
     """
     B, H, T, K, V = check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale)
+    check_launch(launch, ChunkLaunch)
     kind = _resolve_backend(backend, q.device)
     if kind == "triton":
         from .function import hebbian_attention_triton
         o, S = hebbian_attention_triton(q, k, v, scale=scale, strict=strict, decay=decay,
                                         initial_state=initial_state,
                                         output_final_state=output_final_state,
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, launch=launch)
         return o, S
     if kind == "dense":
         return dense.dense_hebbian(q, k, v, scale=scale, strict=strict, decay=decay,
@@ -67,14 +73,19 @@ def hebbian_attention(q, k, v, *, scale=1.0, strict=True, decay=None, initial_st
     return o, (S.clone() if S is initial_state else S)
 
 
-def hebbian_step(q, k, v, state, *, scale=1.0, strict=True, decay=None, backend="auto"):
+def hebbian_step(q, k, v, state, *, scale=1.0, strict=True, decay=None, backend="auto",
+                 launch: StepLaunch | None = None):
     """One decoding step. q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32, updated
     in place (and returned). Returns (o [B,H,V] in v's dtype, state). Not differentiable: inputs
-    that require grad with grad enabled raise (use `hebbian_attention` for training). "triton" (and "auto" on CUDA) runs the Triton step; every
-    other backend runs the same PyTorch step (one token has no chunked or dense form)."""
+    that require grad with grad enabled raise (use `hebbian_attention` for training).
+    "triton" (and "auto" on CUDA) runs the Triton step, with the tiles of ``launch``
+    (`StepLaunch`; None: the default for the shape); every other backend runs the same PyTorch
+    step (one token has no chunked or dense form) and ignores ``launch``."""
     check_step_inputs(q, k, v, state, decay, scale)
+    check_launch(launch, StepLaunch)
     kind = _resolve_backend(backend, q.device)
     if kind == "triton":
         from .step import hebbian_step_triton
-        return hebbian_step_triton(q, k, v, state, scale=scale, strict=strict, decay=decay)
+        return hebbian_step_triton(q, k, v, state, scale=scale, strict=strict, decay=decay,
+                                   launch=launch)
     return torch_chunk.step_hebbian_torch(q, k, v, state, scale=scale, strict=strict, decay=decay)

@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _causal_weights, _key_decay, _prec, _query_decay, _tile, _warps
+from ..launch import dot_precision
+from .common import _causal_weights, _key_decay, _query_decay, _warps
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,8 +173,8 @@ def chunk_bwd_dA(v, do, log2g, scale, strict, *, t0, nts, tiles):
     dA = torch.empty(B * H, nts, BT, BT, dtype=torch.float32, device=do.device)
     chunk_hebbian_bwd_dA_kernel[(nts, B * H)](
         v, do, dA, log2g if log2g is not None else do, float(scale), T, t0, nts, H, HV, V,
-        BT=BT, BV=_tile(V, 64), HAS_DECAY=log2g is not None, STRICT=strict,
-        PREC=_prec(do.dtype), num_warps=4, num_stages=2)
+        BT=BT, BV=tiles.dA_BV, HAS_DECAY=log2g is not None, STRICT=strict,
+        PREC=dot_precision(do.dtype), num_warps=4, num_stages=2)
     return dA
 
 
@@ -185,7 +186,8 @@ def chunk_bwd_dqk(q, k, v, h, do, dh, dA, dq, dk, log2g, scale, strict, *, t0, n
     chunk_hebbian_bwd_dqk_kernel[grid](
         q, k, v, h, do, dh, dA, dq, dk, log2g if log2g is not None else q, float(scale),
         T, t0, nts, H, HV, K, V, BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None,
-        STRICT=strict, PREC=_prec(q.dtype), num_warps=_warps(tiles.BT, BK), num_stages=2)
+        STRICT=strict, PREC=dot_precision(q.dtype), num_warps=_warps(tiles.BT, BK),
+        num_stages=2)
 
 
 def chunk_bwd_dv(q, k, do, dh, dv, log2g, scale, strict, *, t0, nts, t_dv, tiles):
@@ -197,4 +199,5 @@ def chunk_bwd_dv(q, k, do, dh, dv, log2g, scale, strict, *, t0, nts, t_dv, tiles
     chunk_hebbian_bwd_dv_kernel[grid](
         q, k, do, dh, dv, log2g if log2g is not None else q, float(scale), T, t0, nts,
         dv.shape[2], t_dv, H, K, V, BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None,
-        STRICT=strict, PREC=_prec(q.dtype), num_warps=_warps(tiles.BT, BV), num_stages=2)
+        STRICT=strict, PREC=dot_precision(q.dtype), num_warps=_warps(tiles.BT, BV),
+        num_stages=2)

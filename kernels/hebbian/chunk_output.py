@@ -8,7 +8,8 @@ import triton.language as tl
 
 from .chunk_state import _chunk_state_update
 from ..checks import same_tensor
-from .common import _causal_weights, _prec, _query_decay, _warps
+from ..launch import dot_precision
+from .common import _causal_weights, _query_decay, _warps
 from .plan import fused_needs_atomics
 
 
@@ -152,7 +153,7 @@ def chunk_fwd_o(q, k, v, h, o, log2g, scale, strict, *, t0, nts, tiles):
     chunk_hebbian_fwd_o_kernel[grid](
         q, k, v, h, o, log2g if log2g is not None else q, float(scale), T, t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
-        PREC=_prec(q.dtype), num_warps=_warps(tiles.BT, BV), num_stages=2)
+        PREC=dot_precision(q.dtype), num_warps=_warps(tiles.BT, BV), num_stages=2)
 
 
 def chunk_fwd_fused(q, k, v, o, log2g, h0, ht, scale, strict, *, t0, nts, tiles):
@@ -168,5 +169,5 @@ def chunk_fwd_fused(q, k, v, o, log2g, h0, ht, scale, strict, *, t0, nts, tiles)
         log2g if log2g is not None else q, float(scale), T, t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
         USE_H0=h0 is not None, STORE_HT=ht is not None, ATOMIC=fused_needs_atomics(K, tiles),
-        SAME_QK=same_tensor(q, k), PREC=_prec(q.dtype),
+        SAME_QK=same_tensor(q, k), PREC=dot_precision(q.dtype),
         num_warps=tiles.fused_warps or _warps(BK, BV), num_stages=2)

@@ -4,7 +4,7 @@ The chunked algorithm has one kernel per stage, in three files: chunk_state.py (
 chunk_output.py (fwd_o and the fused forward) and chunk_grad.py (bwd_dA, bwd_dqk, bwd_dv).
 This docstring holds the notation they share.
 
-Notation (DESIGN.md, "Math: Hebbian attention"). The sequence is cut into chunks of BT tokens;
+Notation (the recurrence of naive.py). The sequence is cut into chunks of BT tokens;
 h_c ∈ R^{K×V} is the state *before* chunk c, L the chunk's length (BT, or less for the last),
 i, j ∈ [0, L) local positions and γ the per-head decay (1 when off). With the decay powers
 
@@ -14,9 +14,9 @@ i, j ∈ [0, L) local positions and γ the per-head decay (1 when off). With the
 
 the stages are
 
-    fwd_h   (state passing)   h_{c+1} = γ^L h_c + (w_k ⊙ K_c)ᵀ V_c                   sequential in c
+    fwd_h   (state passing)   h_{c+1} = γ^L h_c + (w_k ⊙ K_c)ᵀ V_c                  sequential
     fwd_o   (output)          O_c = scale · (w_in ⊙ Q_c h_c + (D ⊙ Q_c K_cᵀ) V_c)
-    bwd_dh  (reverse passing) dh_c = γ^L dh_{c+1} + scale · (w_in ⊙ Q_c)ᵀ dO_c        sequential in c
+    bwd_dh  (reverse passing) dh_c = γ^L dh_{c+1} + scale · (w_in ⊙ Q_c)ᵀ dO_c       sequential
     bwd_dA                    dA_c = scale · D ⊙ (dO_c V_cᵀ)
     bwd_dqk                   dQ_c = scale · w_in ⊙ dO_c h_cᵀ + dA_c K_c
                               dK_c = w_k ⊙ V_c dh_{c+1}ᵀ + dA_cᵀ Q_c
@@ -32,7 +32,8 @@ HV = 1 when one v is shared by all heads (read by head index i_h % HV: never cop
 [B·H, K, V] float32; per-chunk buffers [B·H, NTS, K, V]. Addresses: B·H·T·K passes 2^31 at the
 BDH shapes, so each tile's start (batch·head, chunk) is folded into the base pointer in int64,
 and only the in-tile offsets (< BT·K or K·V, far under 2^31) stay int32: int64 offset tensors
-per element would double the address registers and spill. γ arrives as log2 γ (float32) and γ^n = exp2(n · log2 γ).
+per element would double the address registers and spill. γ arrives as log2 γ (float32) and
+γ^n = exp2(n · log2 γ).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _key_decay, _prec, _query_decay, _warps
+from ..launch import dot_precision
+from .common import _key_decay, _query_decay, _warps
 
 
 @triton.jit
@@ -163,7 +165,7 @@ def chunk_fwd_h(k, v, log2g, h0, *, t0, nts, tiles, store_h=True, ht=None):
         k, v, h if store_h else k, h0 if h0 is not None else k, ht if ht is not None else k,
         log2g if log2g is not None else k, T, t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, USE_H0=h0 is not None,
-        STORE_H=store_h, STORE_HT=ht is not None, PREC=_prec(k.dtype),
+        STORE_H=store_h, STORE_HT=ht is not None, PREC=dot_precision(k.dtype),
         num_warps=_warps(BK, BV), num_stages=2)
     return h
 
@@ -181,5 +183,6 @@ def chunk_bwd_dh(q, do, log2g, dht, dh0, scale, strict, *, t0, nts, tiles):
         q, do, dh, dht if dht is not None else q, dh0, log2g if log2g is not None else q,
         float(scale), T, t0, nts, H, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
-        USE_DHT=dht is not None, PREC=_prec(q.dtype), num_warps=_warps(BK, BV), num_stages=2)
+        USE_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=_warps(BK, BV),
+        num_stages=2)
     return dh

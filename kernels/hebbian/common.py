@@ -1,20 +1,12 @@
-"""Pieces every chunked Hebbian kernel shares: precision choice, decay powers, the causal
-intra-chunk mask with its decay weights, and the launch-size helpers (see chunk_state.py for
-the notation)."""
+"""Pieces every chunked Hebbian kernel shares: decay powers, the causal intra-chunk mask with
+its decay weights, and the warp count of a tile (see chunk_state.py for the notation)."""
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _prec(dtype: torch.dtype) -> str:
-    # float32 inputs: exact float32 products (tf32 would cost ~3e-4 relative error).
-    return "ieee" if dtype == torch.float32 else "tf32"
+# Defined once, in kernels.launch; importable from here too (bdh.sparse_decode reads it here).
+from ..launch import INTERPRET  # noqa: F401
 
 
 @triton.jit
@@ -51,11 +43,7 @@ def _key_decay(o_i, m_t, L, b_lg):
     return tl.where(m_t, _decay_pow(tl.maximum(L - 1 - o_i, 0), b_lg), 0.)
 
 
-def _tile(n: int, cap: int) -> int:
-    """A tile size: at least 16 (tl.dot's minimum), at most the padded dimension or ``cap``."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
 def _warps(*tiles: int) -> int:
-    """4 warps up to 64×64-ish float32 accumulators, 8 above (keeps registers under the cap)."""
-    return 4 if INTERPRET or max(tiles) * sorted(tiles)[-2] <= 128 * 64 else 8
+    """4 warps up to 64×64-ish float32 accumulators, 8 above (keeps registers under the cap).
+    The interpreter ignores the count."""
+    return 4 if max(tiles) * sorted(tiles)[-2] <= 128 * 64 else 8

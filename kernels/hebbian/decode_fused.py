@@ -1,6 +1,6 @@
 """Fused kernels for BDH's sparse decoding step: fewer launches per layer.
 
-At batch 1 a decoding step is bound by its launches, not its bytes (H200, 2026-12-04: the
+At batch 1 a decoding step is bound by its launches, not its bytes (measured on an H200: the
 sparse step read about half the dense step's bytes and ran at the same 0.48 ms per token, ~20
 kernels per layer inside the CUDA graph). These kernels merge the small ones around the sparse
 step and the sparse decoder product (`sparse_step.py`), so a layer is 8 launches:
@@ -8,12 +8,12 @@ step and the sparse decoder product (`sparse_step.py`), so a layer is 8 launches
     encode_rope   xs = relu(x @ encoder) per head (rounded to the model dtype, as the dense bmm),
                   q = k = RoPE(xs) at a device-held position (exact phases, as
                   `kernels.rope.triton_rotate`), and the non-zeros of q per tile (the first
-                  pass of the compaction)                                      [bmm, relu, rope, count]
+                  pass of the compaction)                            [bmm, relu, rope, count]
     compact       `sparse_step.compact_from_tiles`
     step          `sparse_step.sparse_step_partials`
     reduce_ln     o = Σ partials (rounded), a = LayerNorm(o)                    [reduce, LN]
     encode_gate   ys = relu(a @ encoder_v), xy = xs · ys as [B, nh·N], and the non-zeros of xy
-                  per tile                                                     [bmm, relu, mul, copy, count]
+                  per tile                                      [bmm, relu, mul, copy, count]
     compact, rows `sparse_step.sparse_rows_partials` over xy's non-zeros
     reduce_ln     y = Σ partials (rounded), x ← LN(x + LN(y))                 [reduce, LN, add, LN]
 
@@ -21,9 +21,12 @@ reduce_ln is parallel over columns: grid (cdiv(V, BC), R) with narrow column blo
 columns), each program summing its [NS, BC] slab of partials (256 partial rows per load) into a
 float32 scratch row; the last program of a row to finish (an int32 counter per row, atomically
 incremented) applies the LayerNorm to the whole row and resets the counter. One program per row
-(grid (R,)) was ~8.8 µs per launch, 12 launches per token, the largest item of the H200 profile
-(12-04): one SM cannot pull ~66–528 partial rows fast enough. Column-parallel: 3.5 µs per
-launch, 3,033 → 3,756 tok/s at batch 1 (H200, 12-04, BENCHMARKS.md).
+(grid (R,)) was ~8.8 µs per launch, 12 launches per token, the largest item of the H200
+profile: one SM cannot pull ~66–528 partial rows fast enough. Column-parallel: 3.5 µs per
+launch, 3,033 → 3,756 tok/s at batch 1 (H200, BENCHMARKS.md).
+
+Each launcher takes ``launch=`` (`EncodeRopeLaunch`, `EncodeGateLaunch`, `ReduceLaunch`; None:
+the default for the shape, `launches.default_launch`).
 
 Every intermediate is rounded to the model's dtype where the PyTorch modules round it, so the
 result equals `bdh.sparse_decode.sparse_decode_step`'s up to float32 summation order. The
@@ -36,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import dot_precision, length_bucket, pow2_tile
 from ..rope.triton_rotate import phase_angle, rotate_pairs
-from .sparse_step import _pow2_tile
-from .step import reduce_tiles, sum_partials
+from .launches import EncodeGateLaunch, EncodeRopeLaunch, ReduceLaunch, default_launch
+from .step import default_reduce_launch, reduce_tiles, sum_partials
 
 
 @triton.jit
@@ -127,10 +131,10 @@ def reduce_layernorm_kernel(part, res, out, y, counter, NS, V, eps, BS: tl.const
     LN(y) rounded to out's dtype, or with HAS_RES LN(res + LN(y)), rounding where the modules do.
 
     Why columns: at batch 1 there are 1–4 rows of V = 256; one program per row (grid (R,)) was
-    a chain of dependent loads on one SM, ~8.8 µs per launch (H200 profile, 12-04). Narrow
-    column blocks put 16–64 programs in flight, each with 1–3 loads of up to 256 partial rows.
+    a chain of dependent loads on one SM, ~8.8 µs per launch (H200 profile). Narrow column
+    blocks put 16–64 programs in flight, each with 1–3 loads of up to 256 partial rows.
     The LayerNorm needs the whole row, hence "the last program finishes": counter[r] (int32,
-    0 at launch) counts the blocks stored so far. Measured: 3.5 µs per launch (H200, 12-04)."""
+    0 at launch) counts the blocks stored so far. Measured: 3.5 µs per launch (H200)."""
     i_c = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
     o_c = i_c * BC + tl.arange(0, BC)
@@ -159,9 +163,11 @@ def reduce_layernorm_kernel(part, res, out, y, counter, NS, V, eps, BS: tl.const
 
 # One int32 counter per row for reduce_layernorm, per device, kept at 0 between launches (each
 # launch's last programs reset their rows). Why cached: a torch.zeros per call is one more
-# launch (a memset) per reduce, 12 per token. Launches that share it must not overlap in time:
-# fine on one stream (eager calls, graph replays); two streams running reduce_layernorm at
-# once would need counters of their own.
+# launch (a memset) per reduce, 12 per token. It holds scratch buffers, not launch choices:
+# no call reads a setting from it, so what one caller does cannot change another's launch, and
+# every launch finds its rows at 0 whatever ran before. Launches that share it must not overlap
+# in time: fine on one stream (eager calls, graph replays); two streams running
+# reduce_layernorm at once would need counters of their own.
 _ROW_COUNTERS: dict = {}
 
 
@@ -182,55 +188,59 @@ def _row_counters(R: int, device: torch.device) -> torch.Tensor:
     return c
 
 
-def _prec(dtype: torch.dtype) -> str:
-    """float32 models multiply in IEEE float32 (as their cuBLAS bmm); 16-bit ones natively."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def encode_rope(x, enc, freqs64, pos, *, BP: int = 64):
+def encode_rope(x, enc, freqs64, pos, *, launch: EncodeRopeLaunch | None = None):
     """x [B, D], enc [NH, D, N] (contiguous, one dtype), freqs64 [N/2] float64, pos int64 [1]:
-    (xs [NH, B, N], qk [B, NH, N], tiles int32 [B·NH, cdiv(N, 2·BP)], tile width 2·BP)."""
+    (xs [NH, B, N], qk [B, NH, N], tiles int32 [B·NH, cdiv(N, 2·BP)], tile width 2·BP).
+    Products in IEEE float32 for float32 models (as their cuBLAS bmm), natively for 16-bit."""
     B, D = x.shape
     NH, N = enc.shape[0], enc.shape[2]
-    BP = max(8, min(BP, triton.next_power_of_2(N // 2)))
+    launch = launch or default_launch(EncodeRopeLaunch, "hebbian_encode_rope", x.device, D=D,
+                                      N=N, NH=NH, B=length_bucket(B), dtype=x.dtype)
+    BP = max(8, min(launch.BP, triton.next_power_of_2(N // 2)))
     NT = triton.cdiv(N, 2 * BP)
     xs = torch.empty(NH, B, N, dtype=x.dtype, device=x.device)
     qk = torch.empty(B, NH, N, dtype=x.dtype, device=x.device)
     tiles = torch.empty(B * NH, NT, dtype=torch.int32, device=x.device)
-    BB = 16
-    encode_rope_kernel[(NT, NH, triton.cdiv(B, BB))](x, enc, freqs64, pos, xs, qk, tiles, B, D,
-                                                     N, NH, NT, BB=BB, BD=_pow2_tile(D, 64), BP=BP,
-                                                     PREC=_prec(x.dtype), num_warps=4)
+    BB = launch.BB
+    encode_rope_kernel[(NT, NH, triton.cdiv(B, BB))](
+        x, enc, freqs64, pos, xs, qk, tiles, B, D, N, NH, NT, BB=BB, BD=pow2_tile(D, launch.BD),
+        BP=BP, PREC=dot_precision(x.dtype), num_warps=launch.warps)
     return xs, qk, tiles, 2 * BP
 
 
-def encode_gate(a, enc_v, xs, *, BN: int = 128):
+def encode_gate(a, enc_v, xs, *, BN: int | None = None,
+                launch: EncodeGateLaunch | None = None):
     """a [B, NH, D], enc_v [NH, D, N], xs [NH, B, N]: (xy [B, NH·N], tiles int32
-    [B, NH·cdiv(N, BN)], tile width BN; N a multiple of BN so that tiles are contiguous)."""
+    [B, NH·cdiv(N, BN)], tile width BN; N a multiple of BN so that tiles are contiguous).
+    The tile width is ``BN`` when given, else ``launch.BN`` lowered to N's largest
+    power-of-two factor."""
     B, NH, D = a.shape
     N = enc_v.shape[2]
-    BN = max(16, min(BN, triton.next_power_of_2(N)))
+    launch = launch or default_launch(EncodeGateLaunch, "hebbian_encode_gate", a.device, D=D,
+                                      N=N, NH=NH, B=length_bucket(B), dtype=a.dtype)
+    BN = pow2_tile(N, BN or min(launch.BN, N & -N))
     if N % BN:
         raise ValueError(f"encode_gate: N = {N} must be a multiple of the tile {BN}")
     NT = NH * (N // BN)
     xy = torch.empty(B, NH * N, dtype=a.dtype, device=a.device)
     tiles = torch.empty(B, NT, dtype=torch.int32, device=a.device)
-    BB = 16
-    encode_gate_kernel[(N // BN, NH, triton.cdiv(B, BB))](a, enc_v, xs, xy, tiles, B, D, N, NH,
-                                                          NT, BB=BB, BD=_pow2_tile(D, 64), BN=BN,
-                                                          PREC=_prec(a.dtype), num_warps=4)
+    BB = launch.BB
+    encode_gate_kernel[(N // BN, NH, triton.cdiv(B, BB))](
+        a, enc_v, xs, xy, tiles, B, D, N, NH, NT, BB=BB, BD=pow2_tile(D, launch.BD), BN=BN,
+        PREC=dot_precision(a.dtype), num_warps=launch.warps)
     return xy, tiles, BN
 
 
-def reduce_layernorm(part, out_dtype, eps, res=None):
+def reduce_layernorm(part, out_dtype, eps, res=None, *, launch: ReduceLaunch | None = None):
     """part [R, NS, V] float32 → LN(Σ part) [R, V] in out_dtype, or LN(res + LN(Σ part)).
     One launch, grid (cdiv(V, BC), R): see reduce_layernorm_kernel."""
     R, NS, V = part.shape
+    launch = launch or default_reduce_launch(R, NS, V, part.device)
     out = torch.empty(R, V, dtype=out_dtype, device=part.device)
     y = torch.empty(R, V, dtype=torch.float32, device=part.device)   # Σ part, before rounding
     BV = max(16, triton.next_power_of_2(V))
-    BC, BS = reduce_tiles(R, NS, V)
+    BC, BS = reduce_tiles(R, NS, V, launch)
     reduce_layernorm_kernel[(triton.cdiv(V, BC), R)](
         part, res if res is not None else out, out, y, _row_counters(R, part.device), NS, V,
-        float(eps), BS=BS, BC=BC, BV=BV, HAS_RES=res is not None, num_warps=4)
+        float(eps), BS=BS, BC=BC, BV=BV, HAS_RES=res is not None, num_warps=launch.warps)
     return out

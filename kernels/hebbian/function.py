@@ -1,6 +1,5 @@
 """The autograd Function over the chunked Triton kernels (chunk_state.py, chunk_output.py,
-chunk_grad.py), walking the sequence in
-segments so that memory stays bounded at any length.
+chunk_grad.py), walking the sequence in segments so that memory stays bounded at any length.
 
 Per-chunk states are K·V values each (8 MiB per head in float32 at BDH's K=8192, V=256), so the
 whole sequence's chunk states are never held at once. The sequence is cut into segments of at
@@ -16,8 +15,9 @@ import math
 import torch
 
 from . import chunk_grad, chunk_output, chunk_state
-from .common import INTERPRET
-from .plan import Plan, fused_needs_atomics, plan as make_plan
+from ..launch import INTERPRET
+from .launches import ChunkLaunch
+from .plan import default_chunk_launch, fused_needs_atomics, plan as make_plan
 
 SEGMENT_TOKENS = 16384
 MAX_GRID_BH = 65535              # B·H rides on a grid axis whose limit is 65535
@@ -91,8 +91,8 @@ class HebbianAttentionFunction(torch.autograd.Function):
             nxt = state if reuse else torch.empty(B, H, K, V, dtype=torch.float32,
                                                   device=q.device)
             if plan.fused:
-                chunk_output.chunk_fwd_fused(q, k, v, o_acc, log2g, state, nxt, scale, strict, t0=t0,
-                                      nts=nts, tiles=tiles)
+                chunk_output.chunk_fwd_fused(q, k, v, o_acc, log2g, state, nxt, scale, strict,
+                                             t0=t0, nts=nts, tiles=tiles)
             else:
                 h = chunk_state.chunk_fwd_h(k, v, log2g, state, t0=t0, nts=nts, tiles=tiles,
                                             ht=nxt)
@@ -114,7 +114,7 @@ class HebbianAttentionFunction(torch.autograd.Function):
                               *[b for b in boundaries if b is not None])
         ctx.first_is_none = bool(boundaries) and boundaries[0] is None
         ctx.has_h0 = initial_state is not None
-        ctx.scale, ctx.strict, ctx.BT, ctx.seg = scale, strict, plan.BT_bwd, seg
+        ctx.scale, ctx.strict, ctx.plan, ctx.seg = scale, strict, plan, seg
         return o, state
 
     @staticmethod
@@ -123,8 +123,8 @@ class HebbianAttentionFunction(torch.autograd.Function):
         boundaries = ([None] if ctx.first_is_none else []) + list(saved)
         B, H, T, K = q.shape
         HV, V = v.shape[1], v.shape[3]
-        scale, strict, BT = ctx.scale, ctx.strict, ctx.BT
-        tiles = Plan(False, BT, BT).bwd_tiles(K, V)
+        scale, strict, BT = ctx.scale, ctx.strict, ctx.plan.BT_bwd
+        tiles = ctx.plan.bwd_tiles(K, V)
         do = do.contiguous() if do is not None else torch.zeros(B, H, T, V, dtype=v.dtype,
                                                                 device=q.device)
         dq = torch.empty_like(q)
@@ -182,12 +182,13 @@ def check_grid(B: int, H: int) -> None:
 
 
 def hebbian_attention_triton(q, k, v, *, scale=1.0, strict=True, decay=None, initial_state=None,
-                             output_final_state=False, chunk_size=None, plan: Plan | None = None):
+                             output_final_state=False, chunk_size=None,
+                             launch: ChunkLaunch | None = None):
     """Chunked Hebbian attention on the Triton kernels. Inputs as `kernels.hebbian_attention`
     (already validated there). Returns (o [B,H,T,V] in v's dtype, S [B,H,K,V] float32 or None).
 
-    Inputs run in `_compute_dtype` (v is cast to it too); o keeps v's dtype. ``plan`` pins the
-    algorithm and tiles (benchmarks); by default `plan.plan` chooses per shape.
+    Inputs run in `_compute_dtype` (v is cast to it too); o keeps v's dtype. ``launch`` sets
+    the algorithm, chunks and tiles; by default `plan.default_chunk_launch` for the shape.
     """
     out_dtype = v.dtype
     B, H, _, K = q.shape
@@ -197,6 +198,8 @@ def hebbian_attention_triton(q, k, v, *, scale=1.0, strict=True, decay=None, ini
     kc = qc if k is q else k.to(cd).contiguous()      # keep q is k (BDH): the kernels read it once
     vc = v.to(cd).contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
-    p = plan or make_plan(B, H, K, v.shape[3], chunk_size)
+    V = v.shape[3]
+    launch = launch or default_chunk_launch(B, H, K, V, cd, q.device)
+    p = make_plan(B, H, K, V, launch, chunk_size)
     o, S = HebbianAttentionFunction.apply(qc, kc, vc, decay, h0, float(scale), bool(strict), p)
     return o.to(out_dtype), (S if output_final_state else None)

@@ -1,11 +1,12 @@
 """How one call runs: the forward algorithm (split or fused), the chunk sizes of the forward and
 the backward, and the tile sizes of every kernel. A `Plan` is chosen once per call from the
-shape (`plan`) and passed down to the launchers; nothing here is mutable module state.
+shape and the call's `ChunkLaunch` (`plan`) and passed down to the launchers.
 
-The forward's algorithm: "split" (fwd_h writes every chunk's state, fwd_o reads them), "fused"
-(the fused kernel: no per-chunk states in memory) or "auto" (the rule in `plan`). The
-environment variable GLASSBRAIN_FWD_MODE overrides "auto" for a whole process (benchmarks
-compare the two end to end); benchmarks that sweep tiles build `Plan`s themselves.
+The forward's algorithm is the launch's mode: "split" (fwd_h writes every chunk's state, fwd_o
+reads them), "fused" (the fused kernel: no per-chunk states in memory) or "auto" (the rule in
+`plan`). The environment variable GLASSBRAIN_FWD_MODE sets the mode of the default launch (calls
+that pass none), so an end-to-end benchmark can compare the two through a whole model; an
+explicit launch is taken as given.
 
 Determinism: the fused forward sums the K tiles' shares of O with float32 atomics whenever K
 spans more than one tile, so its last bits depend on the order the programs run in. Under
@@ -14,68 +15,61 @@ output element is then written by one program, in a fixed order).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
 
-from .common import INTERPRET, _tile
+from ..launch import length_bucket, pow2_tile
+from .launches import FWD_MODES, ChunkLaunch, default_launch
 
-FWD_MODES = ("auto", "split", "fused")
 FUSED_MIN_PROGRAMS = 256      # ~2 per SM on an H100: fewer and the fused forward idles SMs
 
 
 @dataclass(frozen=True)
 class Tiles:
-    """The tile sizes of one pass (forward or backward) at chunk BT."""
+    """The tile sizes of one pass (forward or backward) at chunk BT, resolved for K and V."""
     BT: int
-    h_BK: int          # state kernels: one [BK, BV] float32 tile per program
+    h_BK: int
     h_BV: int
-    o_BK: int          # output / dv kernels: [BT, BV] accumulator + [BT, BT] scores, loop over K
+    o_BK: int
     o_BV: int
-    dqk_BK: int        # dq/dk kernel: two [BT, BK] accumulators, loop over V
+    dqk_BK: int
     dqk_BV: int
-    fused_BK: int      # fused forward: one [BK, BV] float32 state slice per program
+    dA_BV: int
+    fused_BK: int
     fused_BV: int
-    fused_warps: int | None = None      # None: by the tile size
+    fused_warps: int          # 0: by the tile size
 
 
-def make_tiles(K: int, V: int, BT: int, overrides: dict | None = None) -> Tiles:
-    """Default tiles for K, V at chunk BT; ``overrides`` pins some ({"o_BV": 64, ...})."""
-    big = not INTERPRET
-    t = dict(
-        h_BK=_tile(K, 128 if big else 64), h_BV=_tile(V, 64),
-        o_BK=_tile(K, 64), o_BV=_tile(V, (128 if BT <= 64 else 64) if big else 64),
-        dqk_BK=_tile(K, 64), dqk_BV=_tile(V, 64),
-        # 32 KiB at 128×64, the sweep's best: 128×128 spills registers, 64×64 doubles atomics.
-        fused_BK=_tile(K, 128 if big else 32), fused_BV=_tile(V, 64 if big else 32))
-    warps = None
-    for name, value in (overrides or {}).items():
-        if name == "fused_warps":
-            warps = value
-        elif name in t:
-            t[name] = _tile({"K": K, "V": V}[name[-1]], value)
-        else:
-            raise ValueError(f"tile override: unknown name {name!r}; expected one of "
-                             f"{sorted(t) + ['fused_warps']}")
-    return Tiles(BT=BT, fused_warps=warps, **t)
+def make_tiles(K: int, V: int, BT: int, launch: ChunkLaunch) -> Tiles:
+    """The tiles of ``launch`` for K, V at chunk BT."""
+    return Tiles(
+        BT=BT, h_BK=pow2_tile(K, launch.h_BK), h_BV=pow2_tile(V, launch.h_BV),
+        o_BK=pow2_tile(K, launch.o_BK),
+        o_BV=pow2_tile(V, launch.o_BV or (128 if BT <= 64 else 64)),
+        dqk_BK=pow2_tile(K, launch.dqk_BK), dqk_BV=pow2_tile(V, launch.dqk_BV),
+        dA_BV=pow2_tile(V, launch.dA_BV),
+        fused_BK=pow2_tile(K, launch.fused_BK), fused_BV=pow2_tile(V, launch.fused_BV),
+        fused_warps=launch.fused_warps)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """fused: the fused forward; BT / BT_bwd: the forward / backward chunk sizes;
-    overrides: pinned tile sizes (benchmarks)."""
+    """fused: the fused forward; BT / BT_bwd: the forward / backward chunk sizes; launch: the
+    tiles."""
     fused: bool
     BT: int
     BT_bwd: int
-    overrides: dict = field(default_factory=dict)
+    launch: ChunkLaunch = ChunkLaunch()
 
     def fwd_tiles(self, K: int, V: int) -> Tiles:
-        return make_tiles(K, V, self.BT, self.overrides)
+        return make_tiles(K, V, self.BT, self.launch)
 
     def bwd_tiles(self, K: int, V: int) -> Tiles:
-        return make_tiles(K, V, self.BT_bwd, self.overrides)
+        return make_tiles(K, V, self.BT_bwd, self.launch)
 
 
 def fused_needs_atomics(K: int, tiles: Tiles) -> bool:
@@ -90,10 +84,21 @@ def fwd_mode() -> str:
     return mode
 
 
-def plan(B: int, H: int, K: int, V: int, chunk_size: int | None = None,
-         mode: str | None = None) -> Plan:
-    """The plan for a call; an explicit chunk_size fixes both chunks. The rule follows the H100
-    sweep (BENCHMARKS.md, bench_kernels --sweep):
+def default_chunk_launch(B: int, H: int, K: int, V: int, dtype: torch.dtype,
+                         device) -> ChunkLaunch:
+    """The launch of a call that passes none (`launches.default_launch`), its mode set by
+    GLASSBRAIN_FWD_MODE when that is "split" or "fused"."""
+    launch = default_launch(ChunkLaunch, "hebbian_chunk", device, K=K, V=V,
+                            BH=length_bucket(B * H), dtype=dtype)
+    mode = fwd_mode()
+    return launch if mode == "auto" else dataclasses.replace(launch, mode=mode)
+
+
+def plan(B: int, H: int, K: int, V: int, launch: ChunkLaunch,
+         chunk_size: int | None = None) -> Plan:
+    """The plan for a call; an explicit chunk_size fixes both chunks, else the launch's BT and
+    BT_bwd, else the rule. The rule follows the H100 sweep (BENCHMARKS.md, bench_kernels
+    --sweep):
       * fused forward (128×64 state slices, chunk 64) where it won: wide keys, whose float32
         output buffer is small next to Q and K (BDH: K = 32·V; 0.73 vs 0.91 ms split), and
         K ≤ 128, where no atomics are needed, given ≥ FUSED_MIN_PROGRAMS programs (B8 H16
@@ -104,23 +109,16 @@ def plan(B: int, H: int, K: int, V: int, chunk_size: int | None = None,
         1.36 vs 1.43);
       * the split forward whenever deterministic algorithms are requested and the fused one
         would need atomics."""
-    mode = mode or fwd_mode()
-    if mode not in FWD_MODES:
-        raise ValueError(f"mode: expected one of {FWD_MODES}, got {mode!r}")
     state_programs = B * H * triton.cdiv(K, 128) * triton.cdiv(V, 64)
-    if INTERPRET:                       # tests choose their paths explicitly; keep chunk 64
-        fused = mode == "fused"
-    elif mode != "auto":
-        fused = mode == "fused"
+    if launch.mode != "auto":
+        fused = launch.mode == "fused"
     elif K > 128:
         fused = K >= 8 * V
     else:
         fused = state_programs >= FUSED_MIN_PROGRAMS
     if fused and torch.are_deterministic_algorithms_enabled():
-        fused = not fused_needs_atomics(K, make_tiles(K, V, chunk_size or 64))
+        fused = not fused_needs_atomics(K, make_tiles(K, V, chunk_size or 64, launch))
     if chunk_size:
-        return Plan(fused, chunk_size, chunk_size)
-    if INTERPRET:
-        return Plan(fused, 64, 64)
+        return Plan(fused, chunk_size, chunk_size, launch)
     bwd = 128 if (K * V >= 256 * 256 or state_programs < FUSED_MIN_PROGRAMS) else 64
-    return Plan(fused, 64 if fused else 128, bwd)
+    return Plan(fused, launch.BT or (64 if fused else 128), launch.BT_bwd or bwd, launch)

@@ -35,17 +35,14 @@ import triton
 import triton.language as tl
 
 from ..checks import resolve_backend
-
-from .common import INTERPRET
+from ..launch import INTERPRET, length_bucket, pow2_tile
 from .function import check_grid
+from .launches import CompactLaunch, SparseStepLaunch, check_launch, default_launch
 from .sparse_naive import sparse_hebbian_step_naive, sparse_rows_matmul_naive
 from .step import reduce_partials
 from .validate import check_same_device, check_step_inputs, check_tensor
 
 SPARSE_BACKENDS = ("auto", "triton", "torch")
-
-# Benchmarks may pin tiles here ({"BK": 32, "BV": 128, "BL": 1024, "NS": 64, "warps": 4}).
-SPARSE_TILES: dict = {}
 
 
 @triton.jit
@@ -135,22 +132,21 @@ def sparse_rows_matmul_kernel(x, w, idx, count, part, L, D, NS,
 
 # ----------------------------------------------------------------------------- launchers
 
-def _pow2_tile(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
-def _splits(n_tiles: int, programs: int, device: torch.device) -> int:
-    """How many programs share one row's index tiles. The active count is on the device (unknown
-    here), so aim for ~4 programs per SM over the whole grid, at most one per index tile."""
-    if "NS" in SPARSE_TILES:
-        return max(1, min(n_tiles, int(SPARSE_TILES["NS"])))
-    if INTERPRET or device.type != "cuda":
-        return min(2, n_tiles)           # still exercises the split and the reduce
+def _splits(n_tiles: int, programs: int, device: torch.device, splits: int) -> int:
+    """How many programs share one row's index tiles: ``splits`` (at most one per index tile),
+    or when that is 0 the rule: the active count is on the device (unknown here), so aim for
+    ~4 programs per SM over the whole grid; 2 on the CPU (still exercises the split and the
+    reduce)."""
+    if splits:
+        return min(n_tiles, splits)
+    if device.type != "cuda":
+        return min(2, n_tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_tiles, triton.cdiv(4 * sms, programs)))
 
 
-def compact_nonzero_triton(x, y=None, *, idx=None, count=None):
+def compact_nonzero_triton(x, y=None, *, idx=None, count=None,
+                           launch: CompactLaunch | None = None):
     """x (and y) [R, L] contiguous → (idx int32 [R, L], count int32 [R]). Validated by caller.
 
     Two launches, each with one program per (tile, row): tile counts, then each tile writes its
@@ -158,22 +154,23 @@ def compact_nonzero_triton(x, y=None, *, idx=None, count=None):
     walking L: at decode (R = B·nh = 4 rows of 8192, or 1 row of 32768 for the decoder) that is
     4 programs in a serial loop, and it cost more than the rows it saved (H200, bench_bdh)."""
     R, L = x.shape
+    launch = launch or default_launch(CompactLaunch, "hebbian_compact", x.device,
+                                      R=length_bucket(R), L=L)
     # ~32 tiles per row (at most 64 under BL's floor), so the tile-count row fits one block.
-    BL = SPARSE_TILES.get("BL") or (64 if INTERPRET else max(128, triton.next_power_of_2(
-        triton.cdiv(L, 32))))
-    BL = _pow2_tile(L, BL)
+    BL = pow2_tile(L, launch.BL or max(128, triton.next_power_of_2(triton.cdiv(L, 32))))
     NT = triton.cdiv(L, BL)
     tiles = torch.empty(R, NT, dtype=torch.int32, device=x.device)
     count_tile_nonzero_kernel[(NT, R)](x, y if y is not None else x, tiles, L, NT, BL=BL,
-                                       HAS_Y=y is not None, num_warps=4)
-    return compact_from_tiles(x, tiles, BL, idx, count, y=y)
+                                       HAS_Y=y is not None, num_warps=launch.warps)
+    return compact_from_tiles(x, tiles, BL, idx, count, y=y, warps=launch.warps)
 
 
-def compact_from_tiles(x, tiles, BL: int, idx=None, count=None, *, y=None):
+def compact_from_tiles(x, tiles, BL: int, idx=None, count=None, *, y=None, warps: int = 4):
     """The second pass of the compaction, for tile counts already written (by
     `count_tile_nonzero_kernel`, or fused into another kernel): x (and y) [R, L] contiguous,
-    tiles int32 [R, cdiv(L, BL)] (non-zeros of x, or of x or y, per BL-wide tile).
-    Returns (idx int32 [R, L], count int32 [R])."""
+    tiles int32 [R, cdiv(L, BL)] (non-zeros of x, or of x or y, per BL-wide tile; BL is the
+    layout of ``tiles``, set by whoever wrote them). Returns (idx int32 [R, L], count int32
+    [R])."""
     R, L = x.shape
     NT = tiles.shape[1]
     if idx is None:
@@ -182,56 +179,72 @@ def compact_from_tiles(x, tiles, BL: int, idx=None, count=None, *, y=None):
         count = torch.empty(R, dtype=torch.int32, device=x.device)
     compact_tile_kernel[(NT, R)](x, y if y is not None else x, tiles, idx, count, L, NT, BL=BL,
                                  BT=max(16, triton.next_power_of_2(NT)), HAS_Y=y is not None,
-                                 num_warps=4)
+                                 num_warps=warps)
     return idx, count
 
 
-def sparse_hebbian_step_triton(q, k, v, state, idx, count, *, scale=1.0, strict=True):
+def sparse_hebbian_step_triton(q, k, v, state, idx, count, *, scale=1.0, strict=True,
+                               launch: SparseStepLaunch | None = None):
     """q, k [B,H,K] contiguous; v [B,H|1,V] contiguous; state [B,H,K,V] float32 contiguous,
     updated in place; idx int32 [B·H, K] / count int32 [B·H] (the union of q's and k's
     non-zeros, or any superset). Returns (o [B,H,V] in v's dtype, state)."""
-    part = sparse_step_partials(q, k, v, state, idx, count, scale=scale, strict=strict)
+    part = sparse_step_partials(q, k, v, state, idx, count, scale=scale, strict=strict,
+                                launch=launch)
     B, H = q.shape[:2]
     o = torch.empty(B, H, v.shape[2], dtype=v.dtype, device=q.device)
     reduce_partials(part, o.view(B * H, v.shape[2]))
     return o, state
 
 
-def sparse_step_partials(q, k, v, state, idx, count, *, scale=1.0, strict=True):
+def sparse_step_launch(B: int, H: int, K: int, V: int, dtype, device) -> SparseStepLaunch:
+    """The default launch of the sparse step (`launches.default_launch`)."""
+    return default_launch(SparseStepLaunch, "hebbian_sparse_step", device, K=K, V=V,
+                          BH=length_bucket(B * H), dtype=dtype)
+
+
+def sparse_rows_launch(R: int, L: int, D: int, dtype, device) -> SparseStepLaunch:
+    """The default launch of the sparse rows product (`launches.default_launch`)."""
+    return default_launch(SparseStepLaunch, "hebbian_sparse_rows", device, L=L, D=D,
+                          R=length_bucket(R), dtype=dtype)
+
+
+def sparse_step_partials(q, k, v, state, idx, count, *, scale=1.0, strict=True,
+                         launch: SparseStepLaunch | None = None):
     """The step kernel alone: updates state in place and returns its float32 partial sums of
     o, [B·H, NS, V] (o = their sum over NS, in a fixed order)."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
-    BK = _pow2_tile(K, SPARSE_TILES.get("BK", 32) if not INTERPRET else 16)
-    BV = _pow2_tile(V, SPARSE_TILES.get("BV", 128))
+    launch = launch or sparse_step_launch(B, H, K, V, q.dtype, q.device)
+    BK, BV = pow2_tile(K, launch.BK), pow2_tile(V, launch.BV)
     n_v = triton.cdiv(V, BV)
-    NS = _splits(triton.cdiv(K, BK), B * H * n_v, q.device)
+    NS = _splits(triton.cdiv(K, BK), B * H * n_v, q.device, launch.splits)
     part = torch.empty(B * H, NS, V, dtype=torch.float32, device=q.device)
     sparse_hebbian_step_kernel[(NS, n_v, B * H)](
         q, k, v, state, idx, count, part, float(scale), H, HV, K, V, NS,
-        BK=BK, BV=BV, STRICT=bool(strict), num_warps=SPARSE_TILES.get("warps", 4))
+        BK=BK, BV=BV, STRICT=bool(strict), num_warps=launch.warps)
     return part
 
 
-def sparse_rows_matmul_triton(x, weight, idx, count):
+def sparse_rows_matmul_triton(x, weight, idx, count, *, launch: SparseStepLaunch | None = None):
     """x [R, L], weight [L, D] contiguous; idx/count: x's non-zeros.
     Returns y [R, D] in x's dtype."""
-    part = sparse_rows_partials(x, weight, idx, count)
+    part = sparse_rows_partials(x, weight, idx, count, launch=launch)
     return reduce_partials(part, torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype,
                                              device=x.device))
 
 
-def sparse_rows_partials(x, weight, idx, count):
-    """The rows kernel alone: float32 partial sums [R, NS, D] of y = x @ weight."""
+def sparse_rows_partials(x, weight, idx, count, *, launch: SparseStepLaunch | None = None):
+    """The rows kernel alone: float32 partial sums [R, NS, D] of y = x @ weight (the launch's
+    BV is the column tile over D)."""
     R, L = x.shape
     D = weight.shape[1]
-    BK = _pow2_tile(L, SPARSE_TILES.get("BK", 32) if not INTERPRET else 16)
-    BD = _pow2_tile(D, SPARSE_TILES.get("BV", 128))
+    launch = launch or sparse_rows_launch(R, L, D, x.dtype, x.device)
+    BK, BD = pow2_tile(L, launch.BK), pow2_tile(D, launch.BV)
     n_d = triton.cdiv(D, BD)
-    NS = _splits(triton.cdiv(L, BK), R * n_d, x.device)
+    NS = _splits(triton.cdiv(L, BK), R * n_d, x.device, launch.splits)
     part = torch.empty(R, NS, D, dtype=torch.float32, device=x.device)
     sparse_rows_matmul_kernel[(NS, n_d, R)](x, weight, idx, count, part, L, D, NS,
-                                            BK=BK, BD=BD, num_warps=SPARSE_TILES.get("warps", 4))
+                                            BK=BK, BD=BD, num_warps=launch.warps)
     return part
 
 
@@ -259,12 +272,14 @@ def _check_index_buffers(idx, count, R: int, L: int, device) -> None:
             raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
 
 
-def compact_nonzero(x, y=None, *, idx=None, count=None):
+def compact_nonzero(x, y=None, *, idx=None, count=None, launch: CompactLaunch | None = None):
     """The active positions of each row of x [R, L] (of x or y, when y [R, L] is given), on the
     device with no host sync: returns (idx int32 [R, L], count int32 [R]) with idx[r, :count[r]]
     the ascending positions j where x[r, j] ≠ 0 (or y[r, j] ≠ 0); entries past count[r] are
     unspecified. ``idx`` / ``count`` may be given to be filled (fixed buffers for CUDA graphs).
-    Runs the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    Runs the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) with the tiles of
+    ``launch`` (`CompactLaunch`; None: the default for the shape)."""
+    check_launch(launch, CompactLaunch)
     check_tensor("x", x, 2, "[R, L]")
     if y is not None:
         check_tensor("y", y, 2, "[R, L]")
@@ -277,11 +292,11 @@ def compact_nonzero(x, y=None, *, idx=None, count=None):
     _resolve("triton", x.device)
     _check_index_buffers(idx, count, R, L, x.device)
     return compact_nonzero_triton(x.contiguous(), None if y is None else y.contiguous(),
-                                  idx=idx, count=count)
+                                  idx=idx, count=count, launch=launch)
 
 
 def sparse_hebbian_step(q, k, v, state, *, scale=1.0, strict=True, backend="auto",
-                        idx=None, count=None):
+                        idx=None, count=None, launch: SparseStepLaunch | None = None):
     """One decoding step of Hebbian attention that reads and writes only the active rows of the
     state; equal to `kernels.hebbian_step` (no decay) for any q, k:
 
@@ -292,9 +307,11 @@ def sparse_hebbian_step(q, k, v, state, *, scale=1.0, strict=True, backend="auto
     [B·H, K] / [B·H]): precomputed active rows, e.g. `compact_nonzero(q.view(B*H, K))` when
     k is q; by default they are compacted here on the device. Backends: "triton" (CUDA, or the
     CPU under TRITON_INTERPRET=1), "torch" (the reference loop, `sparse_naive.py`: host
-    syncs), "auto" (Triton on CUDA, else "torch").
+    syncs), "auto" (Triton on CUDA, else "torch"). ``launch``: the Triton kernels' tiles
+    (`SparseStepLaunch`, its BL for the compaction; None: the default for the shape).
     Returns (o [B,H,V] in v's dtype, state)."""
     B, H, K, V = check_step_inputs(q, k, v, state, None, scale)
+    check_launch(launch, SparseStepLaunch)
     kind = _resolve(backend, q.device)
     _check_index_buffers(idx, count, B * H, K, q.device)
     if not state.is_contiguous():
@@ -305,22 +322,28 @@ def sparse_hebbian_step(q, k, v, state, *, scale=1.0, strict=True, backend="auto
     check_grid(B, H)
     if INTERPRET and (q.dtype == torch.bfloat16 or v.dtype == torch.bfloat16):
         o, state = sparse_hebbian_step(q.float(), k.float(), v.float(), state, scale=scale,
-                                       strict=strict, backend=backend, idx=idx, count=count)
+                                       strict=strict, backend=backend, idx=idx, count=count,
+                                       launch=launch)
         return o.to(v.dtype), state
     same = k is q                        # BDH: q = k = RoPE(xs), one compaction input
     q, v = q.contiguous(), v.contiguous()
     k = q if same else k.contiguous()
+    launch = launch or sparse_step_launch(B, H, K, V, q.dtype, q.device)
     if idx is None:
-        idx, count = compact_nonzero_triton(q.view(B * H, K), None if same else k.view(B * H, K))
-    return sparse_hebbian_step_triton(q, k, v, state, idx, count, scale=scale, strict=strict)
+        idx, count = compact_nonzero_triton(q.view(B * H, K), None if same else k.view(B * H, K),
+                                            launch=CompactLaunch(launch.BL))
+    return sparse_hebbian_step_triton(q, k, v, state, idx, count, scale=scale, strict=strict,
+                                      launch=launch)
 
 
-def sparse_rows_matmul(x, weight, *, backend="auto", idx=None, count=None):
+def sparse_rows_matmul(x, weight, *, backend="auto", idx=None, count=None,
+                       launch: SparseStepLaunch | None = None):
     """y = x @ weight reading only the rows of weight for x's non-zeros, per row of x:
     y[r] = Σ_{j: x[r,j] ≠ 0} x[r,j] · weight[j]. x [R, L]; weight [L, D] (BDH: xy as
     [B, nh·N] and the decoder [nh·N, D]). Accumulates in float32; returns y [R, D] in x's
     dtype. ``idx`` / ``count``: precomputed `compact_nonzero(x)`. Not differentiable
-    (decoding only). Backends as `sparse_hebbian_step`."""
+    (decoding only). Backends and ``launch`` as `sparse_hebbian_step` (BV: the tile over D)."""
+    check_launch(launch, SparseStepLaunch)
     check_tensor("x", x, 2, "[R, L]")
     check_tensor("weight", weight, 2, "[L, D]")
     R, L = x.shape
@@ -340,8 +363,9 @@ def sparse_rows_matmul(x, weight, *, backend="auto", idx=None, count=None):
         return sparse_rows_matmul_naive(x, weight)
     if INTERPRET and (x.dtype == torch.bfloat16 or weight.dtype == torch.bfloat16):
         return sparse_rows_matmul(x.float(), weight.float(), backend=backend, idx=idx,
-                                  count=count).to(x.dtype)
+                                  count=count, launch=launch).to(x.dtype)
     x, weight = x.contiguous(), weight.contiguous()
+    launch = launch or sparse_rows_launch(R, L, weight.shape[1], x.dtype, x.device)
     if idx is None:
-        idx, count = compact_nonzero_triton(x)
-    return sparse_rows_matmul_triton(x, weight, idx, count)
+        idx, count = compact_nonzero_triton(x, launch=CompactLaunch(launch.BL))
+    return sparse_rows_matmul_triton(x, weight, idx, count, launch=launch)

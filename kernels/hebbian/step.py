@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET
+from ..launch import INTERPRET, length_bucket, pow2_tile
 from .function import check_grid
+from .launches import ReduceLaunch, StepLaunch, default_launch
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def sum_partials(part, row, NS, V, o_v, m_v, BS: tl.constexpr, BV: tl.constexpr)
     """Σ_s part[row, s, o_v] in float32, BS partial rows per load, tiles summed in order
     (deterministic for a given BS and BV). Loading many rows at once pays with the narrow
     column blocks of `reduce_tiles` (up to 256 rows per load); on its own, with one program per
-    row, it did not (H200, 12-04: still ~8.8 µs per launch for ~264 partials)."""
+    row, it did not (H200: still ~8.8 µs per launch for ~264 partials)."""
     o_s = tl.arange(0, BS)
     acc = tl.zeros([BV], tl.float32)
     for s0 in range(0, NS, BS):
@@ -70,16 +71,18 @@ def partial_rows_per_load(NS: int, BV: int) -> int:
     return max(1, min(256, triton.next_power_of_2(NS), 8192 // BV))
 
 
-def reduce_tiles(R: int, NS: int, V: int) -> tuple[int, int]:
-    """(BV, BS) for a column-parallel reduce of part [R, NS, V] on a grid (cdiv(V, BV), R).
+def reduce_tiles(R: int, NS: int, V: int, launch: ReduceLaunch = ReduceLaunch()
+                 ) -> tuple[int, int]:
+    """(BV, BS) for a column-parallel reduce of part [R, NS, V] on a grid (cdiv(V, BV), R):
+    BV is ``launch.BC``, or by the rule below when that is 0.
 
     Why narrow columns: at batch 1 R is 1–4 rows of V = 256; one program per row (BV ≥ V) left
     the whole sum to 1–4 SMs (~9–17 µs per launch in the H200 profile). BV = 32 reads a
     128-byte line per partial row; when that gives fewer than 64 programs, BV = 16 doubles
     them (R = 4, V = 256: 64 programs). BS then takes as many partial rows per load as the
-    32 KB tile allows (`partial_rows_per_load`). Measured on the H200 (12-04): the unfused
-    sparse step's reduce went from 17.5 to 2.1 µs per launch."""
-    BV = 32 if R * triton.cdiv(V, 32) >= 64 else 16
+    32 KB tile allows (`partial_rows_per_load`). Measured on the H200: the unfused sparse
+    step's reduce went from 17.5 to 2.1 µs per launch."""
+    BV = launch.BC or (32 if R * triton.cdiv(V, 32) >= 64 else 16)
     return BV, partial_rows_per_load(NS, BV)
 
 
@@ -94,49 +97,50 @@ def fused_recurrent_hebbian_reduce_kernel(part, o, NK, V, BS: tl.constexpr, BV: 
     tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-# Benchmarks may pin the step's tiles here ({"BK": 32, "BV": 256, "warps": 4}); empty normally.
-STEP_TILES: dict = {}
-
-
-def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None):
+def hebbian_step_triton(q, k, v, state, *, scale=1.0, strict=True, decay=None,
+                        launch: StepLaunch | None = None):
     """q, k [B,H,K]; v [B,H,V] or [B,1,V]; state [B,H,K,V] float32 (validated by the caller),
-    updated in place. Returns (o [B,H,V] in v's dtype, state)."""
+    updated in place. Returns (o [B,H,V] in v's dtype, state). ``launch``: the state tiles
+    (`StepLaunch`); None: the default for the shape."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     check_grid(B, H)
     if INTERPRET and q.dtype == torch.bfloat16:
         # The interpreter mis-loads bf16: run the step in float32 (the state is float32 anyway).
         o, state = hebbian_step_triton(q.float(), k.float(), v.float(), state, scale=scale,
-                                       strict=strict, decay=decay)
+                                       strict=strict, decay=decay, launch=launch)
         return o.to(v.dtype), state
     if not state.is_contiguous():
         raise ValueError("state: expected a contiguous tensor (it is updated in place), got "
                          f"strides {tuple(state.stride())}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     log2g = None if decay is None else torch.log2(decay.float()).contiguous()
-    # 128×128 float32 tiles (64 KiB), 8 warps: at the BDH state (B1 H4 K8192 V256) 256
-    # programs, 16-byte loads along V. The H100 sweep (BENCHMARKS.md; graph replay over 8 states,
-    # cold L2) put 64×128 (1024 smaller programs, the first choice) at 41.7 µs per step and
-    # 128×128 at 33.3 µs.
-    BV = max(16, min(STEP_TILES.get("BV", 128), triton.next_power_of_2(V)))
-    BK = max(16, min(STEP_TILES.get("BK", 128) if not INTERPRET else 32,
-                     triton.next_power_of_2(K)))
+    launch = launch or default_launch(StepLaunch, "hebbian_step", q.device, K=K, V=V,
+                                      BH=length_bucket(B * H), dtype=q.dtype)
+    BK, BV = pow2_tile(K, launch.BK), pow2_tile(V, launch.BV)
     n_k = triton.cdiv(K, BK)
     part = torch.empty(B * H, n_k, V, dtype=torch.float32, device=q.device)
     fused_recurrent_hebbian_step_kernel[(n_k, triton.cdiv(V, BV), B * H)](
         q, k, v, state, part, log2g if log2g is not None else q, float(scale), H, HV, K, V,
         BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=bool(strict),
-        num_warps=STEP_TILES.get("warps", 8))
+        num_warps=launch.warps)
     o = torch.empty(B, H, V, dtype=v.dtype, device=q.device)
     reduce_partials(part, o.view(B * H, V))
     return o, state
 
 
-def reduce_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def reduce_partials(part: torch.Tensor, out: torch.Tensor,
+                    launch: ReduceLaunch | None = None) -> torch.Tensor:
     """out[r] = Σ_s part[r, s] (fixed order), cast to out's dtype. part [R, NS, V] float32,
     out [R, V] contiguous. Narrow column blocks (`reduce_tiles`): many programs at R = 1–4."""
     R, NS, V = part.shape
-    RB, RS = reduce_tiles(R, NS, V)
+    launch = launch or default_reduce_launch(R, NS, V, part.device)
+    RB, RS = reduce_tiles(R, NS, V, launch)
     fused_recurrent_hebbian_reduce_kernel[(triton.cdiv(V, RB), R)](
-        part, out, NS, V, BS=RS, BV=RB, num_warps=4)
+        part, out, NS, V, BS=RS, BV=RB, num_warps=launch.warps)
     return out
+
+
+def default_reduce_launch(R: int, NS: int, V: int, device) -> ReduceLaunch:
+    return default_launch(ReduceLaunch, "hebbian_reduce", device, R=length_bucket(R),
+                          NS=length_bucket(NS), V=V)

@@ -12,7 +12,8 @@ import torch
 
 from ..checks import _shape, check_same_device, check_tensor
 
-MAX_CHUNK = 128      # the chunk cap: a [BT, BT] score tile and [BT, BV] accumulators sit in registers
+# The chunk cap: a [BT, BT] score tile and [BT, BV] accumulators sit in registers.
+MAX_CHUNK = 128
 
 
 def check_decay(decay, H: int) -> None:
@@ -80,12 +81,17 @@ def check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale=1.0
     check_state("initial_state", initial_state, B, H, K, V)
     check_scale(scale)
     check_same_device(q=q, k=k, v=v, decay=decay, initial_state=initial_state)
+    check_chunk_size(chunk_size)
+    return B, H, T, K, V
+
+
+def check_chunk_size(chunk_size, name: str = "chunk_size") -> None:
+    """None (the kernels' default) or a power of two in [16, MAX_CHUNK]."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or not 16 <= chunk_size <= MAX_CHUNK
                                    or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size: expected None or a power of two in [16, {MAX_CHUNK}] "
+        raise ValueError(f"{name}: expected None or a power of two in [16, {MAX_CHUNK}] "
                          f"(the kernels hold a chunk's scores in registers), got {chunk_size!r}")
-    return B, H, T, K, V
 
 
 def check_step_inputs(q, k, v, state, decay, scale=1.0) -> tuple[int, ...]:

@@ -1,7 +1,6 @@
-"""Edge cases of the Hebbian kernels found in review (issue #14): the decay's gradient on every
-backend, float16 states past 65504, decays that underflow in float32, T = 0, bf16 under the
-interpreter, a differentiable-looking decode step, argument types, determinism, the chunk cap,
-the grid limit, tiles crossed at K = 100/130 and V = 72, and autocast in the fused q = k path.
+"""Edge cases of the Hebbian kernels: the decay's gradient on every backend, float16 states
+past 65504, decays that underflow in float32, T = 0, bf16 under the interpreter, a
+differentiable-looking decode step, argument types, determinism, the chunk cap, the grid limit, tiles crossed at K = 100/130 and V = 72, and autocast in the fused q = k path.
 """
 import math
 
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from helpers import assert_rel_close
-from kernels import hebbian_attention, hebbian_recurrent, hebbian_step
+from kernels import ChunkLaunch, hebbian_attention, hebbian_recurrent, hebbian_step
 import kernels.hebbian.plan as hebbian_plan
-from kernels.hebbian.common import INTERPRET
+from kernels.launch import INTERPRET
 
 
 def _inputs(B, H, T, K, V, device, dtype=torch.float32, shared_v=False):
@@ -62,10 +61,10 @@ def test_k130_crosses_tiles_triton(kernel_device):
     q, k, v, h0 = _inputs(2, 2, 40, 130, 72, kernel_device)
     o_r, S_r = hebbian_recurrent(q.double(), k.double(), v.double(), initial_state=h0.double())
     for mode in ("split", "fused"):
-        p = hebbian_plan.Plan(mode == "fused", 16, 16)
-        from kernels.hebbian.function import hebbian_attention_triton
-        o, S = hebbian_attention_triton(q, k, v, initial_state=h0, output_final_state=True,
-                                        plan=p)
+        launch = ChunkLaunch(mode=mode, BT=16, BT_bwd=16, h_BK=64, o_BK=64, dqk_BK=64,
+                             fused_BK=64)
+        o, S = hebbian_attention(q, k, v, initial_state=h0, output_final_state=True,
+                                 backend="triton", launch=launch)
         assert_rel_close(o, o_r, 1e-5, f"o ({mode})")
         assert_rel_close(S, S_r, 1e-5, f"S ({mode})")
 
@@ -156,25 +155,20 @@ def test_bf16_under_the_interpreter_is_computed_in_float32():
     assert_rel_close(o1, o_r[:, :, 0], 1e-2, "step o")
 
 
-def test_deterministic_mode_avoids_the_atomic_forward(monkeypatch, kernel_device):
-    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", "fused")
-    K = 300                                               # several fused K tiles on any device
-    assert hebbian_plan.plan(1, 4, K, 64).fused
+def test_deterministic_mode_avoids_the_atomic_forward(kernel_device):
+    fused = ChunkLaunch(mode="fused", fused_BK=32)       # K = 40: two K tiles, atomics
+    assert hebbian_plan.plan(1, 2, 40, 24, fused, 16).fused
     before = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert not hebbian_plan.plan(1, 4, K, 64).fused
+        assert not hebbian_plan.plan(1, 2, 40, 24, fused, 16).fused
+        assert hebbian_plan.plan(1, 2, 24, 24, fused, 16).fused      # one K tile: no atomics
         q, k, v, _ = _inputs(1, 2, 40, 40, 24, kernel_device)
-        o1, _ = hebbian_attention(q, k, v, backend="triton", chunk_size=16)
-        o2, _ = hebbian_attention(q, k, v, backend="triton", chunk_size=16)
+        o1, _ = hebbian_attention(q, k, v, backend="triton", chunk_size=16, launch=fused)
+        o2, _ = hebbian_attention(q, k, v, backend="triton", chunk_size=16, launch=fused)
         assert torch.equal(o1, o2)
     finally:
         torch.use_deterministic_algorithms(before)
-
-
-def test_tile_override_names_are_checked():
-    with pytest.raises(ValueError, match="unknown name"):
-        hebbian_plan.make_tiles(64, 64, 64, {"o_BX": 32})
 
 
 # ------------------------------------------------------------------- fused q = k, autocast

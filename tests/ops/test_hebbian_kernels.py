@@ -5,15 +5,20 @@ float32 and float16 only (the interpreter mishandles bf16); GPU tests are marked
 Loss for every gradient check: (o·do).sum() + (S·dS).sum() with random do, dS and a random
 initial state, so every gradient path (initial_state included) is exercised.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from helpers import assert_rel_close
-from kernels import hebbian_attention, hebbian_quadratic, hebbian_recurrent, hebbian_step
+from kernels import (ChunkLaunch, hebbian_attention, hebbian_quadratic, hebbian_recurrent,
+                     hebbian_step)
 import kernels.hebbian.plan as hebbian_plan
 import kernels.hebbian.function as hebbian_function
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# The fused forward on 32-wide tiles, on any device: K = 40 spans two K tiles (atomics).
+FUSED = ChunkLaunch(mode="fused", h_BK=64, o_BV=64, fused_BK=32, fused_BV=32)
 
 
 def make_inputs(B, H, T, K, V, dtype, device, shared_v=False, decay=False):
@@ -35,16 +40,18 @@ def run_and_grad(fn, q, k, v, h0, g, do, dS, **kw):
     return o, S, [x.grad for x in leaves]
 
 
-def check_against_reference(q, k, v, h0, g, *, strict, scale, chunk_size, dtype, ref=None):
-    """Forward (o, S) and all four gradients of the Triton path vs float64 autograd of the
-    reference; returns nothing, fails with the name of the first tensor out of tolerance."""
+def check_against_reference(q, k, v, h0, g, *, strict, scale, chunk_size, dtype, ref=None,
+                            launch=None):
+    """Forward (o, S) and all four gradients of the Triton path (with ``launch``) vs float64
+    autograd of the reference; returns nothing, fails with the name of the first tensor out of
+    tolerance."""
     B, H, T, K = q.shape
     V = v.shape[-1]
     do = torch.randn(B, H, T, V, dtype=torch.float64, device=q.device)
     dS = torch.randn(B, H, K, V, dtype=torch.float64, device=q.device)
     o, S, grads = run_and_grad(hebbian_attention, q, k, v, h0, g, do, dS, scale=scale,
                                strict=strict, output_final_state=True, backend="triton",
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, launch=launch)
     ref = ref or hebbian_recurrent
     g64 = None if g is None else g.double()
     o_r, S_r, grads_r = run_and_grad(
@@ -131,40 +138,34 @@ def test_chunk_without_initial_state(kernel_device, poison_empty):
 
 
 # ----------------------------------------------------------------------------- fused forward
-
-@pytest.fixture
-def fused_forward(monkeypatch):
-    """Run the forward through chunk_hebbian_fwd_fused_kernel (the backward is unchanged)."""
-    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", "fused")
-
+# The forward through chunk_hebbian_fwd_fused_kernel (launch FUSED; the backward is unchanged).
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "inclusive"])
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-def test_fused_forward_fp32(kernel_device, poison_empty, fused_forward, strict, decay):
+def test_fused_forward_fp32(kernel_device, poison_empty, strict, decay):
     # K = 40 spans two 32-wide K tiles: the output is summed with atomics across them.
     q, k, v, h0, g = make_inputs(2, 3, 130, 40, 24, torch.float32, kernel_device,
                                  shared_v=strict, decay=decay)
-    assert hebbian_plan.fused_needs_atomics(40, hebbian_plan.make_tiles(40, 24, 64))
+    assert hebbian_plan.fused_needs_atomics(40, hebbian_plan.make_tiles(40, 24, 64, FUSED))
     check_against_reference(q, k, v, h0, g, strict=strict, scale=0.37, chunk_size=64,
-                            dtype=torch.float32)
+                            dtype=torch.float32, launch=FUSED)
 
 
-def test_fused_forward_fp16_one_k_tile(kernel_device, poison_empty, fused_forward):
+def test_fused_forward_fp16_one_k_tile(kernel_device, poison_empty):
     # K = 24 fits one tile: plain stores of the output, no float32 buffer.
     q, k, v, h0, g = make_inputs(1, 2, 75, 24, 40, torch.float16, kernel_device,
                                  shared_v=True, decay=True)
-    assert not hebbian_plan.fused_needs_atomics(24, hebbian_plan.make_tiles(24, 40, 16))
+    assert not hebbian_plan.fused_needs_atomics(24, hebbian_plan.make_tiles(24, 40, 16, FUSED))
     check_against_reference(q, k, v, h0, g, strict=True, scale=0.2, chunk_size=16,
-                            dtype=torch.float16)
+                            dtype=torch.float16, launch=FUSED)
 
 
-def test_fused_forward_segments_no_grad(kernel_device, poison_empty, fused_forward,
-                                        monkeypatch):
+def test_fused_forward_segments_no_grad(kernel_device, poison_empty, monkeypatch):
     monkeypatch.setattr(hebbian_function, "SEGMENT_TOKENS", 32)
     q, k, v, h0, g = make_inputs(2, 2, 70, 40, 18, torch.float32, kernel_device, decay=True)
     with torch.no_grad():
         o, S = hebbian_attention(q, k, v, decay=g, initial_state=h0, output_final_state=True,
-                                 backend="triton", chunk_size=16)
+                                 backend="triton", chunk_size=16, launch=FUSED)
     o_r, S_r = hebbian_recurrent(q.double(), k.double(), v.double(), decay=g.double(),
                                  initial_state=h0.double())
     assert_rel_close(o, o_r, 1e-5, "o")
@@ -172,7 +173,7 @@ def test_fused_forward_segments_no_grad(kernel_device, poison_empty, fused_forwa
 
 
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
-def test_fused_forward_q_is_k(kernel_device, poison_empty, fused_forward, monkeypatch, decay):
+def test_fused_forward_q_is_k(kernel_device, poison_empty, monkeypatch, decay):
     """BDH passes one tensor as q and k: the fused kernel then loads each tile once (SAME_QK).
     Output, final state and the one leaf's gradient (dq + dk) against float64 autograd."""
     import kernels.hebbian.chunk_output as chunk_output
@@ -186,7 +187,7 @@ def test_fused_forward_q_is_k(kernel_device, poison_empty, fused_forward, monkey
     outs = []
     for x, fn in ((q, lambda a, **kw: hebbian_attention(a, a, v, backend="triton",
                                                        chunk_size=32, output_final_state=True,
-                                                       **kw)),
+                                                       launch=FUSED, **kw)),
                   (q.double(), lambda a, **kw: hebbian_recurrent(a, a, v.double(), **kw))):
         leaf = x.detach().clone().requires_grad_()
         o, S = fn(leaf, scale=0.3, decay=None if g is None else g.to(x.dtype),
@@ -198,18 +199,19 @@ def test_fused_forward_q_is_k(kernel_device, poison_empty, fused_forward, monkey
         assert_rel_close(a, b, 1e-5, name)
 
 
-@pytest.mark.parametrize("fused,bt,bt_bwd", [(True, 16, 32), (False, 32, 16)])
+@pytest.mark.parametrize("mode,bt,bt_bwd", [("fused", 16, 32), ("split", 32, 16)])
 def test_forward_and_backward_chunks_may_differ(kernel_device, poison_empty, monkeypatch,
-                                                fused, bt, bt_bwd):
-    """`plan.plan` may give the backward another chunk size than the forward: both must cut
-    the sequence into the same segments (boundary states saved by one, used by the other)."""
+                                                mode, bt, bt_bwd):
+    """The backward may run at another chunk size than the forward: both must cut the
+    sequence into the same segments (boundary states saved by one, used by the other)."""
     monkeypatch.setattr(hebbian_function, "SEGMENT_TOKENS", 64)
-    monkeypatch.setattr(hebbian_function, "make_plan",
-                        lambda *a, **kw: hebbian_plan.Plan(fused, bt, bt_bwd))
+    launch = dataclasses.replace(FUSED, mode=mode, BT=bt, BT_bwd=bt_bwd)
+    p = hebbian_plan.plan(1, 2, 40, 18, launch)
+    assert (p.fused, p.BT, p.BT_bwd) == (mode == "fused", bt, bt_bwd)
     q, k, v, h0, g = make_inputs(1, 2, 150, 40, 18, torch.float32, kernel_device,
                                  shared_v=True, decay=True)
     check_against_reference(q, k, v, h0, g, strict=True, scale=0.5, chunk_size=None,
-                            dtype=torch.float32)
+                            dtype=torch.float32, launch=launch)
 
 
 def test_segment_tokens_are_a_multiple_of_both_chunks():
@@ -275,17 +277,17 @@ def test_decode_step_per_head_v_no_decay(kernel_device, poison_empty):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["split", "fused", "auto"])
-def test_gpu_bdh_shape(dtype, mode, monkeypatch):
+def test_gpu_bdh_shape(dtype, mode):
     """B1 H4 T4096 K8192 V256, v shared, decay on, against float64 autograd of the quadratic
     form on the GPU, with either forward algorithm. Inputs scaled like BDH's (ReLU-sparse-ish
     magnitudes don't matter here)."""
-    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", mode)
     dev = torch.device("cuda")
     B, H, T, K, V = 1, 4, 4096, 8192, 256
     q, k, v, h0, g = make_inputs(B, H, T, K, V, dtype, dev, shared_v=True, decay=True)
     check_against_reference(q, k, v, h0, g, strict=True, scale=K ** -0.5,
                             chunk_size=None if mode == "auto" else 64, dtype=dtype,
-                            ref=hebbian_quadratic)
+                            ref=hebbian_quadratic,
+                            launch=None if mode == "auto" else ChunkLaunch(mode=mode))
     state = h0.clone()
     o_s, _ = hebbian_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, scale=K ** -0.5,
                           decay=g, backend="triton")
@@ -328,10 +330,10 @@ def test_gpu_past_int32_indexing():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["split", "fused"])
-def test_gpu_k128_both_forwards(mode, monkeypatch):
+def test_gpu_k128_both_forwards(mode):
     """K = V = 128 in bf16: one K tile covers K, so the fused forward stores O directly."""
-    monkeypatch.setenv("GLASSBRAIN_FWD_MODE", mode)
     q, k, v, h0, g = make_inputs(2, 4, 1000, 128, 128, torch.bfloat16, torch.device("cuda"),
                                  decay=True)
     check_against_reference(q, k, v, h0, g, strict=True, scale=128 ** -0.5, chunk_size=64,
-                            dtype=torch.bfloat16, ref=hebbian_quadratic)
+                            dtype=torch.bfloat16, ref=hebbian_quadratic,
+                            launch=ChunkLaunch(mode=mode))
