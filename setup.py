@@ -9,7 +9,7 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 
 # The design card fixes these top-level names. `kernels` is generic and could clash with
 # another distribution that installs a module of the same name: see README, "Architecture".
-TOP_LEVEL = ["kernels", "glassbrain", "bdh", "bsbr", "baselines", "experiments"]
+TOP_LEVEL = ["kernels", "glassbrain", "bdh", "bsbr", "baselines", "experiments", "serve"]
 
 setup(
     name="glassbrain",
@@ -46,5 +46,7 @@ setup(
         "transformers>=5.0,<5.25",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    extras_require={"dev": ["pytest>=7"],
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
+                              "websockets>=12"]},
 )
