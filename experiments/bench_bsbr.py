@@ -9,9 +9,9 @@ Kernel sweep (random inputs, B1 H16 D128, T = 8k, 32k, 64k, 128k, chunk 256, top
 memory of one call (CUDA: torch.cuda.max_memory_allocated after a reset, inputs included; CPU:
 process RSS, rough). Methods:
   bsbr         ours, `kernels.bsbr.bsbr_attention` (backend auto: Triton on CUDA), meta dim = D
-  bsbr_v1      ours as measured on 2026-11-29: PyTorch top-k routing and float32-F readout
-               products (the pins `routing.ROUTING` / `readout_grouped.GROUPED_READOUT`), to
-               time the Triton routing and bf16 readout against it in the same process
+  bsbr_v1      ours with the first GPU version's paths: PyTorch top-k routing and float32-F
+               readout products (`V1_LAUNCH`, passed per call), to time the Triton routing
+               and the 16-bit readout products against it in the same process
   bsbr_torch   ours, the blockwise PyTorch backend
   sdpa         torch SDPA, causal (full softmax attention)
   flex_swa     torch.nn.attention.flex_attention with a causal sliding-window block mask of
@@ -19,11 +19,12 @@ process RSS, rough). Methods:
   fla_linear   fla.ops.linear_attn.chunk_linear_attn (skipped if fla is not installed)
   fla_nsa      fla.ops.nsa.parallel_nsa, 16 query heads per kv head, top-k = --top-k blocks of
                64 (skipped if fla is not installed)
-Before the kernel sweep (CUDA), two small launch sweeps at --tune-T (32k at --preset h100): the
-top-k routing forward for each launch in TUNE_ROUTES ("tune_routing" in the JSON), then bsbr
-fwd+bwd for each grouped-readout launch in TUNE_LAUNCHES (entries per program, warps, V tile;
-one-pass or two-pass backward and the dF launch; "tune"); the fastest of each is pinned for
-the bsbr rows; then a CUDA kernel profile of one bsbr fwd+bwd at --profile-T ("profile").
+Before the kernel sweep (CUDA), the two launch sweeps of `kernels.bsbr.tune` at --tune-T (32k at
+--preset h100): the top-k routing forward for each of its ROUTING_CANDIDATES ("tune_routing" in
+the JSON), then bsbr fwd+bwd for each of its READOUT_CANDIDATES ("tune"); each stores its
+winner in this GPU's tuning cache, and the bsbr rows get both winners as their launch (passed
+per call, at every T); then a CUDA kernel profile of one bsbr fwd+bwd at --profile-T
+("profile").
 An out-of-memory error is a data point (note "out of memory") and ends that method's sweep of
 that pass; any other failure is a row with its note. Before timing, ours is checked against the
 float64 reference (`kernels.bsbr.naive`) at T = --check-T: output and every input gradient.
@@ -44,7 +45,7 @@ against L).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -56,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .measure import PeakMemory, cuda_kernel_profile, free_memory, is_oom, pinned
+from .measure import PeakMemory, cuda_kernel_profile, free_memory, is_oom
 from .results import markdown_table, run_meta, write_json
 
 METHODS = ("bsbr", "bsbr_v1", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
@@ -145,51 +146,28 @@ def to_bthd(ins):
     return [t.transpose(1, 2).contiguous() for t in ins]
 
 
-def v1_pins(on: bool):
-    """With on: the PyTorch routing and float32-F readout products (bsbr_v1); a no-op else."""
-    from kernels.bsbr import readout_grouped, routing
-    if not on:
-        return contextlib.nullcontext()
-    return pinned((routing.ROUTING, "triton", False), (readout_grouped.GROUPED_READOUT, "lowp",
-                                                       False))
+def v1_launch():
+    """The bsbr_v1 method's launch: the PyTorch routing and float32-F readout products."""
+    from kernels.bsbr import BSBRLaunch, ReadoutLaunch, RoutingLaunch
+    return BSBRLaunch(routing=RoutingLaunch(method="torch"),
+                      readout=ReadoutLaunch(products="float32"))
 
 
-ROUTE_PREFIX = "route_"        # launch keys of the top-k routing (routing_triton.ROUTE_LAUNCH)
-DF_PREFIX = "df_"              # launch keys of the readout's dF pass (readout_triton.DF_LAUNCH)
-
-
-def launch_pins(launch: dict | None):
-    """Pins of the grouped readout's launch (entries per program, warps, bv), under keys
-    starting with "route_" of the top-k routing's (BQ, BS, warps, prec) and under "df_" of the
-    readout's dF pass (block, bv, warps); e.g. the sweeps' picks; a no-op for None."""
-    from kernels.bsbr import readout_grouped, readout_triton, routing_triton
-    if not launch:
-        return contextlib.nullcontext()
-
-    def where(key):
-        for prefix, pins in ((ROUTE_PREFIX, routing_triton.ROUTE_LAUNCH),
-                             (DF_PREFIX, readout_triton.DF_LAUNCH)):
-            if key.startswith(prefix):
-                return pins, key[len(prefix):]
-        return readout_grouped.GROUPED_READOUT, key
-    return pinned(*((*where(k), v) for k, v in launch.items()))
-
-
-def build_method(name: str, sz: Sizes, T: int, dev, dtype, launch: dict | None = None):
+def build_method(name: str, sz: Sizes, T: int, dev, dtype, launch=None):
     """(fn(q, k, v, r, hk) -> output, how many leading inputs it differentiates, prep), where
     prep(inputs) puts the [B,H,T,D] inputs into the method's layout once before timing.
-    `launch` (method bsbr only): the grouped readout launch to pin. Raises ImportError when the
-    peer is not available."""
+    `launch` (method bsbr only): a kernels.bsbr.BSBRLaunch passed to every call (None: the
+    tuning cache's or the default launch). Raises ImportError when the peer is not available."""
     same = list
     if name in ("bsbr", "bsbr_v1", "bsbr_torch"):
-        from kernels.bsbr import bsbr_attention
+        import kernels.bsbr
         backend = "torch" if name == "bsbr_torch" else "auto"
-        pins = (lambda: v1_pins(True)) if name == "bsbr_v1" else (lambda: launch_pins(launch))
+        run_launch = v1_launch() if name == "bsbr_v1" else launch
 
         def fn(q, k, v, r, hk):
-            with pins():                       # the choice is made in the forward and kept
-                return bsbr_attention(q, k, v, r, hk, chunk_size=sz.chunk, top_k=sz.top_k,
-                                      backend=backend)
+            return kernels.bsbr.bsbr_attention(q, k, v, r, hk, chunk_size=sz.chunk,
+                                               top_k=sz.top_k, backend=backend,
+                                               launch=run_launch)
         return fn, 5, same
     if name == "sdpa":
         def fn(q, k, v, r, hk):
@@ -298,107 +276,48 @@ def check_against_reference(b: Bench, sz: Sizes, dev, dtype) -> None:
         release(dev)
 
 
-# Grouped-readout launches (entries per program, num_warps, forward V tile): the 12-04 sweep's
-# four at V tile 64 (64 / 4 won), then whole-V forward tiles (each V slice re-gathers the
-# block's q rows). Then, at 64 / 4 / 64: the two-pass backward (dq/dp, then dF; "fused_bwd"
-# False) with the dF launch of the fourth 12-04 session (64 entries, whole V, 8 warps) and with
-# the one before it (32 entries, V slices of 64, 4 warps), and the one-pass backward (the default
-# for bf16) with 64-entry blocks instead of 32.
-_GROUPED = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 128), (64, 8, 128),
-            (128, 8, 128))
-_OLD_DF = {"df_block": 32, "df_bv": 64, "df_warps": 4}
-TUNE_LAUNCHES = tuple({"block": be, "warps": w, "bv": bv} for be, w, bv in _GROUPED) + (
-    {"block": 64, "warps": 4, "bv": 64, "fused_bwd": False},
-    {"block": 64, "warps": 4, "bv": 64, "fused_bwd": False, **_OLD_DF},
-    {"block": 64, "warps": 4, "bv": 64, "fused_block": 64})
+def sweep_shape(sz: Sizes, dtype, T: int):
+    from kernels.bsbr.tune import SweepShape
+    return SweepShape(T=T, batch=sz.batch, heads=sz.heads, head_dim=sz.head_dim,
+                      chunk_size=sz.chunk, top_k=sz.top_k, dtype=dtype)
 
 
-# (BQ, BS, warps, precision) of the top-k routing forward. The first row (float32 FMAs) is the
-# reference of "same_slots" (the share of selections equal to its); the pick is the fastest
-# launch that agrees with it on all but near-ties (SAME_SLOTS_MIN of the selections: tf32x3
-# differed in 3 per million at 32k on the H200).
-TUNE_ROUTES = ((32, 32, 4, "ieee"), (64, 32, 4, "ieee"), (64, 64, 8, "ieee"),
-               (32, 32, 4, "tf32x3"), (64, 32, 4, "tf32x3"), (64, 64, 8, "tf32x3"),
-               (128, 32, 8, "tf32x3"))
+def sweep_record(report: dict, T: int) -> dict:
+    """A sweep's report as JSON: its rows and its winner's fields."""
+    best = report["best"]
+    return {"T": T, "shape_class": report["shape_class"], "rows": report["rows"],
+            "best": dataclasses.asdict(best) if best is not None else None,
+            "cache": report["path"]}
 
 
-SAME_SLOTS_MIN = 0.9999
-
-
-def tune_routing(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict:
-    """Time the top-k routing forward at T for each launch in TUNE_ROUTES; returns the fastest
-    one that picks the first row's slots (but for near-ties: SAME_SLOTS_MIN) as
-    {"route_BQ", "route_BS", "route_warps", "route_prec"} (empty when none ran)."""
-    from kernels.bsbr import chunk_states
-    from kernels.bsbr.routing_triton import SelectedScoresTriton
-    _, k, v, r, hk = make_inputs(sz, T, dev, dtype)
-    C = sz.chunk
-    _, h = chunk_states(k, v, hk, chunk_size=C)          # the meta keys bsbr_attention routes to
-    rows, ref = [], None
-    for bq, bs, warps, prec in tqdm(TUNE_ROUTES, desc=f"routing launch at T={T}"):
-        launch = {"BQ": bq, "BS": bs, "warps": warps, "prec": prec}
-        row = {**launch, "fwd_ms": None, "same_slots": None, "note": None}
-        try:
-            with launch_pins({ROUTE_PREFIX + k: v for k, v in launch.items()}):
-                def call():
-                    return SelectedScoresTriton.apply(r, h, 0, 0, C, sz.top_k)
-                idx = call()[0]
-                ref = idx if ref is None else ref
-                row["same_slots"] = float((idx == ref).float().mean())
-                row["fwd_ms"] = time_ms(call, dev, sz.reps, [])
-        except Exception as exc:                    # noqa: BLE001 (a row, not a crash)
-            row["note"] = note_of(exc)
-        rows.append(row)
-        release(dev)
-    ok = [r_ for r_ in rows if r_["fwd_ms"] is not None and r_["same_slots"] >= SAME_SLOTS_MIN]
-    best = min(ok, key=lambda r_: r_["fwd_ms"]) if ok else None
-    pick = {ROUTE_PREFIX + k: best[k] for k in ("BQ", "BS", "warps", "prec")} if best else {}
-    b.data["tune_routing"] = {"T": T, "rows": rows, "best": pick}
+def tune_launch(b: Bench, sz: Sizes, dev, dtype, T: int):
+    """The routing sweep, then the readout sweep at its winner (kernels.bsbr.tune; both store
+    their winners in the tuning cache); returns the BSBRLaunch of the two winners."""
+    from kernels.bsbr import BSBRLaunch
+    from kernels.bsbr.tune import tune_readout, tune_routing
+    shape = sweep_shape(sz, dtype, T)
+    route = tune_routing(shape, dev)
+    b.data["tune_routing"] = sweep_record(route, T)
     b.save()
-    print("routing launch sweep:", rows, "->", pick, flush=True)
-    return pick
-
-
-def tune_readout(b: Bench, sz: Sizes, dev, dtype, T: int) -> dict | None:
-    """Time bsbr fwd+bwd at T for each grouped-readout launch in TUNE_LAUNCHES (a small
-    autotune: the best block size depends on the GPU); returns the fastest launch as
-    {"block", "warps", "bv"[, "fused_bwd", "fused_block", "df_block", "df_bv", "df_warps"]},
-    or None when none ran. On CUDA only (the CPU runs the torch backend)."""
-    from kernels.bsbr import bsbr_attention
-    ins = make_inputs(sz, T, dev, dtype)
-    leaves = [t.detach().requires_grad_(True) for t in ins]
-    do = torch.randn_like(ins[2])
-    rows = []
-    for launch in tqdm(TUNE_LAUNCHES, desc=f"readout launch at T={T}"):
-        row = {**launch, "fwd_bwd_ms": None, "note": None}
-        try:
-            with launch_pins(launch):
-                def call():
-                    bsbr_attention(*leaves, chunk_size=sz.chunk, top_k=sz.top_k).backward(do)
-                row["fwd_bwd_ms"] = time_ms(call, dev, sz.reps, leaves)
-        except Exception as exc:                    # noqa: BLE001 (a row, not a crash)
-            row["note"] = note_of(exc)
-        rows.append(row)
-        release(dev)
-    ok = [r for r in rows if r["fwd_bwd_ms"] is not None]
-    best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
-    pick = {k: v for k, v in best.items() if k not in ("fwd_bwd_ms", "note")} if best else None
-    b.data["tune"] = {"T": T, "rows": rows, "best": pick}
+    print("routing launch sweep:", b.data["tune_routing"], flush=True)
+    readout = tune_readout(shape, dev, routing=route["best"])
+    b.data["tune"] = sweep_record(readout, T)
     b.save()
-    print("readout launch sweep:", rows, "->", pick, flush=True)
-    return pick
+    print("readout launch sweep:", b.data["tune"], flush=True)
+    return BSBRLaunch(routing=route["best"], readout=readout["best"])
 
 
-def profile_bsbr(b: Bench, sz: Sizes, dev, dtype, T: int, launch: dict | None) -> None:
-    """CUDA time per kernel of one bsbr fwd+bwd at T (the launch pinned as in the sweep)."""
-    from kernels.bsbr import bsbr_attention
+def profile_bsbr(b: Bench, sz: Sizes, dev, dtype, T: int, launch) -> None:
+    """CUDA time per kernel of one bsbr fwd+bwd at T (``launch``, a BSBRLaunch or None, passed
+    to the call as to the bsbr rows)."""
+    import kernels.bsbr
     ins = make_inputs(sz, T, dev, dtype)
     leaves = [t.detach().requires_grad_(True) for t in ins]
     do = torch.randn_like(ins[2])
 
     def step(i):
-        with launch_pins(launch):
-            bsbr_attention(*leaves, chunk_size=sz.chunk, top_k=sz.top_k).backward(do)
+        kernels.bsbr.bsbr_attention(*leaves, chunk_size=sz.chunk, top_k=sz.top_k,
+                                    launch=launch).backward(do)
         for t in leaves:
             t.grad = None
     try:
@@ -412,7 +331,7 @@ def profile_bsbr(b: Bench, sz: Sizes, dev, dtype, T: int, launch: dict | None) -
 
 
 def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype,
-                  deadline_s: float | None = None, launch: dict | None = None) -> None:
+                  deadline_s: float | None = None, launch=None) -> None:
     """Shortest T first across all methods, so a run cut short (by --kernel-deadline-s or a
     time limit) still has every method at the lengths it reached."""
     stopped = {}                                    # (method, pass) -> T where it ran out
@@ -699,8 +618,9 @@ def main(argv=None) -> dict:
                    help="start no kernel row after this many seconds (leaves time for the "
                         "decode sweep; skipped rows are listed under not_run)")
     p.add_argument("--tune-T", type=int, default=None,
-                   help="T of the grouped-readout launch sweep run before the kernels (CUDA "
-                        "only; default 32768 with --preset h100, 0 = no sweep: default launch)")
+                   help="T of the routing and readout launch sweeps run before the kernels "
+                        "(CUDA only; default 32768 with --preset h100, 0 = no sweep: the "
+                        "tuning cache's or the default launch)")
     p.add_argument("--profile-T", type=int, default=None,
                    help="T of a CUDA kernel profile of one bsbr fwd+bwd (default 32768 with "
                         "--preset h100, 0 = none; CUDA only)")
@@ -753,10 +673,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--tune-T: expected an int >= 0, got {tune_T}")
     launch = None
     if tune_T and "bsbr" in methods and dev.type == "cuda":
-        route = tune_routing(b, sz, dev, dtype, tune_T)
-        with launch_pins(route):
-            launch = tune_readout(b, sz, dev, dtype, tune_T)
-        launch = {**(launch or {}), **route} or None
+        launch = tune_launch(b, sz, dev, dtype, tune_T)
     profile_T = a.profile_T if a.profile_T is not None else (32768 if a.preset == "h100" else 0)
     if profile_T < 0:
         raise SystemExit(f"--profile-T: expected an int >= 0, got {profile_T}")

@@ -11,78 +11,62 @@ TINY = ["--lengths", "32,48", "--heads", "2", "--head-dim", "8", "--chunk", "8",
         "--window", "16", "--check-T", "24", "--decode-lengths", "32,96,160", "--reps", "1"]
 
 
-def test_v1_pins_select_the_old_paths_and_restore():
-    from kernels.bsbr import readout_grouped, routing
-    with bench_bsbr.v1_pins(True):
-        assert routing.ROUTING == {"triton": False}
-        assert readout_grouped.GROUPED_READOUT == {"lowp": False}
-    assert routing.ROUTING == {} and readout_grouped.GROUPED_READOUT == {}
-    with bench_bsbr.v1_pins(False):
-        assert routing.ROUTING == {} and readout_grouped.GROUPED_READOUT == {}
-
-
-def test_readout_launch_sweep_picks_the_fastest_and_restores_the_pins(tmp_path, monkeypatch):
-    from kernels.bsbr import readout_grouped, readout_triton
+def spy_on_bsbr(monkeypatch):
+    """The launch= of every kernels.bsbr.bsbr_attention call."""
+    import kernels.bsbr
     seen = []
+    real = kernels.bsbr.bsbr_attention
 
-    def fake_time(fn, dev, reps, grads=()):
-        fn()
-        seen.append({**readout_grouped.GROUPED_READOUT,
-                     **{"df_" + k: v for k, v in readout_triton.DF_LAUNCH.items()}})
-        pin = seen[-1]
-        # fastest: the two-pass backward with the old dF launch (the second-last row)
-        old_two_pass = pin.get("fused_bwd") is False and pin.get("df_block") == 32
-        return 1.0 if old_two_pass else 2.0 + pin["warps"] / 100
-    monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
+    def spy(*a, **k):
+        seen.append(k.get("launch"))
+        return real(*a, **k)
+    monkeypatch.setattr(kernels.bsbr, "bsbr_attention", spy)
+    return seen
+
+
+def test_methods_pass_their_launch_per_call(monkeypatch):
+    """bsbr_v1 runs the PyTorch routing and float32-F products, bsbr the launch it is given;
+    both per call, so the two run side by side in one process."""
+    from kernels.bsbr import BSBRLaunch, ReadoutLaunch
+    seen = spy_on_bsbr(monkeypatch)
+    sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
+    ins = bench_bsbr.make_inputs(sz, 24, torch.device("cpu"), torch.float32)
+    mine = BSBRLaunch(readout=ReadoutLaunch(block=32))
+    for name, launch in (("bsbr_v1", None), ("bsbr", mine), ("bsbr", None)):
+        fn, n_grad, prep = bench_bsbr.build_method(name, sz, 24, torch.device("cpu"),
+                                                   torch.float32, launch)
+        assert n_grad == 5 and fn(*prep(ins)).shape == ins[2].shape
+    v1 = seen[0]
+    assert v1.routing.method == "torch" and v1.readout.products == "float32"
+    assert seen[1:] == [mine, None]
+
+
+def test_tune_launch_passes_both_winners_and_records_the_sweeps(tmp_path, monkeypatch):
+    """The routing sweep runs first and the readout sweep gets its winner; the bsbr rows get
+    both winners as one BSBRLaunch; the JSON records rows, winners and the shape class."""
+    from kernels.bsbr import BSBRLaunch, ReadoutLaunch, RoutingLaunch, tune
+    best_route, best_readout = RoutingLaunch(block_q=32), ReadoutLaunch(warps=8)
+    calls = []
+
+    def fake_routing(shape, dev):
+        calls.append(("routing", shape.T, shape.top_k, shape.dtype))
+        return {"shape_class": "r-class", "rows": [{"fwd_ms": 1.0}], "best": best_route,
+                "path": "cache.json"}
+
+    def fake_readout(shape, dev, routing=None):
+        calls.append(("readout", shape.T, routing))
+        return {"shape_class": "o-class", "rows": [{"fwd_bwd_ms": 2.0}], "best": best_readout,
+                "path": "cache.json"}
+    monkeypatch.setattr(tune, "tune_routing", fake_routing)
+    monkeypatch.setattr(tune, "tune_readout", fake_readout)
     sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
     b = bench_bsbr.Bench(tmp_path, {})
-    pick = bench_bsbr.tune_readout(b, sz, torch.device("cpu"), torch.float32, 32)
-    assert seen == list(bench_bsbr.TUNE_LAUNCHES)
-    best = {"block": 64, "warps": 4, "bv": 64, "fused_bwd": False, "df_block": 32, "df_bv": 64,
-            "df_warps": 4}
-    assert pick == best and b.data["tune"]["best"] == pick
-    assert readout_grouped.GROUPED_READOUT == {} and readout_triton.DF_LAUNCH == {}
-    with bench_bsbr.launch_pins(pick):
-        assert readout_grouped.GROUPED_READOUT == {"block": 64, "warps": 4, "bv": 64,
-                                                   "fused_bwd": False}
-        assert readout_triton.DF_LAUNCH == {"block": 32, "bv": 64, "warps": 4}
-    assert readout_grouped.GROUPED_READOUT == {} and readout_triton.DF_LAUNCH == {}
-
-
-def test_routing_launch_sweep_picks_the_fastest_launch_with_the_same_slots(tmp_path,
-                                                                          monkeypatch):
-    from kernels.bsbr import routing_triton
-    seen = []
-    real = routing_triton.SelectedScoresTriton.apply
-
-    def fake_apply(*a):
-        idx, sel = real(*a)
-        if routing_triton.ROUTE_LAUNCH["BQ"] == 128:          # "picks other slots"
-            idx = idx.flip(-1)
-        return idx, sel
-
-    def fake_time(fn, dev, reps, grads=()):
-        fn()
-        pin = dict(routing_triton.ROUTE_LAUNCH)
-        seen.append(pin)
-        # BQ 128 is "fastest" but selects differently: the pick must skip it.
-        return {32: 3.0, 64: 1.0, 128: 0.1}[pin["BQ"]] + pin["BS"] / 1e3 \
-            - (pin["prec"] == "tf32x3") / 10
-    monkeypatch.setattr(routing_triton.SelectedScoresTriton, "apply", fake_apply)
-    monkeypatch.setattr(bench_bsbr, "time_ms", fake_time)
-    sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
-    b = bench_bsbr.Bench(tmp_path, {})
-    pick = bench_bsbr.tune_routing(b, sz, torch.device("cpu"), torch.float32, 40)
-    assert seen == [{"BQ": q, "BS": s, "warps": w, "prec": p}
-                    for q, s, w, p in bench_bsbr.TUNE_ROUTES]
-    assert pick == {"route_BQ": 64, "route_BS": 32, "route_warps": 4, "route_prec": "tf32x3"}
-    rows = b.data["tune_routing"]["rows"]
-    assert b.data["tune_routing"]["best"] == pick
-    assert [r["same_slots"] < 1.0 for r in rows] == [r["BQ"] == 128 for r in rows]
-    assert routing_triton.ROUTE_LAUNCH == {}
-    with bench_bsbr.launch_pins({**pick, "block": 32}):
-        assert routing_triton.ROUTE_LAUNCH == {"BQ": 64, "BS": 32, "warps": 4, "prec": "tf32x3"}
-    assert routing_triton.ROUTE_LAUNCH == {}
+    launch = bench_bsbr.tune_launch(b, sz, torch.device("cpu"), torch.float32, 40)
+    assert launch == BSBRLaunch(routing=best_route, readout=best_readout)
+    assert calls == [("routing", 40, 2, torch.float32), ("readout", 40, best_route)]
+    saved = json.loads((tmp_path / "bench_bsbr.json").read_text())
+    assert saved["tune_routing"]["best"]["block_q"] == 32
+    assert saved["tune"]["best"]["warps"] == 8 and saved["tune"]["shape_class"] == "o-class"
 
 
 def test_cpu_smoke_writes_the_json_contract(tmp_path):
@@ -148,17 +132,11 @@ def test_kernel_deadline_leaves_time_for_the_decode_sweep(tmp_path):
 
 
 def test_profile_records_the_kernels_of_one_fwd_bwd(tmp_path, monkeypatch):
-    """profile_bsbr's step runs a bsbr fwd+bwd under the launch pins (here on the CPU, with the
-    profiler replaced: the real one is CUDA-only) and its rows land in the JSON and Markdown."""
-    import kernels.bsbr
-    from kernels.bsbr import readout_grouped
-    seen = []
-    real = kernels.bsbr.bsbr_attention
-
-    def spy(*a, **k):                     # the pins in force while the attention runs
-        seen.append(dict(readout_grouped.GROUPED_READOUT))
-        return real(*a, **k)
-    monkeypatch.setattr(kernels.bsbr, "bsbr_attention", spy)
+    """profile_bsbr's step runs a bsbr fwd+bwd with the launch passed per call (here on the CPU,
+    with the profiler replaced: the real one is CUDA-only) and its rows land in the JSON and
+    Markdown."""
+    from kernels.bsbr import BSBRLaunch, ReadoutLaunch
+    seen = spy_on_bsbr(monkeypatch)
 
     def fake_profile(step, steps, top):
         for i in range(steps + 1):
@@ -168,9 +146,9 @@ def test_profile_records_the_kernels_of_one_fwd_bwd(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_bsbr, "cuda_kernel_profile", fake_profile)
     sz = bench_bsbr.Sizes(heads=2, head_dim=8, chunk=8, top_k=2, dtype="float32")
     b = bench_bsbr.Bench(tmp_path, {"device": "cpu", "commit": "x", "date": "d", "sizes": {}})
-    launch = {"block": 32, "warps": 4, "bv": 64}
+    launch = BSBRLaunch(readout=ReadoutLaunch(block=32, warps=4, block_v=64))
     bench_bsbr.profile_bsbr(b, sz, torch.device("cpu"), torch.float32, 40, launch)
-    assert seen == [launch] * 3 and readout_grouped.GROUPED_READOUT == {}
+    assert seen == [launch] * 3
     prof = json.loads((tmp_path / "bench_bsbr.json").read_text())["profile"]
     assert prof["T"] == 40 and prof["us_total"] == 42.0 and len(prof["rows"]) == 2
     assert "CUDA kernels of one bsbr fwd+bwd at T = 40" in bench_bsbr.markdown(b.data)
