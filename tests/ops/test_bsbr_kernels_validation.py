@@ -87,3 +87,13 @@ def test_other_entry_points():
     raises(TypeError, "bank_F", fn=routed_readout_step, q=q, r=r, bank_F="F", bank_h=bh)
     raises(ValueError, "bank_F", fn=routed_readout_step, q=q, r=r,
            bank_F=torch.randn(2, 3, 4, 11, 20), bank_h=bh)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -0.5, "x", True])
+def test_bad_scale(bad):
+    """scale, as long_scale: a finite number > 0 (None: 1/sqrt(K)), refused before any work."""
+    x = inputs()
+    raises(ValueError, "scale", repr(bad), **x, chunk_size=4, scale=bad)
+    raises(ValueError, "scale", repr(bad), fn=chunk_local_attention, q=x["q"], k=x["k"],
+           v=x["v"], chunk_size=4, scale=bad)
+    raises(ValueError, "long_scale", repr(bad), **x, chunk_size=4, long_scale=bad)
