@@ -5,9 +5,9 @@ bf16 or run a slow float32 matmul).
   fwd   grid (nC, cdiv(V, BV), B·H): F_j[:, v-slice] = Σ over the chunk's BT-row blocks of
         K_blkᵀ V_blk
   bwd   grid (nC·cdiv(C, BT), B·H): per BT rows of a chunk, dK = V dF_jᵀ and dV = K dF_j,
-        looping
-        over V in BV slices (dF stays float32; the products run in float32, "ieee" for float32
-        inputs, tf32 otherwise).
+        looping over V in BV slices (dF stays float32; the products run in float32, "ieee" for
+        float32 inputs, tf32 otherwise).
+BT, BV and the warps come from a `StatesLaunch`.
 Only complete chunks (the first nC·C keys) are read; keys past them get zero gradient.
 """
 from __future__ import annotations
@@ -77,8 +77,9 @@ def _states_bwd(k, v, dF, dk, dv, T, C, nC, NTC,
 def _meta(k, v, C, launch: StatesLaunch):
     """Whole K per tile; BT rows per product (capped at the padded C) and V in BV slices."""
     K, V = k.shape[-1], v.shape[-1]
-    return dict(K=K, V=V, BT=pow2_tile(C, launch.block_t), BK=max(16, triton.next_power_of_2(K)),
-                BV=pow2_tile(V, launch.block_v), PREC=dot_precision(k.dtype),
+    return dict(K=K, V=V, BT=pow2_tile(C, launch.block_t),
+                BK=max(16, triton.next_power_of_2(K)), BV=pow2_tile(V, launch.block_v),
+                PREC=dot_precision(k.dtype),
                 num_warps=launch.warps)
 
 
