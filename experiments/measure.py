@@ -85,9 +85,9 @@ def free_memory(device: torch.device | str) -> None:
 
 @contextlib.contextmanager
 def pinned(*pins):
-    """``with pinned((options, key, value), ...):`` sets entries of the kernels' module-level
-    option dicts (e.g. `kernels.bsbr.routing.ROUTING`) for the block, then restores each dict
-    exactly as it was, so a benchmark can time two code paths in one process."""
+    """``with pinned((options, key, value), ...):`` sets entries of module-level option dicts
+    for the block, then restores each dict exactly as it was, so a benchmark can time two code
+    paths in one process."""
     saved = [(d, dict(d)) for d, _, _ in pins]
     for d, key, value in pins:
         d[key] = value
