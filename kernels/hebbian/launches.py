@@ -52,15 +52,15 @@ class _Checked:
             if f.metadata["auto"] and value == 0:
                 continue
             lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
-            if kind == "warps":
+            if kind == "count":
+                ok, expected = value > 0, "an int >= 0 (0: the rule)"
+            elif kind == "warps":
                 ok, expected = value in WARPS, f"one of {WARPS}"
-            elif kind == "count":
-                ok, expected = value > 0, "an int >= 0"
             else:
                 ok = value >= lo and (hi is None or value <= hi) and value & (value - 1) == 0
                 expected = f"a power of two in [{lo}, {hi}]" if hi else f"a power of two >= {lo}"
             if not ok:
-                if f.metadata["auto"]:
+                if f.metadata["auto"] and kind != "count":
                     expected += " or 0 (the rule)"
                 raise ValueError(f"{where}: expected {expected}, got {value!r}")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import assert_rel_close
-from kernels import (ChunkLaunch, hebbian_attention, hebbian_quadratic, hebbian_recurrent,
-                     hebbian_step)
+from kernels import (ChunkLaunch, StepLaunch, hebbian_attention, hebbian_quadratic,
+                     hebbian_recurrent, hebbian_step)
 import kernels.hebbian.plan as hebbian_plan
 import kernels.hebbian.function as hebbian_function
 
@@ -268,6 +268,45 @@ def test_decode_step_per_head_v_no_decay(kernel_device, poison_empty):
     o, _ = hebbian_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, backend="triton")
     o_r, S_r = hebbian_recurrent(q.double(), k.double(), v.double(), initial_state=h0.double())
     assert_rel_close(o, o_r[:, :, 0], 1e-5, "o")
+    assert_rel_close(state, S_r, 1e-6, "state")
+
+
+# ------------------------------------------------------------------------------------------
+# The GPU-default launches wherever the tests run: on the CPU the interpreter's own defaults
+# are smaller, so these tests are what covers the production tiles there.
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("launch,plan", [
+    (ChunkLaunch(), (False, 128, 128)),
+    (ChunkLaunch(mode="fused"), (True, 64, 128)),
+    (ChunkLaunch(mode="split", BT=64, BT_bwd=64), (False, 64, 64)),
+], ids=["auto", "fused", "split64"])
+def test_chunk_gpu_default_tiles(kernel_device, poison_empty, launch, plan):
+    """K = 200, V = 160: the 128-wide K tiles of the state kernels and of the fused forward
+    (two K tiles: atomics), and the output kernels' V tiles (128 wide at chunk 64, 64 at chunk
+    128), full and partial. The rule makes "auto" the split forward at chunk 128 here."""
+    B, H, T, K, V = 1, 2, 150, 200, 160
+    p = hebbian_plan.plan(B, H, K, V, launch)
+    assert (p.fused, p.BT, p.BT_bwd) == plan
+    tiles = p.fwd_tiles(K, V)
+    assert (tiles.h_BK, tiles.fused_BK, tiles.o_BV) == (128, 128, 128 if p.BT == 64 else 64)
+    q, k, v, h0, g = make_inputs(B, H, T, K, V, torch.float32, kernel_device, shared_v=True,
+                                 decay=True)
+    check_against_reference(q, k, v, h0, g, strict=True, scale=0.1, chunk_size=None,
+                            dtype=torch.float32, launch=launch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_step_gpu_default_tiles(kernel_device, poison_empty, dtype):
+    """StepLaunch(): 128×128 state tiles; K = 200 and V = 160 take two each, the last partial."""
+    B, H, K, V = 2, 2, 200, 160
+    q, k, v, h0, g = make_inputs(B, H, 1, K, V, dtype, kernel_device, shared_v=True,
+                                 decay=True)
+    state = h0.clone()
+    o, _ = hebbian_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, scale=0.5, decay=g,
+                        backend="triton", launch=StepLaunch())
+    o_r, S_r = hebbian_recurrent(q.double(), k.double(), v.double(), scale=0.5,
+                                 decay=g.double(), initial_state=h0.double())
+    assert_rel_close(o, o_r[:, :, 0], TOL[dtype], "o")
     assert_rel_close(state, S_r, 1e-6, "state")
 
 
