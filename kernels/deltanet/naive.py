@@ -1,4 +1,4 @@
-"""The delta rule, the readable reference (DeltaNet; DESIGN.md "Baselines").
+"""The delta rule, the readable reference (DeltaNet).
 
 Per batch element and head the state is S ∈ R^{K×V}. With keys L2-normalised by the caller
 and a write strength β_t ∈ (0, 1):
