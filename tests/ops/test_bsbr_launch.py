@@ -82,15 +82,17 @@ def spy_readout(monkeypatch):
     return seen
 
 
-def test_launch_none_runs_the_cached_launch_of_its_shape_class(fake_gpu, monkeypatch):
+def test_launch_none_runs_the_cached_launch_of_its_shape_class(fake_gpu, monkeypatch,
+                                                               kernel_device):
     """A cache entry for (op, shape class) is what launch=None runs, for every T of the length
     bucket; a stage given explicitly keeps the cache for the others; an entry the dataclass
     refuses falls back to the defaults; without a GPU name the defaults apply."""
     seen = spy_readout(monkeypatch)
-    x = [torch.randn(1, 2, 40, d) for d in (8, 8, 8, 4, 4)]
+    dev = kernel_device
+    x = [torch.randn(1, 2, 40, d, device=dev) for d in (8, 8, 8, 4, 4)]
     kw = dict(chunk_size=8, top_k=2, backend="triton")
     cls = shape_classes(dtype=torch.float32, T=40, K=8, V=8, M=4, chunk_size=8, top_k=2)
-    kernels.launch.store_tuned("bsbr.readout", "cpu", cls["readout"],
+    kernels.launch.store_tuned("bsbr.readout", dev, cls["readout"],
                                {"block": 16, "warps": 2, "not_a_field": 1})
     tuned = ReadoutLaunch(block=16, warps=2)
     bsbr_attention(*x, **kw)
@@ -99,10 +101,10 @@ def test_launch_none_runs_the_cached_launch_of_its_shape_class(fake_gpu, monkeyp
     bsbr_attention(*x, **kw, launch=BSBRLaunch(readout=ReadoutLaunch(block=32)))
     bsbr_attention(*[t[:, :, :24] for t in x], **kw)              # T = 24: another bucket
     assert seen == [tuned, tuned, tuned, ReadoutLaunch(block=32), ReadoutLaunch()]
-    kernels.launch.store_tuned("bsbr.readout", "cpu", cls["readout"], {"block": 48})
-    assert resolve(BSBRLaunch(), "cpu", cls).readout == ReadoutLaunch()
+    kernels.launch.store_tuned("bsbr.readout", dev, cls["readout"], {"block": 48})
+    assert resolve(BSBRLaunch(), dev, cls).readout == ReadoutLaunch()
     monkeypatch.setattr(kernels.launch, "device_name", lambda device: None)     # a plain CPU
-    assert resolve(BSBRLaunch(), "cpu", cls) == BSBRLaunch(RoutingLaunch(), ReadoutLaunch(),
+    assert resolve(BSBRLaunch(), dev, cls) == BSBRLaunch(RoutingLaunch(), ReadoutLaunch(),
                                                            LocalLaunch(), StatesLaunch())
 
 
@@ -110,20 +112,21 @@ SHAPE = tune.SweepShape(T=40, batch=1, heads=2, head_dim=8, chunk_size=8, top_k=
                         dtype=torch.float32, meta_dim=4)
 
 
-def test_routing_sweep_stores_a_winner_that_launch_none_resolves_to(fake_gpu):
+def test_routing_sweep_stores_a_winner_that_launch_none_resolves_to(fake_gpu, kernel_device):
     """The real sweep (wall-clock times on the CPU, so any candidate may win): every candidate
     gets a time and the same slots (the interpreter computes every product in float32), and the
     winner in the file is the routing launch=None resolves to at that shape class."""
     candidates = tune.ROUTING_CANDIDATES[:3]
-    report = tune.tune_routing(SHAPE, "cpu", candidates)
+    report = tune.tune_routing(SHAPE, kernel_device, candidates)
     assert [r["fwd_ms"] > 0 and r["same_slots"] == 1.0 for r in report["rows"]] == [True] * 3
     assert report["best"] in candidates
     stored = cache_entries(fake_gpu)["bsbr.routing"][report["shape_class"]]
     assert stored == dataclasses.asdict(report["best"])
-    assert resolve(BSBRLaunch(), "cpu", SHAPE.classes()).routing == report["best"]
+    assert resolve(BSBRLaunch(), kernel_device, SHAPE.classes()).routing == report["best"]
 
 
-def test_routing_sweep_picks_the_fastest_launch_with_the_same_slots(fake_gpu, monkeypatch):
+def test_routing_sweep_picks_the_fastest_launch_with_the_same_slots(fake_gpu, monkeypatch,
+                                                                   kernel_device):
     from kernels.bsbr import routing_triton
     real = routing_triton.SelectedScoresTriton.apply
     running = []
@@ -141,15 +144,16 @@ def test_routing_sweep_picks_the_fastest_launch_with_the_same_slots(fake_gpu, mo
             - (launch.precision == "tf32x3") / 10
     monkeypatch.setattr(routing_triton.SelectedScoresTriton, "apply", fake_apply)
     monkeypatch.setattr(tune, "time_ms", fake_time)
-    report = tune.tune_routing(SHAPE, "cpu")
+    report = tune.tune_routing(SHAPE, kernel_device)
     assert report["best"] == RoutingLaunch(block_q=64, block_s=32, warps=4, precision="tf32x3")
     rows = report["rows"]
     assert [r["same_slots"] < 1.0 for r in rows] == [r["block_q"] == 128 for r in rows]
     assert len(rows) == len(tune.ROUTING_CANDIDATES)
-    assert resolve(BSBRLaunch(), "cpu", SHAPE.classes()).routing == report["best"]
+    assert resolve(BSBRLaunch(), kernel_device, SHAPE.classes()).routing == report["best"]
 
 
-def test_readout_sweep_times_each_candidate_and_stores_the_fastest(fake_gpu, monkeypatch):
+def test_readout_sweep_times_each_candidate_and_stores_the_fastest(fake_gpu, monkeypatch,
+                                                                   kernel_device):
     """Each candidate runs a bsbr fwd+bwd with its readout launch; a candidate that fails is a
     row with a note; the fastest one is stored and resolved by launch=None."""
     seen = spy_readout(monkeypatch)
@@ -163,7 +167,7 @@ def test_readout_sweep_times_each_candidate_and_stores_the_fastest(fake_gpu, mon
             raise RuntimeError("out of resources")
         return next(times)
     monkeypatch.setattr(tune, "time_ms", fake_time)
-    report = tune.tune_readout(SHAPE, "cpu", candidates,
+    report = tune.tune_readout(SHAPE, kernel_device, candidates,
                                routing=RoutingLaunch(precision="ieee"))
     assert seen == list(candidates)
     assert [r["fwd_bwd_ms"] for r in report["rows"]] == [2.0, 1.0, None]
@@ -171,4 +175,4 @@ def test_readout_sweep_times_each_candidate_and_stores_the_fastest(fake_gpu, mon
     assert report["best"] == candidates[1]
     stored = cache_entries(fake_gpu)["bsbr.readout"][report["shape_class"]]
     assert ReadoutLaunch(**stored) == candidates[1]
-    assert resolve(BSBRLaunch(), "cpu", SHAPE.classes()).readout == candidates[1]
+    assert resolve(BSBRLaunch(), kernel_device, SHAPE.classes()).readout == candidates[1]
