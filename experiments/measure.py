@@ -9,7 +9,6 @@ in a fresh process.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -81,22 +80,6 @@ def free_memory(device: torch.device | str) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def pinned(*pins):
-    """``with pinned((options, key, value), ...):`` sets entries of module-level option dicts
-    for the block, then restores each dict exactly as it was, so a benchmark can time two code
-    paths in one process."""
-    saved = [(d, dict(d)) for d, _, _ in pins]
-    for d, key, value in pins:
-        d[key] = value
-    try:
-        yield
-    finally:
-        for d, old in saved:
-            d.clear()
-            d.update(old)
 
 
 def cuda_kernel_profile(step, steps: int = 3, top: int = 15) -> list[dict]:

@@ -1,19 +1,8 @@
-"""experiments.measure: the pin helper and the CUDA kernel profile."""
+"""experiments.measure: the CUDA kernel profile."""
 import pytest
 import torch
 
-from experiments.measure import cuda_kernel_profile, pinned
-
-
-def test_pinned_sets_and_restores_the_option_dicts():
-    a, b = {"x": 1}, {}
-    with pinned((a, "x", 2), (b, "y", 3)):
-        assert a == {"x": 2} and b == {"y": 3}
-    assert a == {"x": 1} and b == {}
-    with pytest.raises(RuntimeError):
-        with pinned((b, "y", 4)):
-            raise RuntimeError("restored even when the block fails")
-    assert b == {}
+from experiments.measure import cuda_kernel_profile
 
 
 @pytest.mark.gpu
