@@ -320,3 +320,36 @@ def _umask():
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda p: p.pop("layers"), "missing layers"),
+    (lambda p: (p.pop("position"), p.pop("config")), "missing config, position"),
+    (lambda p: p.update(layers="abc"), "layers should be a non-empty list"),
+    (lambda p: p.update(layers=[]), "layers should be a non-empty list"),
+    (lambda p: p["layers"].__setitem__(1, p["layers"][1].double()), r"layers\[1\] should be a "
+                                                                    r"float32 tensor"),
+    (lambda p: p["layers"].__setitem__(1, p["layers"][1][..., :-1]), r"layers\[1\] should be "
+                                                                     r"of layers\[0\]'s shape"),
+    (lambda p: p["layers"].__setitem__(0, {"S": 1}), r"layers\[0\] should be a float32"),
+    (lambda p: p.update(position="7"), "position should be an int >= 0 or a list of 2 ints"),
+    (lambda p: p.update(position=[3, 4, 5]), "position should be"),
+    (lambda p: p.update(position=-1), "position should be"),
+    (lambda p: p.update(config=[1, 2]), "config should be None or a dict"),
+    (lambda p: p.update(config={"n_embd": [32]}), "config should be"),
+])
+def test_intact_state_file_of_the_wrong_structure_fails_clearly(tmp_path, change, match):
+    """State files are untrusted input: one that passes its checksum but holds the wrong
+    structure is refused with a ValueError naming the file and the field, not a raw
+    KeyError / TypeError from deep inside."""
+    from bdh.state import STATE_FORMAT, STATE_VERSION
+    from glassbrain.atomic_file import save_checked
+    model = make_model()
+    with torch.no_grad():
+        _, st = model(torch.randint(0, 256, (2, 5)), return_state=True)
+    payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "config": dict(st.config),
+               "position": 5, "layers": [S.clone() for S in st.layers]}
+    change(payload)
+    save_checked(payload, tmp_path / "s.pt")
+    with pytest.raises(ValueError, match=r"s\.pt: not a usable BDH state: " + match):
+        load_state(tmp_path / "s.pt")
