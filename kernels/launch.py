@@ -19,6 +19,7 @@ so a new prompt length never misses the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -54,8 +55,14 @@ def shape_class(**sizes) -> str:
 
 
 def tuning_dir() -> str:
-    return os.environ.get("GLASSBRAIN_TUNING_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "glassbrain", "tuning")
+    return os.environ.get("GLASSBRAIN_TUNING_DIR") or _home_tuning_dir()
+
+
+# Memoised: calls that pass no launch resolve their default on every launch, so the path must
+# cost little more than a dict lookup (os.path.expanduser and re.sub were ~5 µs a call).
+@functools.lru_cache(maxsize=1)
+def _home_tuning_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "glassbrain", "tuning")
 
 
 def device_name(device: torch.device | str) -> str | None:
@@ -67,7 +74,12 @@ def device_name(device: torch.device | str) -> str | None:
 
 
 def _cache_path(name: str) -> str:
-    return os.path.join(tuning_dir(), re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".json")
+    return _cache_file(tuning_dir(), name)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_file(directory: str, name: str) -> str:
+    return os.path.join(directory, re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".json")
 
 
 _LOADED: dict[str, dict] = {}     # file contents by path, read once per process (a read cache)
@@ -126,8 +138,11 @@ def with_tuned(default, op: str, device, shape_class: str):
     """``default`` (a frozen launch dataclass) with the cache's fields for this call applied;
     unknown or mistyped fields in the file are ignored rather than trusted, and so is an entry
     that the dataclass's own checks refuse (its defaults apply)."""
-    fields = {f.name: f.type for f in dataclasses.fields(default)}
-    found = {k: v for k, v in tuned(op, device, shape_class).items()
+    entry = tuned(op, device, shape_class)
+    if not entry:                         # the common case, kept cheap: one call per launch
+        return default
+    fields = {f.name for f in dataclasses.fields(default)}
+    found = {k: v for k, v in entry.items()
              if k in fields and isinstance(v, type(getattr(default, k)))}
     if not found:
         return default

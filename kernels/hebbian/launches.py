@@ -156,6 +156,11 @@ class ReduceLaunch(_Checked):
     warps: int = _warps(4)
 
 
+# One instance of each default, built once: a call that passes no launch resolves its default
+# on every launch, and constructing (and checking) a dataclass costs several µs.
+DEFAULTS = MappingProxyType({cls: cls() for cls in (
+    ChunkLaunch, StepLaunch, CompactLaunch, SparseStepLaunch, EncodeRopeLaunch, EncodeGateLaunch,
+    ReduceLaunch)})
 INTERPRETER_DEFAULTS = MappingProxyType({
     ChunkLaunch: ChunkLaunch(mode="split", BT=64, BT_bwd=64, h_BK=64, o_BV=64, fused_BK=32,
                              fused_BV=32),
@@ -177,8 +182,5 @@ def default_launch(cls, op: str, device, **sizes):
     for ``op`` at the shape class of ``sizes`` applied, or the interpreter's small tiles."""
     from ..launch import INTERPRET, shape_class, with_tuned
     if INTERPRET:
-        return INTERPRETER_DEFAULTS.get(cls) or cls()
-    try:
-        return with_tuned(cls(), op, device, shape_class(**sizes))
-    except (TypeError, ValueError):      # a cache entry out of range: the defaults, as with_tuned
-        return cls()                     # does for unknown or mistyped fields
+        return INTERPRETER_DEFAULTS.get(cls, DEFAULTS[cls])
+    return with_tuned(DEFAULTS[cls], op, device, shape_class(**sizes))
