@@ -25,7 +25,7 @@ from glassbrain.checks import check_sequence
 
 from .config import ATTENTION_BACKENDS
 from kernels.rope import official_freqs, rope_dense_attention, rotate_at, rotate_neurons
-from .state import BDHState
+from .state import BDHState, advance_position
 
 
 class HebbianRoPE(nn.Module):
@@ -44,27 +44,29 @@ class HebbianRoPE(nn.Module):
         self.freqs = nn.Buffer(official_freqs(N, torch.float32).view(1, 1, 1, N))
 
     def rotate(self, xs: torch.Tensor, position=0) -> torch.Tensor:
-        """RoPE from ``position``: an int, or (decoding under a CUDA graph) an int64 tensor.
-        Without rope (an ablation, not BDH): xs itself."""
+        """RoPE from ``position``: an int, a tuple of ints (one per row of xs: streams at
+        different positions), or (decoding under a CUDA graph) an int64 device tensor [1] or
+        [B]. Without rope (an ablation, not BDH): xs itself."""
         if not self.rope:
             return xs
         if isinstance(position, torch.Tensor):
             return rotate_at(xs, position)
         return rotate_neurons(xs, position)
 
-    def forward(self, xs, v, *, position: int = 0, state=None, output_final_state=False,
+    def forward(self, xs, v, *, position=0, state=None, output_final_state=False,
                 step=False, backend="auto", chunk_size=None, dense_max_tokens=1024,
-                recompute=False):
+                recompute=False, step_launch=None):
         """xs [B,nh,T,N], v [B,1,T,D]; state None or [B,nh,N,D] float32.
 
-        step=True (T == 1, a state, no autograd) runs `hebbian_step`, which updates ``state``
-        in place: callers that must keep their state pass a clone.
+        step=True (T == 1, a state, no autograd) runs `hebbian_step` (its launch:
+        ``step_launch``, a `kernels.StepLaunch` or None), which updates ``state`` in place:
+        callers that must keep their state pass a clone.
         Returns (a [B,nh,T,D] in xs's dtype, final state or None)."""
         if step:
             qk = self.rotate(xs, position)
             v = v.to(qk.dtype)
             o, S = hebbian_step(qk[:, :, 0], qk[:, :, 0], v[:, :, 0], state, strict=True,
-                                backend=backend)
+                                backend=backend, launch=step_launch)
             return o.unsqueeze(2), S
         if backend == "auto" and xs.is_cuda:
             backend = "dense" if xs.shape[2] <= dense_max_tokens else "triton"
@@ -164,4 +166,4 @@ class BDHAttention(nn.Module):
         y = self.out_proj(a.transpose(1, 2).reshape(B, T, self.n_head * D))
         if not return_state:
             return y
-        return y, BDHState([S_new], position + T, self.state_config())
+        return y, BDHState([S_new], advance_position(position, T), self.state_config())

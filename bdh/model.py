@@ -28,14 +28,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glassbrain.sampling import sample_next
 from glassbrain.checks import check_token_ids, next_token_loss
+from glassbrain.generation import check_generate_args
+from glassbrain.sampling import sample_loop
 
 from .attention import HebbianRoPE
 from .config import BDHConfig
-from .state import BDHState
-
-PREFILL_CHUNK = 4096   # generate() consumes a long prompt in pieces of this many tokens
+from .decode import PREFILL_CHUNK, BDHDecoder, needs_eager
+from .state import BDHState, advance_position
 
 
 def _gate(xs, ys, keep):
@@ -134,7 +134,8 @@ class BDH(nn.Module):
 
     # ----------------------------------------------------------------- forward
 
-    def _layer(self, x, S, position: int, step: bool, want_state: bool, layer: int):
+    def _layer(self, x, S, position, step: bool, want_state: bool, layer: int,
+               step_launch=None):
         """One BDH layer. x [B,1,T,D]; S None or [B,nh,N,D]. Returns (x, S_final or None).
 
         The [.., N]-wide tensors are made head-major, [nh, B·T, N], by one bmm per weight:
@@ -151,7 +152,8 @@ class BDH(nn.Module):
         a, S = self.attn(xs, x, position=position, state=S, output_final_state=want_state,
                          step=step, backend=C.backend, chunk_size=C.chunk_size,
                          dense_max_tokens=C.dense_max_tokens,
-                         recompute=C.recompute_attention and self.training)
+                         recompute=C.recompute_attention and self.training,
+                         step_launch=step_launch)
         a_h = self.ln(a).transpose(0, 1).reshape(nh, M, D)               # a view when head-major
         ys_h = torch.bmm(a_h, self.encoder_v).relu_()                    # [nh,B·T,N]
         if self._probe is not None:
@@ -166,11 +168,14 @@ class BDH(nn.Module):
         x = self.ln(x + self.ln(y.view(B, 1, T, D)))
         return x, S
 
-    def _run(self, idx, states, position: int, want_state: bool, inplace: bool,
-             last_only: bool = False):
+    def _run(self, idx, states, position, want_state: bool, inplace: bool,
+             last_only: bool = False, step_launch=None):
         """The layer stack on validated ids. states: None or a list of [B,nh,N,D] float32.
-        inplace: the decoding step may update ``states`` in place (only generate, which owns
-        them). Returns (logits, list of final states or None)."""
+        position: the RoPE position of idx[:, 0]: an int, a tuple (one per row), or an int64
+        device tensor [1] or [B] (decoding steps only). inplace: the decoding step may update
+        ``states`` in place (only a `BDHDecoder`, which owns them). step_launch: the decoding
+        step's `kernels.StepLaunch` (None: its default). Returns (logits, list of final states
+        or None)."""
         C = self.config
         B, T = idx.shape
         x = self.ln(self.embed(idx).unsqueeze(1))                        # [B,1,T,D]
@@ -186,7 +191,7 @@ class BDH(nn.Module):
                 x, S = checkpoint(self._layer, x, S, position, step, want_state, layer,
                                   use_reentrant=False)
             else:
-                x, S = self._layer(x, S, position, step, want_state, layer)
+                x, S = self._layer(x, S, position, step, want_state, layer, step_launch)
             new_states.append(S)
         if last_only:
             x = x[:, :, -1:]
@@ -216,7 +221,7 @@ class BDH(nn.Module):
         loss = None if targets is None else next_token_loss(logits, targets)
         if not return_state:
             return logits, loss
-        new_state = BDHState(new_states, position + T, self.state_config())
+        new_state = BDHState(new_states, advance_position(position, T), self.state_config())
         return (logits, new_state) if targets is None else (logits, loss, new_state)
 
     # ----------------------------------------------------------------- generation
@@ -230,9 +235,10 @@ class BDH(nn.Module):
         """Returns idx followed by ``max_new_tokens`` sampled tokens, [B, T0 + max_new_tokens].
 
         The prompt is consumed once by the chunked kernel (in pieces of ``prefill_chunk``
-        tokens), then each new token is decoded from the fixed-size state (`hebbian_step`):
-        the prefix is never re-run and memory does not grow with the tokens generated.
-        top_k=1 is greedy. ``generator`` (or ``seed``) makes sampling reproducible.
+        tokens), then each new token is decoded from the fixed-size state by a
+        `bdh.decode.BDHDecoder`: the prefix is never re-run and memory does not grow with the
+        tokens generated. top_k=1 is greedy. ``generator`` (or ``seed``) makes sampling
+        reproducible.
 
         Continuing: with `state=`, idx holds the tokens that follow the state. With
         `return_state=True` it returns `(tokens, state)`, where the state has consumed every
@@ -249,93 +255,25 @@ class BDH(nn.Module):
         summation order). Needs eval mode (or dropout 0) and no probe; the prompt still runs
         through the dense chunked kernel.
         """
-        C = self.config
-        idx = check_token_ids(idx, C.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not temperature > 0:
-            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or top_k < 1):
-            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
-                or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk: expected an int >= 1, got {prefill_chunk!r}")
-        device = self.encoder.device
-        if idx.device != device:
-            raise ValueError(f"idx: expected device {device} (the model's), got {idx.device}")
-        if generator is not None and seed is not None:
-            raise ValueError("generator, seed: pass at most one of them")
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
+        idx = check_token_ids(idx, self.config.vocab_size)
+        generator = check_generate_args(idx, self.encoder.device, max_new_tokens, temperature,
+                                        top_k, generator, seed)
         if not isinstance(sparse, bool):
             raise ValueError(f"sparse: expected True or False, got {sparse!r}")
         if cuda_graph not in (None, True, False):
             raise ValueError(f"cuda_graph: expected None, True or False, got {cuda_graph!r}")
-        eager_only = (self.training and self.drop.p > 0) or self._probe is not None
-        if cuda_graph and (device.type != "cuda" or eager_only):
-            raise ValueError("cuda_graph=True: needs a CUDA model in eval mode (or dropout 0) "
-                             f"with no probe attached; got device {device}, "
-                             f"training={self.training}, probe={self._probe is not None}")
-        if sparse and eager_only:
-            raise ValueError("sparse=True: needs eval mode (or dropout 0) and no probe attached")
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and not eager_only and max_new_tokens >= 4
-        if generator is not None and top_k != 1 and generator.device.type != device.type:
-            raise ValueError(f"generator: expected a torch.Generator on {device.type} (the "
-                             f"model's device), got one on {generator.device}")
-
+            cuda_graph = (self.encoder.is_cuda and not needs_eager(self)
+                          and max_new_tokens >= 4)
         B, T0 = idx.shape
-        if state is None:
-            st = self.init_state(B)
-        else:
+        if state is not None:
             self.check_state(state, B)
-            st = state.clone()        # decoding updates it in place; the caller's stays intact
-        states, position = st.layers, st.position
-
-        def consume(tokens):
-            nonlocal states, position
-            logits = None
-            for s in range(0, tokens.shape[1], prefill_chunk):
-                piece = tokens[:, s:s + prefill_chunk]
-                logits, states = self._run(piece, states, position, want_state=True,
-                                           inplace=True, last_only=True)
-                position += piece.shape[1]
-            return logits
-
-        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
-        out[:, :T0] = idx
-        if max_new_tokens == 0:
-            if return_state and T0 > 1:
-                consume(idx[:, :-1])
-        else:
-            logits = consume(idx)
-            graph = pos_dev = None
-            for i in range(max_new_tokens):
-                nxt = sample_next(logits[:, -1], temperature, top_k, generator)
-                out[:, T0 + i:T0 + i + 1] = nxt
-                if i + 1 == max_new_tokens:
-                    break
-                if graph is not None:
-                    logits = graph.step(nxt)
-                elif cuda_graph:
-                    from .decode_graph import DecodeGraph
-                    graph = DecodeGraph(self, states, position, nxt,  # this step, then capture
-                                        sparse=sparse)
-                    logits = graph.logits
-                elif sparse:
-                    from .sparse_decode import sparse_decode_step
-                    if pos_dev is None:     # on the device, so a step makes no host copy
-                        pos_dev = torch.tensor([position], dtype=torch.int64, device=device)
-                    logits, states = sparse_decode_step(self, nxt, states, pos_dev)
-                    pos_dev.add_(1)
-                else:
-                    logits, states = self._run(nxt, states, position, want_state=True,
-                                               inplace=True, last_only=True)
-                position += 1
-            del graph
-        if not return_state:
-            return out
-        return out, BDHState(states, position, self.state_config())
+            state = state.clone()     # the decoder updates it in place; the caller's stays intact
+        mode = "sparse" if sparse else ("graph" if cuda_graph else "eager")
+        dec = BDHDecoder(self, B, mode, capture=cuda_graph if sparse else None,
+                         prefill_chunk=prefill_chunk, state=state)
+        if max_new_tokens == 0 and return_state and T0 > 1:
+            dec.prefill(idx[:, :-1])
+        out = sample_loop(idx, max_new_tokens, dec.prefill, dec.step, temperature, top_k,
+                          generator)
+        return (out, dec.state) if return_state else out

@@ -4,10 +4,11 @@ For each weight set (a trained checkpoint from `experiments.train` when --checkp
 and random weights, labelled as such), each prompt length and each batch size:
 
 * the prompt goes once through the chunked kernel (`model.generate(prompt, 0, return_state)`);
-* from a copy of that state, greedy decoding replays a captured CUDA graph of the dense step
-  (`BDH._run`), and from other copies one of the sparse step (`bdh.sparse_decode`), with its
-  fused layer kernels and with the unfused ones (`SPARSE_DECODE` pinned); the first
-  step of each runs eagerly and captures the graph (untimed), the next ``new_tokens`` are timed;
+* from a copy of that state, a `bdh.decode.BDHDecoder` decodes greedily, replaying a captured
+  CUDA graph of the dense step, and from other copies one of the sparse step
+  (`bdh.sparse_decode`), with its fused layer kernels and with the unfused ones (each launch
+  passed per call, `SparseDecodeLaunch`); the first step of each runs eagerly and captures the
+  graph (untimed), the next ``new_tokens`` are timed;
 * tok/s counts every sequence of the batch (B · new_tokens / seconds);
 * "same tokens" compares the two greedy continuations (they differ only by float32 summation
   order, so a near-tie in the logits can flip a token and everything after it);
@@ -21,9 +22,11 @@ weights read random bytes. On the CPU the same code runs eagerly (no graphs) on 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .measure import PeakMemory, cuda_kernel_profile, pinned
+from .measure import PeakMemory, cuda_kernel_profile
 
 CHECKPOINT_FIX = "pass a checkpoint written by `python -m experiments.train --model bdh`"
 
@@ -57,74 +60,48 @@ def make_prompts(B: int, P: int, device, text: bytes | None, seed: int = 0) -> t
     return torch.stack([data[s:s + P] for s in starts.tolist()]).to(device)
 
 
-class _Decoder:
-    """Greedy single-token steps from ``state`` (its layers are updated in place): a captured
-    CUDA graph on CUDA (`bdh.decode_graph.DecodeGraph`), eager steps on the CPU."""
-
-    def __init__(self, model, state, first, sparse: bool):
-        self.model, self.state, self.sparse = model, state, sparse
-        self.pos = state.position
-        self.graph = None
-        if first.device.type == "cuda":
-            from bdh.decode_graph import DecodeGraph
-            self.graph = DecodeGraph(model, state.layers, state.position, first, sparse=sparse)
-            self.logits = self.graph.logits
-        else:
-            self.logits = self._eager(first)
-
-    def _eager(self, tok):
-        if self.sparse:
-            from bdh.sparse_decode import sparse_decode_step
-            logits, _ = sparse_decode_step(self.model, tok, self.state.layers, self.pos)
-        else:
-            logits, _ = self.model._run(tok, self.state.layers, self.pos, want_state=True,
-                                        inplace=True, last_only=True)
-        self.pos += 1
-        return logits
-
-    def step(self, tok):
-        self.logits = self.graph.step(tok) if self.graph is not None else self._eager(tok)
-        return self.logits
+def _decoder(model, state, sparse: bool, launch, eager: bool = False):
+    """A `BDHDecoder` on a copy of ``state``: the sparse step (``launch``: its
+    `SparseDecodeLaunch`) or the dense one, captured in a CUDA graph on CUDA unless ``eager``."""
+    from bdh.decode import BDHDecoder
+    if sparse:
+        return BDHDecoder(model, state.batch_size, "sparse", capture=False if eager else None,
+                          launch=launch, state=state.clone())
+    return BDHDecoder(model, state.batch_size, "eager" if eager else "auto", launch=launch,
+                      state=state.clone())
 
 
 @torch.no_grad()
-def decode_greedy(model, state, first, n: int, sparse: bool, fused: bool = True):
-    """n greedy tokens after ``first`` [B,1] from a copy of ``state``; ``fused``: the sparse
-    step's fused layer kernels (pinned off: the unfused ones; a graph keeps what it captured).
-    Returns (tokens [B, n] on the CPU, seconds of the n timed steps, their peak memory)."""
-    import bdh.sparse_decode as sd
-    with pinned((sd.SPARSE_DECODE, "fused", fused)):
-        dec = _Decoder(model, state.clone(), first, sparse)   # step 1 (and capture): untimed
-    nxt = dec.logits[:, -1].argmax(-1, keepdim=True)
+def decode_greedy(model, state, first, n: int, sparse: bool, launch=None):
+    """n greedy tokens after ``first`` [B,1] from a copy of ``state``, through the sparse step
+    (``launch``: its `SparseDecodeLaunch`, e.g. fused=False for the unfused kernels) or the
+    dense one. Returns (tokens [B, n] on the CPU, seconds of the n timed steps, their peak
+    memory)."""
+    dec = _decoder(model, state, sparse, launch)
+    nxt = dec.step(first).argmax(-1, keepdim=True)            # step 1 (and capture): untimed
     out = torch.empty(first.shape[0], n, dtype=torch.long, device=first.device)
     with PeakMemory(first.device) as m:                       # synchronises on entry and exit
         for i in range(n):
             out[:, i:i + 1] = nxt
-            nxt = dec.step(nxt)[:, -1].argmax(-1, keepdim=True)
+            nxt = dec.step(nxt).argmax(-1, keepdim=True)
     return out.cpu(), m.seconds, m.peak
 
 
 @torch.no_grad()
-def profile_steps(model, state, first, sparse: bool, fused: bool = True, steps: int = 3,
+def profile_steps(model, state, first, sparse: bool, launch=None, steps: int = 3,
                   top: int = 15) -> list[dict]:
     """CUDA time per kernel over ``steps`` eager decoding steps from a copy of ``state``
     (torch.profiler; eager, so launch gaps are not in these numbers, only kernel times): the
     ``top`` kernels by total time, [{"name", "calls", "us_total"}], per step. [] on the CPU."""
     if first.device.type != "cuda":
         return []
-    import bdh.sparse_decode as sd
-    with pinned((sd.SPARSE_DECODE, "fused", fused)):
-        layers, pos = [S.clone() for S in state.layers], state.position
-        step = (lambda t, p: sd.sparse_decode_step(model, t, layers, p)) if sparse else \
-            (lambda t, p: model._run(t, layers, p, want_state=True, inplace=True,
-                                     last_only=True))
-        tok = first
+    dec = _decoder(model, state, sparse, launch, eager=True)
+    tok = first
 
-        def one(i):                        # i = 0 is the untraced warm-up (compile)
-            nonlocal tok
-            logits, _ = step(tok, pos + i)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-        return cuda_kernel_profile(one, steps, top)
+    def one(i):                            # i = 0 is the untraced warm-up (compile)
+        nonlocal tok
+        tok = dec.step(tok).argmax(-1, keepdim=True)
+    return cuda_kernel_profile(one, steps, top)
 
 
 @torch.no_grad()
@@ -148,12 +125,15 @@ def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
         _, st = model.generate(prompt, 0, return_state=True)  # all but the last prompt token
     first = prompt[:, -1:]
     dens = decode_density(model, st, first, density_tokens)
-    # (label, sparse, fused): the unfused sparse kernels are timed too, for the A/B
-    variants = [("dense", False, True), ("sparse", True, True), ("sparse unfused", True, False)]
+    # (label, sparse, launch): the unfused sparse kernels are timed too, for the A/B
+    from bdh.sparse_decode import sparse_decode_launch
+    tuned = sparse_decode_launch(model, B)
+    variants = [("dense", False, None), ("sparse", True, tuned),
+                ("sparse unfused", True, dataclasses.replace(tuned, fused=False))]
     runs = {v[0]: decode_greedy(model, st, first, new_tokens, v[1], v[2]) for v in variants}
     shape = f"B{B} prompt {P}, {new_tokens} new"
     where = "graph" if b.dev.type == "cuda" else "eager"
-    for label, sparse, _ in variants:
+    for label, sparse, launch in variants:
         note = (f"{weights} weights; density while decoding xs {dens['xs']:.3f}, "
                 f"xy {dens['xy']:.4f}")
         same = agree = None
@@ -168,7 +148,7 @@ def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
                    token_agreement=agree)
         if profile:                         # where a step spends its GPU time, per kernel
             try:
-                row["profile"] = profile_steps(model, st, first, sparse, fused=label == "sparse")
+                row["profile"] = profile_steps(model, st, first, sparse, launch)
             except Exception as exc:                # noqa: BLE001 (the timing row still counts)
                 row["profile"] = [{"name": f"profile failed: {type(exc).__name__}: {exc}"[:200],
                                    "calls": 0, "us_total": 0.0}]

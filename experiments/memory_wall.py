@@ -201,29 +201,24 @@ def _steps(model, name, nxt, state, n):
 
 
 class _Stepper:
-    """Greedy decoding the way a user who cares decodes each model: BDH on CUDA replays a
-    captured CUDA graph of its step (`bdh.decode_graph`; the first step runs eagerly and
-    captures it, so it belongs in the untimed warm-up); GPT-2 "gpt2-static" steps a StaticCache
-    (fixed shapes) under the memory-efficient SDPA kernel; everything else runs `_steps`
-    eagerly, all n tokens in one call (GPT-2: the plain transformers loop, DynamicCache)."""
+    """Greedy decoding the way a user who cares decodes each model: BDH through a
+    `bdh.decode.BDHDecoder` on its state (on CUDA it replays a captured CUDA graph of its step;
+    the first step runs eagerly and captures it, so it belongs in the untimed warm-up); GPT-2
+    "gpt2-static" steps a StaticCache (fixed shapes) under the memory-efficient SDPA kernel;
+    everything else runs `_steps` eagerly, all n tokens in one call (GPT-2: the plain
+    transformers loop, DynamicCache)."""
 
     def __init__(self, model, name, state, device):
+        from bdh.decode import BDHDecoder
         self.model, self.name, self.state, self.device = model, name, state, device
-        self.graph, self.taken = None, 0
+        # BDH: the decoder adopts the state's tensors (updated in place, no copy)
+        self.decoder = BDHDecoder(model, 1, state=state) if name == "bdh" else None
 
     def run(self, nxt, n: int):
         """n greedy tokens after nxt; returns the last one."""
-        if self.name == "bdh" and self.device.type == "cuda":
+        if self.decoder is not None:
             for _ in range(n):
-                if self.graph is None:
-                    from bdh.decode_graph import DecodeGraph
-                    self.graph = DecodeGraph(self.model, self.state.layers,
-                                             self.state.position, nxt)
-                    logits = self.graph.logits
-                else:
-                    logits = self.graph.step(nxt)
-                self.taken += 1
-                nxt = logits[:, -1:].argmax(-1)
+                nxt = self.decoder.step(nxt).argmax(-1, keepdim=True)
             return nxt
         if self.name == "gpt2-static":
             dec, cache, pos = self.state
@@ -236,11 +231,7 @@ class _Stepper:
         return nxt
 
     def final_state(self):
-        if self.graph is not None:
-            from bdh import BDHState
-            return BDHState(self.state.layers, self.state.position + self.taken,
-                            self.state.config)
-        return self.state
+        return self.decoder.state if self.decoder is not None else self.state
 
 
 def decode(model, name, nxt, state, cfg, device):

@@ -6,7 +6,7 @@ import torch
 from kernels.rope import pair_freqs64, rotate_at, rotate_neurons
 from kernels.rope import rotate_reference as _rotate
 from kernels.rope.triton_rotate import rope_rotate_triton
-from helpers import assert_rel_close
+from helpers import assert_rel_close, rel_err
 from test_bdh_streaming import make_model      # small BDH, sharpened logits, backend torch
 
 @pytest.mark.parametrize("start", [0, 7, 1_000_003])
@@ -31,21 +31,24 @@ def test_rotate_at_rejects_a_bad_position(bad):
         rotate_at(torch.randn(1, 1, 1, 8), bad)
 
 
-def test_decode_step_with_a_device_position_equals_the_int_position():
+def test_rope_positions_per_row_equal_each_row_alone():
+    """One start position per row (a tuple: differentiable; a device tensor [B]: decoding), as
+    BDH's attention rotates a batch of streams at different positions: each row as if alone,
+    and the gradient is each row's inverse rotation."""
     model = make_model(backend="torch")
-    idx = torch.randint(0, 256, (2, 9))
-    with torch.no_grad():
-        _, st = model(idx, return_state=True)
-        tok = torch.randint(0, 256, (2, 1))
-        s_int = [S.clone() for S in st.layers]
-        s_dev = [S.clone() for S in st.layers]
-        ref, _ = model._run(tok, s_int, 9, want_state=True, inplace=True, last_only=True)
-        out, _ = model._run(tok, s_dev, torch.tensor([9]), want_state=True, inplace=True,
-                            last_only=True)
-    assert_rel_close(out, ref, 1e-6, "logits")
-    for a, b in zip(s_dev, s_int):
-        assert_rel_close(a, b, 1e-6, "state")
-    assert (s_dev[0] - st.layers[0]).abs().max() > 0            # the step did update it
+    starts = (3, 999_999, 0)
+    xs = torch.randn(3, 2, 4, model.config.N, requires_grad=True)      # [B, nh, T, N]
+    out = model.attn.rotate(xs, starts)
+    g = torch.randn_like(out)
+    out.backward(g)
+    for b, s in enumerate(starts):
+        assert_rel_close(out[b], rotate_neurons(xs[b:b + 1], s)[0], 1e-6, f"row {b}")
+        assert_rel_close(xs.grad[b], _rotate(g[b].double(), s, True), 1e-6, f"grad row {b}")
+    at = model.attn.rotate(xs.detach(), torch.tensor(starts))
+    assert_rel_close(at, out, 1e-6, "device positions [B]")
+    assert rel_err(out[0], rotate_neurons(xs[:1], 4)[0]) > 1e-3        # the position matters
+    with pytest.raises(ValueError, match="start"):
+        rotate_neurons(xs, (1, 2))
 
 
 def test_generate_cuda_graph_argument_is_checked():

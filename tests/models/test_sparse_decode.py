@@ -4,8 +4,8 @@ through them, against float64 dense references and the model's dense step."""
 import pytest
 import torch
 
-from bdh import BDH, BDHConfig
-from bdh.sparse_decode import sparse_decode_step
+from bdh import BDH, BDHConfig, BDHState
+from bdh.sparse_decode import SparseDecodeLaunch, sparse_decode_step
 from helpers import assert_rel_close
 from kernels import hebbian_step
 from kernels.hebbian.sparse_naive import (active_rows_naive, sparse_hebbian_step_naive,
@@ -216,6 +216,16 @@ def tiny_bdh(backend, device="cpu"):
     return model
 
 
+def dense_step(model, tok, states, position):
+    """The model's dense decoding step (its forward on one token from a state, no autograd):
+    ``states`` (a list) becomes the stepped state; returns the logits [B,1,vocab]."""
+    with torch.no_grad():
+        logits, st = model(tok, state=BDHState(states, position, model.state_config()),
+                           return_state=True)
+    states[:] = st.layers
+    return logits
+
+
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("backend,sparse_backend", [("torch", "triton"), ("triton", "triton"),
                                                     ("torch", "torch")])
@@ -229,7 +239,7 @@ def test_bdh_sparse_step_equals_dense_step(kernel_device, B, backend, sparse_bac
         pos = st.position
         for _ in range(2):                               # two steps: the states stay equal
             tok = torch.randint(0, 37, (B, 1), device=kernel_device)
-            ref, _ = model._run(tok, dense, pos, want_state=True, inplace=True, last_only=True)
+            ref = dense_step(model, tok, dense, pos)
             out, states = sparse_decode_step(model, tok, sparse, pos, backend=sparse_backend)
             assert states is sparse
             assert_rel_close(out, ref, 1e-5, "logits")
@@ -271,15 +281,14 @@ def test_fused_sparse_layer_equals_unfused_and_dense(kernel_device, monkeypatch,
         for step in range(2):
             tok = torch.randint(0, 37, (B, 1), device=kernel_device)
             pos = st.position + step
-            ref, _ = model._run(tok, runs["dense"], pos, want_state=True, inplace=True,
-                                last_only=True)
-            monkeypatch.setitem(sd.SPARSE_DECODE, "fused", False)
-            unf, _ = sparse_decode_step(model, tok, runs["unfused"], pos, backend="triton")
-            monkeypatch.setitem(sd.SPARSE_DECODE, "fused", True)
+            ref = dense_step(model, tok, runs["dense"], pos)
             n = len(calls)
+            unf, _ = sparse_decode_step(model, tok, runs["unfused"], pos, backend="triton",
+                                        launch=SparseDecodeLaunch(fused=False))
+            assert len(calls) == n                           # the unfused kernels ran
             out, _ = sparse_decode_step(model, tok, runs["fused"],
                                         torch.tensor([pos], device=kernel_device),
-                                        backend="triton")
+                                        backend="triton", launch=SparseDecodeLaunch())
             assert len(calls) == n + 2                       # the fused path ran, per layer
             assert out.dtype == dtype and out.shape == (B, 1, 37)
             assert_rel_close(out, unf, tol, "logits vs unfused")
@@ -443,7 +452,7 @@ def test_gpu_bdh_sparse_step_captured_in_a_cuda_graph():
         g.replay()
         pos.add_(1)
         with torch.no_grad():
-            ref, _ = model._run(nxt, dense, p, want_state=True, inplace=True, last_only=True)
+            ref = dense_step(model, nxt, dense, p)
         p += 1
         torch.cuda.synchronize()
         assert_rel_close(out, ref, 1e-4, "logits (graph replay)")
@@ -466,7 +475,7 @@ def test_gpu_fused_sparse_decode_in_generate(dtype, tol):
         a = [S.clone() for S in st.layers]
         b = [S.clone() for S in st.layers]
         out, _ = sparse_decode_step(model, tok, a, st.position)
-        ref, _ = model._run(tok, b, st.position, want_state=True, inplace=True, last_only=True)
+        ref = dense_step(model, tok, b, st.position)
     assert_rel_close(out, ref, tol, "logits")
     dense = model.generate(prompt, 12, top_k=1, cuda_graph=True)
     sparse = model.generate(prompt, 12, top_k=1, cuda_graph=True, sparse=True)
