@@ -21,8 +21,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from bdh.hf import cache_nbytes
-from glassbrain.sampling import generate_from_state
 from glassbrain.checks import check_token_ids, next_token_loss
+from glassbrain.generation import check_generate_args
+from glassbrain.sampling import generate_from_state
 
 from .gpt2_decode import GPT2StaticDecoder, cache_argument, output_cache
 
@@ -105,15 +106,17 @@ class GPT2LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                 generator: torch.Generator | None = None, *, cache: str = "dynamic",
-                 sdpa_backend: str | None = "auto", compile_step: bool = False):
+                 generator: torch.Generator | None = None, *, seed: int | None = None,
+                 cache: str = "dynamic", sdpa_backend: str | None = "auto",
+                 compile_step: bool = False):
         """Prompt + ``max_new_tokens`` sampled tokens, decoding through the KV cache.
 
         cache="dynamic": the plain HF loop (a DynamicCache that grows by concatenation).
         cache="static": `baselines.gpt2_decode.GPT2StaticDecoder`, fixed-shape StaticCache steps
         under one SDPA backend (``sdpa_backend``), optionally compiled (``compile_step``)."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        idx = self._check_idx(idx, 0)
+        generator = check_generate_args(idx, self.hf.device, max_new_tokens, temperature,
+                                        top_k, generator, seed)
         if cache not in ("dynamic", "static"):
             raise ValueError(f"cache: expected 'dynamic' or 'static', got {cache!r}")
         if cache == "static":

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from glassbrain.sampling import generate_from_state
 from glassbrain.checks import check_token_ids, next_token_loss
+from glassbrain.generation import check_generate_args
+from glassbrain.sampling import generate_from_state
 
 from .deltanet import DeltaNetAttention
 from .linear import LinearAttention
@@ -179,12 +180,11 @@ class MixerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, *, seed: int | None = None):
         """Prompt + ``max_new_tokens`` sampled tokens: the prompt is consumed once, then every
-        new token is one step from the state (never re-running the prefix). top_k=1: greedy."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        new token is one step from the state (never re-running the prefix). top_k=1: greedy;
+        ``generator`` (or ``seed``) makes sampling reproducible."""
+        idx = check_token_ids(idx, self.config.vocab_size)
+        generator = check_generate_args(idx, self.embed.weight.device, max_new_tokens,
+                                        temperature, top_k, generator, seed)
         return generate_from_state(self, idx, max_new_tokens, temperature, top_k, generator)

@@ -21,8 +21,9 @@ import math
 import torch
 from torch import nn
 
-from glassbrain.sampling import sample_next
 from glassbrain.checks import check_token_ids, next_token_loss
+from glassbrain.generation import check_generate_args
+from glassbrain.sampling import generate_from_state
 
 from .attention import BSBRAttention
 from .config import BSBRLMConfig, check_int
@@ -141,52 +142,24 @@ class BSBRLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None, *,
-                 state: BSBRLMState | None = None, return_state: bool = False,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 seed: int | None = None, state: BSBRLMState | None = None,
+                 return_state: bool = False, prefill_chunk: int = PREFILL_CHUNK):
         """idx followed by ``max_new_tokens`` sampled tokens, [B, T0 + max_new_tokens].
 
         The prompt goes through the model once (in pieces of ``prefill_chunk`` tokens) into the
-        state; then every new token is one decode step from the state. top_k=1 is greedy.
-        With `state=`, idx holds the tokens that follow the state. With `return_state=True` it
-        returns `(tokens, state)`, the state having consumed every returned token but the last,
-        so `model.generate(tokens[:, -1:], n, state=state)` continues the sequence."""
+        state; then every new token is one decode step from the state. top_k=1 is greedy;
+        ``generator`` (or ``seed``) makes sampling reproducible. With `state=`, idx holds the
+        tokens that follow the state. With `return_state=True` it returns `(tokens, state)`,
+        the state having consumed every returned token but the last, so
+        `model.generate(tokens[:, -1:], n, state=state)` continues the sequence."""
         idx = check_token_ids(idx, self.config.vocab_size)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not temperature > 0:
-            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or top_k < 1):
-            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        generator = check_generate_args(idx, self.embed.weight.device, max_new_tokens,
+                                        temperature, top_k, generator, seed)
         check_int("", "prefill_chunk", prefill_chunk, 1)
-        device = self.embed.weight.device
-        if idx.device != device:
-            raise ValueError(f"idx: expected device {device} (the model's), got {idx.device}")
-        B, T0 = idx.shape
         if state is None:
-            state = self.init_state(B)
+            state = self.init_state(idx.shape[0])
         else:
-            self.check_state(state, B)
-
-        def consume(tokens, st):
-            logits = None
-            for s in range(0, tokens.shape[1], prefill_chunk):
-                logits, st = self(tokens[:, s:s + prefill_chunk], state=st, return_state=True)
-            return logits, st
-
-        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=device)
-        out[:, :T0] = idx
-        if max_new_tokens == 0:
-            if return_state and T0 > 1:
-                _, state = consume(idx[:, :-1], state)
-        else:
-            logits, state = consume(idx, state)
-            for i in range(max_new_tokens):
-                nxt = sample_next(logits[:, -1], temperature, top_k, generator)
-                out[:, T0 + i:T0 + i + 1] = nxt
-                if i + 1 == max_new_tokens:
-                    break
-                logits, state = self(nxt, state=state, return_state=True)
-        return (out, state) if return_state else out
+            self.check_state(state, idx.shape[0])
+        return generate_from_state(self, idx, max_new_tokens, temperature, top_k, generator,
+                                   state=state, return_state=return_state,
+                                   prefill_chunk=prefill_chunk)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -109,8 +110,11 @@ class StatesLaunch(_Checked):
     warps: int = _choice(4, POW2_WARPS)
 
 
-STAGES = {"routing": ("bsbr.routing", RoutingLaunch), "readout": ("bsbr.readout", ReadoutLaunch),
-          "local": ("bsbr.local", LocalLaunch), "states": ("bsbr.states", StatesLaunch)}
+# Each stage's op name in the tuning cache and its launch class (read-only).
+STAGES = MappingProxyType({"routing": ("bsbr.routing", RoutingLaunch),
+                           "readout": ("bsbr.readout", ReadoutLaunch),
+                           "local": ("bsbr.local", LocalLaunch),
+                           "states": ("bsbr.states", StatesLaunch)})
 
 
 @dataclass(frozen=True)
