@@ -19,7 +19,7 @@ from kernels.hebbian import decode_fused, launches, sparse_step, step
 from kernels.hebbian.plan import default_chunk_launch
 from kernels.hebbian.sparse_naive import (active_rows_naive, sparse_hebbian_step_naive,
                                           sparse_rows_matmul_naive)
-from kernels.launch import INTERPRET, pow2_tile
+from kernels.launch import INTERPRET, length_bucket, pow2_tile, shape_class, store_tuned
 from kernels.rope import pair_freqs64, rotate_reference
 
 
@@ -197,6 +197,22 @@ def test_a_call_without_launch_takes_the_interpreter_defaults(monkeypatch):
     small = launches.INTERPRETER_DEFAULTS[StepLaunch]
     assert small != StepLaunch()
     assert kernel.calls[0][1]["BK"] == pow2_tile(100, small.BK)
+
+
+@pytest.mark.gpu
+def test_the_tuning_cache_sets_the_default_launch(monkeypatch, tmp_path):
+    """A sweep's stored winner for the call's shape class is what a call without launch= gets;
+    an entry the dataclass refuses leaves the defaults."""
+    monkeypatch.setenv("GLASSBRAIN_TUNING_DIR", str(tmp_path))
+    kernel = spy(monkeypatch, step, "fused_recurrent_hebbian_step_kernel")
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(1, 2, n, device=dev) for n in (256, 256, 128))
+    cls = shape_class(K=256, V=128, BH=length_bucket(2), dtype=torch.float32)
+    for entry, want in (({"BK": 32, "warps": 4}, (32, 128, 4)), ({"BK": 100}, (128, 128, 8))):
+        store_tuned("hebbian_step", dev, cls, entry)
+        hebbian_step(q, k, v, torch.zeros(1, 2, 256, 128, device=dev), backend="triton")
+        kw = kernel.calls[-1][1]
+        assert (kw["BK"], kw["BV"], kw["num_warps"]) == want
 
 
 def test_fwd_mode_environment_sets_the_default_chunk_launch(monkeypatch):
