@@ -17,7 +17,8 @@ NAN, INF = float("nan"), float("inf")
 CASES = {"nan_hk": ("hk", 10, NAN, set(range(16, T))),      # chunk 1: every later chunk
          "nan_r": ("r", 20, NAN, {20}),
          "inf_r": ("r", 30, INF, {30}),                      # meets a positive h: row 30
-         "minus_inf_r": ("r", 30, -INF, set())}              # every score -inf: no candidate
+         "minus_inf_r": ("r", 30, -INF, set()),              # every score -inf: no candidate
+         "nan_q": ("q", 12, NAN, {12})}
 
 
 def nan_rows(o):
