@@ -5,9 +5,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Defined once, in kernels.launch; importable from here too (bdh.sparse_decode reads it here).
-from ..launch import INTERPRET  # noqa: F401
-
 
 @triton.jit
 def _decay_pow(n, b_lg):

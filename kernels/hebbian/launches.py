@@ -1,9 +1,10 @@
 """The launch settings of the Hebbian kernels: one frozen dataclass per op, passed per call
 (`launch=`), so no module holds tile choices that a benchmark or test would have to mutate.
 
-Tile fields (named B*) are caps: a kernel's tile is the field, or the dimension rounded up to a
-power of two when that is smaller (`kernels.launch.pow2_tile`), never below 16 (tl.dot's
-minimum). A field documented with "0:" takes the rule named there when it is 0.
+Tile fields (BK, BV, h_BK, ...) are caps: a kernel's tile is the field, or the dimension rounded
+up to a power of two when that is smaller (`kernels.launch.pow2_tile`), never below 16 (tl.dot's
+minimum); the chunk sizes BT and BT_bwd are taken as they are. A field documented with "0:"
+takes the rule named there when it is 0.
 
 A call that passes no launch gets `default_launch`: the dataclass defaults (the GPU tiles) with
 the per-GPU tuning cache's entry for the call's shape class applied (`kernels.launch.with_tuned`;
