@@ -20,7 +20,7 @@ process RSS, rough). Methods:
   fla_nsa      fla.ops.nsa.parallel_nsa, 16 query heads per kv head, top-k = --top-k blocks of
                64 (skipped if fla is not installed)
 Before the kernel sweep (CUDA), the two launch sweeps of `kernels.bsbr.tune` at --tune-T (32k at
---preset h100): the top-k routing forward for each of its ROUTING_CANDIDATES ("tune_routing" in
+--preset h100): the top-k routing forward for each of its ROUTE_CANDIDATES ("tune_routing" in
 the JSON), then bsbr fwd+bwd for each of its READOUT_CANDIDATES ("tune"); each stores its
 winner in this GPU's tuning cache, and the bsbr rows get both winners as their launch (passed
 per call, at every T); then a CUDA kernel profile of one bsbr fwd+bwd at --profile-T

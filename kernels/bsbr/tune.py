@@ -27,7 +27,7 @@ from .launch import STAGES, BSBRLaunch, ReadoutLaunch, RoutingLaunch, shape_clas
 # The routing sweep. The first launch (float32 FMAs) is the reference of "same_slots", the
 # share of its selections a launch reproduces: the pick is the fastest launch that agrees on
 # all but near-ties (SAME_SLOTS_MIN; tf32x3 differed in 3 per million picks at 32k).
-ROUTING_CANDIDATES = tuple(
+ROUTE_CANDIDATES = tuple(
     RoutingLaunch(block_q=bq, block_s=bs, warps=w, precision=p)
     for bq, bs, w, p in ((32, 32, 4, "ieee"), (64, 32, 4, "ieee"), (64, 64, 8, "ieee"),
                          (32, 32, 4, "tf32x3"), (64, 32, 4, "tf32x3"), (64, 64, 8, "tf32x3"),
@@ -113,7 +113,7 @@ def _sweep(candidates, run, device, stage: str, shape: SweepShape, key: str, ok=
     return {"shape_class": cls, "rows": [r for _, r in rows], "best": best, "path": path}
 
 
-def tune_routing(shape: SweepShape, device, candidates=ROUTING_CANDIDATES) -> dict:
+def tune_routing(shape: SweepShape, device, candidates=ROUTE_CANDIDATES) -> dict:
     """Time the top-k routing forward for each candidate on the meta keys bsbr_attention would
     route to; store the fastest that picks the first candidate's slots (but for near-ties).
     Returns {"shape_class", "rows" (with "fwd_ms", "same_slots"), "best", "path"}."""

@@ -116,7 +116,7 @@ def test_routing_sweep_stores_a_winner_that_launch_none_resolves_to(fake_gpu, ke
     """The real sweep (wall-clock times on the CPU, so any candidate may win): every candidate
     gets a time and the same slots (the interpreter computes every product in float32), and the
     winner in the file is the routing launch=None resolves to at that shape class."""
-    candidates = tune.ROUTING_CANDIDATES[:3]
+    candidates = tune.ROUTE_CANDIDATES[:3]
     report = tune.tune_routing(SHAPE, kernel_device, candidates)
     assert [r["fwd_ms"] > 0 and r["same_slots"] == 1.0 for r in report["rows"]] == [True] * 3
     assert report["best"] in candidates
@@ -148,7 +148,7 @@ def test_routing_sweep_picks_the_fastest_launch_with_the_same_slots(fake_gpu, mo
     assert report["best"] == RoutingLaunch(block_q=64, block_s=32, warps=4, precision="tf32x3")
     rows = report["rows"]
     assert [r["same_slots"] < 1.0 for r in rows] == [r["block_q"] == 128 for r in rows]
-    assert len(rows) == len(tune.ROUTING_CANDIDATES)
+    assert len(rows) == len(tune.ROUTE_CANDIDATES)
     assert resolve(BSBRLaunch(), kernel_device, SHAPE.classes()).routing == report["best"]
 
 
