@@ -144,9 +144,14 @@ def shape_classes(*, dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int
             "states": shape_class(K=K, V=V, C=chunk_size, T=T, dtype=dtype)}
 
 
+# One instance of each default (frozen), so a call without a cache entry constructs nothing.
+_UNSET = BSBRLaunch()
+_DEFAULTS = MappingProxyType({name: cls() for name, (_, cls) in STAGES.items()})
+
+
 def check_launch(launch) -> BSBRLaunch:
     if launch is None:
-        return BSBRLaunch()
+        return _UNSET
     if not isinstance(launch, BSBRLaunch):
         raise TypeError(f"launch: expected a kernels.bsbr.BSBRLaunch or None, got "
                         f"{type(launch).__name__}")
@@ -156,6 +161,6 @@ def check_launch(launch) -> BSBRLaunch:
 def resolve(launch: BSBRLaunch, device, classes: dict[str, str]) -> BSBRLaunch:
     """``launch`` with each stage named in ``classes`` that it leaves None filled in from the
     tuning cache (or the defaults)."""
-    filled = {name: with_tuned(STAGES[name][1](), STAGES[name][0], device, cls)
+    filled = {name: with_tuned(_DEFAULTS[name], STAGES[name][0], device, cls)
               for name, cls in classes.items() if getattr(launch, name) is None}
     return dataclasses.replace(launch, **filled) if filled else launch
