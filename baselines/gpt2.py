@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bdh.hf import cache_nbytes
+from glassbrain.hf import cache_nbytes
 from glassbrain.checks import check_token_ids, next_token_loss
 from glassbrain.generation import check_generate_args
 from glassbrain.sampling import generate_from_state

@@ -12,8 +12,8 @@ from .model import BDH
 from .probes import SparsityProbe
 from .sparse_decode import sparse_decode_step
 from .state import BDHState, load_state, save_state
-from . import hf  # noqa: F401 (registers attn_implementation="hebbian")
-from .hf import RecurrentCache, use_recurrent_cache
+# The transformers plumbing (importing it registers attn_implementation="hebbian").
+from glassbrain.hf import RecurrentCache, use_recurrent_cache
 
 __all__ = ["BDHConfig", "BDH", "BDHAttention", "BDHState", "save_state", "load_state",
            "SparsityProbe", "RecurrentCache", "use_recurrent_cache", "sparse_decode_step"]

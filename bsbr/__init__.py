@@ -14,10 +14,11 @@ from .bank import empty_bank, push_chunks, update_salience
 from .config import BankConfig, BSBRLMConfig
 from .model import BSBRLM
 from .state import BankState, BSBRLMState, BSBRState
-from . import hf  # noqa: F401 (registers attn_implementation="bsbr")
+from .stream import StreamSpec, bsbr_stream, empty_state
+from .hf import BSBROptions  # registers attn_implementation="bsbr" (glassbrain.hf: "hebbian")
 from .convert import convert
-from .mha import MHAState, RecurrentMultiheadAttention
+from .mha import RecurrentMultiheadAttention
 
 __all__ = ["BSBRAttention", "BankConfig", "BSBRLMConfig", "BSBRLM", "BSBRState", "BankState",
-           "BSBRLMState", "empty_bank", "push_chunks", "update_salience", "convert",
-           "RecurrentMultiheadAttention", "MHAState"]
+           "BSBRLMState", "empty_bank", "push_chunks", "update_salience", "StreamSpec",
+           "empty_state", "bsbr_stream", "BSBROptions", "convert", "RecurrentMultiheadAttention"]

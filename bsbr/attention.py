@@ -19,9 +19,10 @@ LM's validation loss 2.41 with the default against 2.77 with λ = 1. The same de
 `long_scale` argument (it scales the routed term only, not the local softmax or the
 routing), so the bank holds plain F_j.
 
-The maths runs in `kernels.bsbr` (one call per piece; a single token decodes as local attention
-over the partial chunk plus `routed_readout_step` over the bank). The streaming state
-(`BSBRState`) holds the bank of completed chunks and the partial chunk's k, v, hk; feeding a
+The maths runs in `kernels.bsbr` through `bsbr.stream` (one call per piece; a single token
+decodes as local attention over the partial chunk plus `routed_readout_step` over the bank).
+The streaming state (`BSBRState`) holds the bank of completed chunks and the partial chunk's
+k, v, hk; feeding a
 sequence in pieces (any cut points) equals one call, exactly up to float rounding, with the
 exact bank (bank=None) or a bounded bank that has not yet merged anything. Past a bounded
 bank's level-0 capacity the bank approximates: a query then routes over merged / archived
@@ -33,39 +34,44 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import bsbr as kb
-from glassbrain.checks import check_sequence
+from glassbrain.checks import check_int, check_optional_int, check_sequence
 
-from .bank import empty_bank, push_chunks, update_salience
-from .config import (BACKENDS, BankConfig, bank_from, check_int, check_long_scale,
-                     check_optional_int, resolve_long_scale)
+from .config import BACKENDS, BankConfig, bank_from, check_long_scale, resolve_long_scale
 from .state import BSBRState
+from .stream import StreamSpec, bsbr_stream, empty_state
 
 
 class BSBRAttention(nn.Module):
-    """Causal BSBR attention with a (hierarchical) state bank. See the module docstring.
-
-    d_model, n_head: D and heads (D divisible by n_head); chunk_size: C >= 1; top_k: None
-    (dense routing over all completed chunks) or >= 1; bank: None (exact, unbounded), a
-    `BankConfig`, a dict of its fields or a tuple of slots per level; meta_dim: M (default the
-    head dim); scale: local softmax scale (default 1/√K); long_scale: λ of the routed term
-    (default scale / chunk_size; 1.0 is DESIGN.md's plain sum); backend: kernels.bsbr backend.
-    """
+    """Causal BSBR attention with a (hierarchical) state bank. See the module docstring."""
 
     def __init__(self, d_model: int, n_head: int, chunk_size: int, top_k: int | None = None,
                  bank: BankConfig | None = None, meta_dim: int | None = None, *,
                  backend: str = "auto", scale: float | None = None,
                  long_scale: float | None = None, bias: bool = False):
+        """x [B,T,d_model] → y [B,T,d_model], causal; ``attn(x, state=..., return_state=True)``
+        streams.
+
+        d_model, n_head: the width D and the heads (D a multiple of n_head; head dim
+            K = D / n_head).
+        chunk_size: C >= 1, the chunk of the local softmax and of the bank's states.
+        top_k: None (dense routing over every completed chunk) or the chunks each token reads.
+        bank: None (the exact bank: one slot per completed chunk, growing), a `BankConfig`, a
+            dict of its fields or a tuple of slots per level (the bounded hierarchical bank).
+        meta_dim: M, the width of the routing query r and meta key source hk (default K).
+        backend: a kernels.bsbr backend ("auto", "triton", "torch", "reference").
+        scale: the local softmax scale (default 1/√K).
+        long_scale: λ of the routed term (default scale / C; 1.0 is the plain sum).
+        bias: biases on the six projections W_q, W_k, W_v, W_r, W_h, W_o.
+        """
         super().__init__()
-        own = "BSBRAttention: "
-        check_int(own, "d_model", d_model, 1)
-        check_int(own, "n_head", n_head, 1)
+        check_int("BSBRAttention: d_model", d_model, 1)
+        check_int("BSBRAttention: n_head", n_head, 1)
         if d_model % n_head:
             raise ValueError(f"BSBRAttention: d_model: expected a multiple of n_head = {n_head}, "
                              f"got {d_model}")
-        check_int(own, "chunk_size", chunk_size, 1)
-        check_optional_int(own, "top_k", top_k, 1)
-        check_optional_int(own, "meta_dim", meta_dim, 1)
+        check_int("BSBRAttention: chunk_size", chunk_size, 1)
+        check_optional_int("BSBRAttention: top_k", top_k, 1)
+        check_optional_int("BSBRAttention: meta_dim", meta_dim, 1)
         if backend not in BACKENDS:
             raise ValueError(f"BSBRAttention: backend: expected one of {BACKENDS}, "
                              f"got {backend!r}")
@@ -94,6 +100,12 @@ class BSBRAttention(nn.Module):
                 f"top_k={self.top_k}, meta_dim={self.meta_dim}, bank={self.bank}, "
                 f"long_scale={self.long_scale:.3g}, backend={self.backend!r}")
 
+    @property
+    def spec(self) -> StreamSpec:
+        """What `bsbr.stream` computes for this module."""
+        return StreamSpec(self.chunk_size, self.scale, self.long_scale, self.top_k, self.bank,
+                          self.backend)
+
     # ----------------------------------------------------------------- state
 
     def state_config(self) -> dict:
@@ -104,16 +116,12 @@ class BSBRAttention(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> BSBRState:
         """The empty history for ``batch_size`` sequences (partial-chunk buffers in ``dtype``,
         default the weights'; bank states float32, float64 for float64 weights)."""
-        check_int("", "batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         device = self.W_q.weight.device if device is None else device
         dtype = self.W_q.weight.dtype if dtype is None else dtype
-        sd = torch.float64 if dtype == torch.float64 else torch.float32
-        H, K, M, C = self.n_head, self.head_dim, self.meta_dim, self.chunk_size
-        bank = empty_bank(batch_size, H, K, K, M, self.bank, device=device, dtype=sd)
-        buf = dict(device=device, dtype=dtype)
-        return BSBRState(bank, torch.zeros(batch_size, H, C - 1, K, **buf),
-                         torch.zeros(batch_size, H, C - 1, K, **buf),
-                         torch.zeros(batch_size, H, C - 1, M, **buf), 0, self.state_config())
+        K = self.head_dim
+        return empty_state(batch_size, self.n_head, K, K, self.meta_dim, self.spec,
+                           device=device, dtype=dtype, config=self.state_config())
 
     def check_state(self, state, batch_size: int | None = None) -> None:
         """Raise a clear error unless ``state`` came from a module of this configuration, for
@@ -128,7 +136,12 @@ class BSBRAttention(nn.Module):
             raise ValueError(f"state: made by a different configuration than this "
                              f"BSBRAttention ({diff})")
         H, K, M, C = self.n_head, self.head_dim, self.meta_dim, self.chunk_size
-        if tuple(state.k.shape[1:]) != (H, C - 1, K) or tuple(state.hk.shape[1:]) != (H, C - 1, M):
+        if state.hk is None:
+            raise ValueError("state: has no meta-key buffer (made for the transformers drop-in "
+                             "or RecurrentMultiheadAttention, where hk = k), not by a "
+                             "BSBRAttention")
+        if tuple(state.k.shape[1:]) != (H, C - 1, K) \
+                or tuple(state.hk.shape[1:]) != (H, C - 1, M):
             raise ValueError(f"state.k / state.hk: expected [B,{H},{C - 1},{K}] / "
                              f"[B,{H},{C - 1},{M}], got {list(state.k.shape)} / "
                              f"{list(state.hk.shape)}")
@@ -156,7 +169,7 @@ class BSBRAttention(nn.Module):
         """y = attn(x); y, state = attn(x, state=None, return_state=True). The state passed in
         is not modified."""
         self._check_x(x)
-        B, T, D = x.shape
+        B = x.shape[0]
         if state is not None:
             self.check_state(state, B)
         elif return_state:
@@ -164,60 +177,7 @@ class BSBRAttention(nn.Module):
         K, M = self.head_dim, self.meta_dim
         q, k, v = (self._heads(W(x), K) for W in (self.W_q, self.W_k, self.W_v))
         r, hk = self._heads(self.W_r(x), M), self._heads(self.W_h(x), M)
-
-        fill = 0 if state is None else state.fill
-        bank_F = bank_h = None
-        if fill:
-            pk, pv, phk = state.partial()
-            k = torch.cat([pk.to(k.dtype), k], 2)
-            v = torch.cat([pv.to(v.dtype), v], 2)
-            hk = torch.cat([phk.to(hk.dtype), hk], 2)
-        if state is not None:
-            bank_F, bank_h, _ = state.bank.valid()
-        want_weights = return_state and self.bank is not None and bank_F is not None
-        o, slot_weights = self._attend(q, k, v, r, hk, fill, bank_F, bank_h, want_weights)
-        y = self.W_o(o.transpose(1, 2).reshape(B, T, D))
-        if not return_state:
-            return y
-        return y, self._advance(state, k, v, hk, fill + T, slot_weights, T)
-
-    def _attend(self, q, k, v, r, hk, fill, bank_F, bank_h, want_weights):
-        """(o [B,H,T,V], slot_weights [B,H,n] or None) from the kernels; o = local + λ q Σ p F."""
-        C, T = self.chunk_size, q.shape[2]
-        lam, scale = self.long_scale, self.scale
-        if T == 1 and bank_F is not None:
-            # Decode: the token's chunk is the partial one, and every completed chunk is in the
-            # bank, so local attention over the partial chunk plus a routed readout of the bank
-            # is the whole answer; nothing before the partial chunk is re-run.
-            local = kb.chunk_local_attention(q, k, v, chunk_size=C, offset=fill,
-                                             scale=scale, backend=self.backend)
-            long, w = kb.routed_readout_step(q[:, :, 0], r[:, :, 0], bank_F, bank_h, self.top_k,
-                                             long_scale=lam)
-            return local + long.unsqueeze(2).to(local.dtype), (w if want_weights else None)
-        out = kb.bsbr_attention(q, k, v, r, hk, chunk_size=C, top_k=self.top_k,
-                                scale=scale, offset=fill, bank_F=bank_F, bank_h=bank_h,
-                                return_slot_weights=want_weights, long_scale=lam,
-                                backend=self.backend)
-        return out if want_weights else (out, None)
-
-    def _advance(self, state: BSBRState, k, v, hk, n_keys: int, slot_weights,
-                 n_queries: int) -> BSBRState:
-        """The state after this call: salience updated, the call's completed chunks pushed into
-        the bank, the remainder kept as the new partial chunk. k, v, hk hold the n_keys keys of
-        this call (the old partial chunk's first)."""
-        C = self.chunk_size
-        bank = update_salience(state.bank, slot_weights, n_queries, self.bank)
-        done = (n_keys // C) * C
-        if done:
-            F_new, h_new = kb.chunk_states(k[:, :, :done], v[:, :, :done], hk[:, :, :done],
-                                           chunk_size=C)
-            bank = push_chunks(bank, F_new, h_new, self.bank)
-        rest = n_keys - done
-
-        def keep(t, buf):
-            tail = t[:, :, done:].to(buf.dtype)
-            pad = buf.new_zeros(*buf.shape[:2], C - 1 - rest, buf.shape[3])
-            return torch.cat([tail, pad], 2)
-
-        return BSBRState(bank, keep(k, state.k), keep(v, state.v), keep(hk, state.hk),
-                         state.position + n_queries, self.state_config())
+        o, state = bsbr_stream(q, k, v, state, self.spec, r=r, hk=hk,
+                               keep_state=return_state)
+        y = self.W_o(o.transpose(1, 2).reshape(x.shape))
+        return (y, state) if return_state else y

@@ -8,22 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from glassbrain.checks import check_int, check_optional_int
 from kernels.bsbr import BACKENDS
 from kernels.bsbr.validate import check_long_scale as check_routed_scale
-
-
-def check_int(owner: str, name: str, value, minimum: int) -> None:
-    """Raise TypeError / ValueError naming ``owner.name`` unless value is an int >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}{name}: expected an int >= {minimum}, "
-                        f"got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}{name}: expected an int >= {minimum}, got {value}")
-
-
-def check_optional_int(owner: str, name: str, value, minimum: int) -> None:
-    if value is not None:
-        check_int(owner, name, value, minimum)
 
 
 def check_long_scale(long_scale, name: str) -> None:
@@ -66,7 +53,7 @@ class BankConfig:
         object.__setattr__(self, "slots_per_level", tuple(spl))
         for lvl, n in enumerate(spl):
             top = lvl == len(spl) - 1
-            check_int("BankConfig.", f"slots_per_level[{lvl}]", n, 1 if top else 2)
+            check_int(f"BankConfig.slots_per_level[{lvl}]", n, 1 if top else 2)
         d = self.salience_decay
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
             raise ValueError(f"BankConfig.salience_decay: expected a float in (0, 1], got {d!r}")
@@ -117,12 +104,10 @@ class BSBRLMConfig:
     long_scale: float | None = None
 
     def __post_init__(self):
-        own = "BSBRLMConfig."
-        for name, lo in (("vocab_size", 1), ("n_layer", 1), ("d_model", 1), ("n_head", 1),
-                         ("chunk_size", 1), ("mlp_ratio", 1)):
-            check_int(own, name, getattr(self, name), lo)
-        check_optional_int(own, "top_k", self.top_k, 1)
-        check_optional_int(own, "meta_dim", self.meta_dim, 1)
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "chunk_size", "mlp_ratio"):
+            check_int(f"BSBRLMConfig.{name}", getattr(self, name), 1)
+        check_optional_int("BSBRLMConfig.top_k", self.top_k, 1)
+        check_optional_int("BSBRLMConfig.meta_dim", self.meta_dim, 1)
         if self.d_model % self.n_head:
             raise ValueError(f"BSBRLMConfig.d_model: expected a multiple of n_head = "
                              f"{self.n_head}, got {self.d_model}")

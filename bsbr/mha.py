@@ -1,6 +1,6 @@
 """An `nn.MultiheadAttention`-shaped causal self-attention backed by BSBR or Hebbian attention.
 
-    from bsbr.mha import RecurrentMultiheadAttention
+    from bsbr import RecurrentMultiheadAttention
     layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, batch_first=True)
     layer.self_attn = RecurrentMultiheadAttention.from_mha(layer.self_attn, "bsbr", chunk_size=32)
     mask = nn.Transformer.generate_square_subsequent_mask(T)
@@ -8,10 +8,10 @@
 
 Same parameters as `nn.MultiheadAttention` (`in_proj_weight`, `in_proj_bias`, `out_proj`), same
 call: ``attn(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-average_attn_weights=True, is_causal=True) -> (out, None)``. The heads use the shared kernels of
-the Hugging Face path (`bsbr.hf.bsbr_continue`, `bdh.hf.normalised_hebbian`): BSBR is softmax
-attention inside each chunk (scale 1/√head_dim, as nn.MultiheadAttention) plus routed chunk states;
-Hebbian is normalised elu+1 linear attention, inclusive.
+average_attn_weights=True, is_causal=True) -> (out, None)``. The heads run what the transformers
+drop-ins run: BSBR is `bsbr.stream` with r = q and hk = k (softmax attention inside each chunk,
+scale 1/√head_dim as nn.MultiheadAttention, plus routed chunk states); Hebbian is
+`kernels.normalised_hebbian_attention` (normalised elu+1 linear attention, inclusive).
 
 What it cannot do raises ValueError: cross-attention (key or value not the query tensor), a
 non-causal request (attn_mask None with is_causal=False, or a mask that is not the causal one),
@@ -20,36 +20,29 @@ attention-weight dropout. `_qkv_same_embed_dim = False` keeps `nn.TransformerEnc
 fused inference fast path (which would call the softmax kernel directly) from bypassing it.
 
 Streaming (the project's protocol): ``out, state = attn(x, x, x, state=state, return_state=True)``
-continues a sequence; `state.nbytes()` is its memory.
+continues a sequence; the state is a `BSBRState` (kind "bsbr") or a `baselines.RecurrentState`
+holding S' [B,H,d,d+1] (kind "hebbian"); `state.nbytes()` is its memory.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdh.hf import FEATURE_MAPS, normalised_hebbian
+from baselines import RecurrentState
+from glassbrain.checks import check_int, check_optional_int
+from glassbrain.hf import compute_dtype
+from kernels import check_normalised_options, normalised_hebbian_attention
+from kernels.bsbr import BACKENDS as BSBR_BACKENDS
 from kernels.checks import same_tensor
 
-from .hf import bsbr_continue, check_long_scale, empty_stream
+from .config import check_long_scale, resolve_long_scale
+from .state import BSBRState
+from .stream import StreamSpec, bsbr_stream, empty_state
 
 KINDS = ("bsbr", "hebbian")
-
-
-@dataclass
-class MHAState:
-    """Streaming state of a `RecurrentMultiheadAttention`: Hebbian {"S"}; BSBR {"bank_F",
-    "bank_h", "keys", "values"} (bank + partial chunk); `position` tokens seen."""
-    kind: str
-    tensors: dict = field(default_factory=dict)
-    position: int = 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values()
-                   if isinstance(t, torch.Tensor))
 
 
 def is_causal_mask(mask: torch.Tensor, T: int) -> bool:
@@ -67,7 +60,7 @@ def is_causal_mask(mask: torch.Tensor, T: int) -> bool:
 
 class RecurrentMultiheadAttention(nn.Module):
     """Causal self-attention with the interface of `nn.MultiheadAttention` (kind "bsbr" or
-    "hebbian"). Options: chunk_size, top_k (BSBR); feature_map, eps (Hebbian); backend."""
+    "hebbian"); see the module docstring."""
 
     _qkv_same_embed_dim = False      # opt out of nn.TransformerEncoderLayer's fused fast path
 
@@ -76,10 +69,20 @@ class RecurrentMultiheadAttention(nn.Module):
                  top_k: int | None = None, long_scale: float | None = None,
                  feature_map: str = "elu", eps: float = 1e-6,
                  backend: str = "auto", device=None, dtype=None):
+        """Causal self-attention over ``num_heads`` heads of ``embed_dim // num_heads``.
+
+        kind: "bsbr" (chunk-local softmax plus routed chunk states) or "hebbian" (normalised
+            elu+1 / relu linear attention).
+        dropout: must be 0.0 (there is no attention-weight matrix to drop from).
+        bias, batch_first, device, dtype: as nn.MultiheadAttention.
+        chunk_size, top_k, long_scale: BSBR's chunk C >= 1, routed chunks per token (None:
+            all) and λ of the routed term (None: scale / C).
+        feature_map, eps: Hebbian's φ ("elu" | "relu") and denominator guard (finite, > 0).
+        backend: a kernels.bsbr backend (kind "bsbr") or a kernels.hebbian one ("hebbian").
+        """
         super().__init__()
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
+        check_int("embed_dim", embed_dim, 1)
+        check_int("num_heads", num_heads, 1)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim: must be divisible by num_heads = {num_heads}, "
                              f"got {embed_dim}")
@@ -88,14 +91,13 @@ class RecurrentMultiheadAttention(nn.Module):
         if dropout:
             raise ValueError(f"dropout: attention-weight dropout has no equivalent here (there is "
                              f"no weight matrix); expected 0.0, got {dropout!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or top_k < 1):
-            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        check_int("chunk_size", chunk_size, 1)
+        check_optional_int("top_k", top_k, 1)
         check_long_scale(long_scale, "long_scale")
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map: expected one of {FEATURE_MAPS}, got {feature_map!r}")
+        if kind == "bsbr" and backend not in BSBR_BACKENDS:
+            raise ValueError(f"backend: expected one of {BSBR_BACKENDS} for kind 'bsbr', "
+                             f"got {backend!r}")
+        check_normalised_options(feature_map, eps, None, "auto" if kind == "bsbr" else backend)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.kind, self.batch_first, self.dropout = kind, batch_first, 0.0
         self.chunk_size, self.top_k = chunk_size, top_k
@@ -125,8 +127,36 @@ class RecurrentMultiheadAttention(nn.Module):
                              if k in dict(new.named_parameters())})
         return new
 
-    def init_state(self) -> MHAState:
-        return MHAState(self.kind)
+    @property
+    def spec(self) -> StreamSpec:
+        """What `bsbr.stream` computes for kind "bsbr"."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        return StreamSpec(self.chunk_size, scale,
+                          resolve_long_scale(self.long_scale, scale, self.chunk_size),
+                          self.top_k, None, self.backend)
+
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        """The empty history for ``batch_size`` sequences: a BSBRState (kind "bsbr"; buffers in
+        ``dtype``, default the weights') or a RecurrentState with S' = 0 (kind "hebbian")."""
+        check_int("batch_size", batch_size, 1)
+        w = self.in_proj_weight
+        device = w.device if device is None else device
+        d = self.head_dim
+        if self.kind == "hebbian":
+            return RecurrentState(torch.zeros(batch_size, self.num_heads, d, d + 1,
+                                              device=device))
+        return empty_state(batch_size, self.num_heads, d, d, d, self.spec, device=device,
+                           dtype=w.dtype if dtype is None else dtype, meta_keys=False)
+
+    def _check_state(self, state, batch_size: int) -> None:
+        want = RecurrentState if self.kind == "hebbian" else BSBRState
+        if not isinstance(state, want):
+            raise TypeError(f"state: a {self.kind!r} RecurrentMultiheadAttention expected a "
+                            f"{want.__name__} or None, got {type(state).__name__}")
+        t = state.S if self.kind == "hebbian" else state.k
+        if t.shape[0] != batch_size or t.shape[1] != self.num_heads:
+            raise ValueError(f"state: expected batch size {batch_size} and {self.num_heads} "
+                             f"heads, got a state of shape {list(t.shape)}")
 
     def _check(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         if not isinstance(query, torch.Tensor) or not query.is_floating_point():
@@ -164,34 +194,33 @@ class RecurrentMultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = False,
                 attn_mask=None, average_attn_weights: bool = True, is_causal: bool = True, *,
-                state: MHAState | None = None, return_state: bool = False):
+                state=None, return_state: bool = False):
+        """(out, None), or (out, state) with ``return_state``: the arguments of
+        nn.MultiheadAttention, plus ``state`` (None: no history) to continue a sequence. The
+        state passed in is not modified."""
         self._check(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         x = query if self.batch_first else query.transpose(0, 1)          # [B,T,E]
         B, T, E = x.shape
+        if state is not None:
+            self._check_state(state, B)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if state is not None and state.kind != self.kind:
-            raise ValueError(f"state: expected a {self.kind!r} MHAState, got {state.kind!r}")
-        tensors = state.tensors if state is not None else {}
+        dtype = compute_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.kind == "hebbian":
-            S_in = tensors.get("S")
-            if S_in is not None and T == 1 and not torch.is_grad_enabled():
-                S_in = S_in.clone()          # the step kernel updates in place; keep the caller's
-            o, S = normalised_hebbian(q, k, v, S_in, kind=self.feature_map,
-                                      eps=self.eps, backend=self.backend,
-                                      output_final_state=return_state)
-            new = {"S": S}
+            o, S = normalised_hebbian_attention(q, k, v, None if state is None else state.S,
+                                                feature_map=self.feature_map, eps=self.eps,
+                                                backend=self.backend,
+                                                output_final_state=return_state)
+            position = 0 if state is None else state.position
+            new = RecurrentState(S, position + T) if return_state else None
         else:
-            stream = tensors or empty_stream(q, k, v)
-            o, new = bsbr_continue(q, k, v, stream, chunk_size=self.chunk_size, top_k=self.top_k,
-                                   scale=1.0 / math.sqrt(self.head_dim), backend=self.backend,
-                                   long_scale=self.long_scale, keep_state=return_state)
-        y = self.out_proj(o.to(v.dtype).transpose(1, 2).reshape(B, T, E))
+            if state is None and return_state:
+                state = self.init_state(B, device=x.device, dtype=dtype)
+            o, new = bsbr_stream(q, k, v, state, self.spec, keep_state=return_state)
+        y = self.out_proj(o.to(qkv.dtype).transpose(1, 2).reshape(B, T, E))
         y = y if self.batch_first else y.transpose(0, 1)
-        if return_state:
-            position = state.position if state is not None else 0
-            return y, MHAState(self.kind, new, position + T)
-        return y, None
+        return (y, new) if return_state else (y, None)
 
 
-__all__ = ["RecurrentMultiheadAttention", "MHAState", "is_causal_mask"]
+__all__ = ["RecurrentMultiheadAttention", "is_causal_mask"]

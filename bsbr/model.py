@@ -21,12 +21,12 @@ import math
 import torch
 from torch import nn
 
-from glassbrain.checks import check_token_ids, next_token_loss
+from glassbrain.checks import check_int, check_token_ids, next_token_loss
 from glassbrain.generation import check_generate_args
 from glassbrain.sampling import generate_from_state
 
 from .attention import BSBRAttention
-from .config import BSBRLMConfig, check_int
+from .config import BSBRLMConfig
 from .state import BSBRLMState
 
 PREFILL_CHUNK = 4096   # generate() consumes a long prompt in pieces of this many tokens
@@ -155,7 +155,7 @@ class BSBRLM(nn.Module):
         idx = check_token_ids(idx, self.config.vocab_size)
         generator = check_generate_args(idx, self.embed.weight.device, max_new_tokens,
                                         temperature, top_k, generator, seed)
-        check_int("", "prefill_chunk", prefill_chunk, 1)
+        check_int("prefill_chunk", prefill_chunk, 1)
         if state is None:
             state = self.init_state(idx.shape[0])
         else:

@@ -5,7 +5,9 @@ A BSBR layer's memory of the past is
     float64 in float64 oracle runs) and h their mean meta key, with each slot's level
     (compression 2^level chunks), its chunk count and its salience;
   * the keys, values and meta-key sources of the current partial chunk (fewer than C tokens),
-    kept in a fixed buffer of C - 1 tokens so the state's size does not move inside a chunk;
+    kept in a fixed buffer of C - 1 tokens so the state's size does not move inside a chunk
+    (no meta-key buffer where the meta key source is the key itself, as in the transformers
+    drop-in);
   * the position (tokens consumed), whose remainder mod C is how many of those are filled.
 With a bounded bank (`BankConfig`) the slot tensors are allocated at the bank's capacity, so
 `nbytes()` is the same at every position: O(slots · K · V) for any length.
@@ -66,18 +68,32 @@ class BankState:
     def _map(self, fn) -> "BankState":
         return BankState(fn(self.F), fn(self.h), fn(self.salience), self.levels, self.counts)
 
+    def assign_(self, other: "BankState") -> None:
+        """Become ``other``: its tensors copied into this bank's where the shapes agree (a
+        bounded bank keeps its buffers), taken over where they do not (the exact bank grows)."""
+        for name in ("F", "h", "salience"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is mine:
+                continue
+            if mine.shape == theirs.shape:
+                mine.copy_(theirs)
+            else:
+                setattr(self, name, theirs)
+        self.levels, self.counts = other.levels, other.counts
+
 
 @dataclasses.dataclass
 class BSBRState:
     """The state of one BSBRAttention over a batch.
 
-    bank: the slots of the completed chunks. k [B,H,C-1,K], v [B,H,C-1,V], hk [B,H,C-1,M]: the
-    partial chunk, of which the first ``fill`` = position mod C tokens are filled.
+    bank: the slots of the completed chunks. k [B,H,C-1,K], v [B,H,C-1,V], hk [B,H,C-1,M] or
+    None (the meta key source is k itself): the partial chunk, of which the first ``fill`` =
+    position mod C tokens are filled.
     config: the shape fields of the module that made it (a module refuses a mismatching one)."""
     bank: BankState
     k: torch.Tensor
     v: torch.Tensor
-    hk: torch.Tensor
+    hk: torch.Tensor | None
     position: int = 0
     config: dict | None = None
 
@@ -100,27 +116,31 @@ class BSBRState:
         return self.position % (self.k.shape[2] + 1)
 
     def partial(self):
-        """(k, v, hk) of the partial chunk's filled tokens."""
+        """(k, v, hk) of the partial chunk's filled tokens (hk None without a meta-key buffer)."""
         f = self.fill
-        return self.k[:, :, :f], self.v[:, :, :f], self.hk[:, :, :f]
+        return (self.k[:, :, :f], self.v[:, :, :f],
+                None if self.hk is None else self.hk[:, :, :f])
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors."""
         return self.bank.nbytes() + _tensor_bytes(self.k, self.v, self.hk)
 
-    def _map(self, fn) -> "BSBRState":
-        return BSBRState(self.bank._map(fn), fn(self.k), fn(self.v), fn(self.hk),
-                         self.position, None if self.config is None else dict(self.config))
+    def map_tensors(self, fn) -> "BSBRState":
+        """A state with ``fn`` applied to each of its tensors (all batch first): beam reorders,
+        device moves, copies."""
+        return BSBRState(self.bank._map(fn), fn(self.k), fn(self.v),
+                         None if self.hk is None else fn(self.hk), self.position,
+                         None if self.config is None else dict(self.config))
 
     def clone(self) -> "BSBRState":
-        return self._map(torch.Tensor.clone)
+        return self.map_tensors(torch.Tensor.clone)
 
     def detach(self) -> "BSBRState":
         """Cut the autograd graph (truncated backpropagation through time)."""
-        return self._map(torch.Tensor.detach)
+        return self.map_tensors(torch.Tensor.detach)
 
     def to(self, device) -> "BSBRState":
-        return self._map(lambda t: t.to(device))
+        return self.map_tensors(lambda t: t.to(device))
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model
 
-from bdh.hf import RecurrentCache, cache_nbytes
+from glassbrain.hf import RecurrentCache, cache_nbytes
 from bsbr.convert import convert
 
 from .data import ByteBatcher, load_corpus

@@ -258,7 +258,7 @@ def _static_context(model, tokens, L, cfg, device, chunk):
     logits = None
     for s in range(0, tokens.shape[1], chunk):
         logits = dec.prefill(tokens[:, s:s + chunk], cache, s)
-    from bdh.hf import cache_nbytes
+    from glassbrain.hf import cache_nbytes
     return logits, (dec, cache, tokens.shape[1]), cache_nbytes(cache)
 
 

@@ -1,8 +1,27 @@
-"""Checks of what the models take (token ids, a mixer's input sequence) and the one loss of every
-language model here. Each error names the argument, the value received and what was expected."""
+"""Checks of what the models take (token ids, a mixer's input sequence, integer arguments) and
+the one loss of every language model here. Each error names the argument, the value received and
+what was expected."""
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """An int >= minimum (numpy integers too, never a bool); returns it as an int. TypeError for
+    another type, ValueError for a smaller value; both name ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {minimum}, "
+                        f"got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_optional_int(name: str, value, minimum: int) -> int | None:
+    """None, or an int >= minimum (as `check_int`)."""
+    return None if value is None else check_int(name, value, minimum)
 
 
 def check_sequence(x, d_model: int) -> None:

@@ -11,14 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from glassbrain.checks import check_int
+
 PAD, SEP, MASK, QUERY = 0, 1, 2, 3      # special tokens; content tokens are [N_SPECIAL, vocab)
 N_SPECIAL = 4
-
-
-def check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def check_args(task: str, batch, length, difficulty, vocab, seed, *, max_difficulty,

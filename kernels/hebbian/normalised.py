@@ -1,10 +1,12 @@
 """Normalised linear attention (Katharopoulos et al., "Transformers are RNNs") on the Hebbian
 kernels: inclusive (a token sees itself), with a positive feature map φ.
 
-    S_t = Σ_{s≤t} φ(k_s)ᵀ v_s     z_t = Σ_{s≤t} φ(k_s)     o_t = φ(q_t) S_t / (φ(q_t)·z_t + eps)
+    S_t = Σ_{s≤t} φ(k_s)ᵀ v_s      z_t = Σ_{s≤t} φ(k_s)
+    o_t = φ(q_t) S_t / (φ(q_t)·z_t + eps)
 
 The normaliser z rides in the same kernel call as an extra ones-column of v: with v' = [v, 1]
-the inclusive Hebbian state S' = Σ φ(k)ᵀ v' is [S | z], and φ(q) S' = [numerator | denominator].
+the inclusive Hebbian state S' = Σ φ(k)ᵀ v' is [S | z], and φ(q) S' = [numerator |
+denominator].
 So a sequence is one `hebbian_attention(..., strict=False)` call (chunked) and a decoded token
 one `hebbian_step`; the state is S' [B,H,K,V+1] float32, whatever the context length.
 

@@ -4,7 +4,7 @@ import torch
 from helpers import assert_rel_close, rel_err
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from bdh.hf import RecurrentStateLayer
+from glassbrain.hf import RecurrentStateLayer
 from bsbr.convert import convert
 
 V = 41
@@ -111,3 +111,76 @@ def test_errors():
                                        n_head=2, add_cross_attention=True))
     with pytest.raises(ValueError, match="cross-attention"):
         convert(cross, "bsbr")
+
+
+def _frozen(model):
+    return snapshot(model), model.config.to_dict(), dict(vars(model))
+
+
+def _assert_unchanged(model, before):
+    sd, cfg, attributes = before
+    after = model.state_dict()
+    assert after.keys() == sd.keys() and all(torch.equal(after[k], sd[k]) for k in sd)
+    assert model.config.to_dict() == cfg
+    assert vars(model) == attributes                 # no generate hook installed on the instance
+
+
+@pytest.mark.parametrize("kind,opts,error,match", [
+    ("hebbian", dict(eps=float("nan")), ValueError, "hebbian_eps"),
+    ("hebbian", dict(eps=-1e9), ValueError, "hebbian_eps"),
+    ("hebbian", dict(eps="x"), TypeError, "hebbian_eps"),
+    ("hebbian", dict(chunk_size=17), ValueError, "hebbian_chunk_size"),
+    ("hebbian", dict(feature_map="elu", backend="tritn"), ValueError, "hebbian_backend"),
+    ("bsbr", dict(chunk_size=8, backend="cuda"), ValueError, "bsbr_backend"),
+    ("bsbr", dict(chunk_size=512, backend="triton"), ValueError, "bsbr_chunk_size"),
+    ("bsbr", dict(top_k=2, bank=[1, 2]), ValueError, "bsbr_bank"),
+    ("bsbr", dict(chunk_size=4, topk=2), TypeError, "topk"),
+])
+def test_a_failed_convert_changes_nothing(kind, opts, error, match):
+    """Every option is checked before anything changes: the weights, the config (options and
+    attention implementation) and generate's cache hook are exactly as before."""
+    model = tiny("llama")
+    before = _frozen(model)
+    with pytest.raises(error, match=match):
+        convert(model, kind, **opts)
+    _assert_unchanged(model, before)
+    assert model.config._attn_implementation not in ("hebbian", "bsbr")
+
+
+def test_an_option_already_in_the_config_is_checked_too():
+    model = tiny("gpt2")
+    model.config.hebbian_eps = float("nan")            # e.g. a hand-edited saved config
+    before = _frozen(model)
+    with pytest.raises(ValueError, match="config.hebbian_eps"):
+        convert(model, "hebbian", feature_map="relu")
+    _assert_unchanged(model, before)
+
+
+def test_a_model_it_cannot_serve_is_refused_before_any_change():
+    from transformers import BertConfig, BertForMaskedLM
+    bert = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=20)).eval()
+    before = _frozen(bert)
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        convert(bert, "bsbr", chunk_size=4)
+    _assert_unchanged(bert, before)
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        convert(bert, "hebbian", recurrent_cache=False)
+    _assert_unchanged(bert, before)
+
+
+def test_a_failure_while_swapping_restores_the_config(monkeypatch):
+    """If transformers itself fails half-way through set_attn_implementation, the config's
+    options and attention implementation are put back."""
+    model = tiny("gpt2")
+    before = _frozen(model)
+    real = type(model).set_attn_implementation
+
+    def half_way(self, name, *args, **kwargs):
+        real(self, name, *args, **kwargs)
+        raise RuntimeError("a submodule refused")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", half_way)
+    with pytest.raises(RuntimeError, match="refused"):
+        convert(model, "bsbr", chunk_size=4, top_k=1)
+    _assert_unchanged(model, before)

@@ -1,5 +1,5 @@
-"""Hebbian and BSBR attention inside Hugging Face models (bdh.hf, bsbr.hf): registration, the
-attention functions against float64 references, causality, the recurrent cache for generate,
+"""Hebbian and BSBR attention inside Hugging Face models (glassbrain.hf, bsbr.hf): registration,
+the attention functions against float64 references, causality, the recurrent cache for generate,
 errors for what they cannot do, and autocast. Tiny random GPT-2 / Llama models on the CPU."""
 import inspect
 from types import SimpleNamespace
@@ -13,9 +13,10 @@ from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, Llama
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.gpt2.modeling_gpt2 import GPT2Model
 
-import bdh.hf as bdh_hf
 import bsbr.hf as bsbr_hf
-from bdh.hf import RecurrentCache, RecurrentStateLayer, cache_nbytes, use_recurrent_cache
+import glassbrain.hf.hebbian as heb_hf
+from glassbrain.hf import (STATE_KWARG, RecurrentCache, RecurrentStateLayer, cache_layer,
+                           cache_nbytes, expand_kv_heads, use_recurrent_cache)
 from kernels.bsbr import bsbr_attention_ref, chunk_local_attention_ref
 
 V = 37
@@ -85,7 +86,7 @@ def test_hebbian_function_matches_reference_with_grads(feature_map):
     B, H, T, D = 2, 3, 37, 7                     # T not a multiple of the kernel chunk
     q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
     mod = module_for(hebbian_feature_map=feature_map, hebbian_chunk_size=16)
-    o, w = bdh_hf.hebbian_attention_forward(mod, q, k, v, None, scaling=D ** -0.5)
+    o, w = heb_hf.hebbian_attention_forward(mod, q, k, v, None, scaling=D ** -0.5)
     assert w is None and o.shape == (B, T, H, D)
     ref = hebbian_ref(q, k, v, feature_map).transpose(1, 2)
     assert_rel_close(o, ref, 1e-5)
@@ -120,7 +121,7 @@ def test_bsbr_function_matches_reference_with_grads(chunk_size, top_k, long_scal
 def test_grouped_kv_heads_are_repeated():
     q = torch.randn(1, 4, 9, 5)
     k, v = torch.randn(1, 2, 9, 5), torch.randn(1, 2, 9, 5)
-    o, _ = bdh_hf.hebbian_attention_forward(module_for(), q, k, v, None)
+    o, _ = heb_hf.hebbian_attention_forward(module_for(), q, k, v, None)
     ref = hebbian_ref(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)).transpose(1, 2)
     assert_rel_close(o, ref, 1e-5)
 
@@ -220,7 +221,7 @@ def test_padding_mask_raises(kind):
     model(ids, attention_mask=torch.ones_like(ids))     # an all-ones mask is fine
 
 
-@pytest.mark.parametrize("fn", [bdh_hf.hebbian_attention_forward, bsbr_hf.bsbr_attention_forward])
+@pytest.mark.parametrize("fn", [heb_hf.hebbian_attention_forward, bsbr_hf.bsbr_attention_forward])
 def test_function_rejects_non_causal_use(fn):
     q = torch.randn(1, 2, 5, 4)
     cross = SimpleNamespace(config=SimpleNamespace(), is_causal=False)
@@ -240,7 +241,31 @@ def test_bad_config_options_raise():
     with pytest.raises(ValueError, match="bsbr_long_scale"):
         bsbr_hf.bsbr_attention_forward(module_for(bsbr_long_scale=0.0), q, q, q, None)
     with pytest.raises(ValueError, match="hebbian_feature_map"):
-        bdh_hf.hebbian_attention_forward(module_for(hebbian_feature_map="softmax"), q, q, q, None)
+        heb_hf.hebbian_attention_forward(module_for(hebbian_feature_map="softmax"), q, q, q, None)
+
+
+BAD_OPTIONS = [
+    ("hebbian", "hebbian_eps", float("nan"), ValueError),
+    ("hebbian", "hebbian_eps", -1e9, ValueError),
+    ("hebbian", "hebbian_eps", "x", TypeError),
+    ("hebbian", "hebbian_chunk_size", 17, ValueError),
+    ("hebbian", "hebbian_backend", "tritn", ValueError),
+    ("bsbr", "bsbr_chunk_size", "64", TypeError),
+    ("bsbr", "bsbr_top_k", 0, ValueError),
+    ("bsbr", "bsbr_long_scale", float("nan"), ValueError),
+    ("bsbr", "bsbr_backend", "cuda", ValueError),
+    ("bsbr", "bsbr_bank", [1, 2], ValueError),
+]
+
+
+@pytest.mark.parametrize("kind,option,value,error", BAD_OPTIONS)
+def test_every_config_option_is_checked_by_name(kind, option, value, error):
+    """Each option an attention function reads is validated before any work, the error naming
+    config.<option> (a nan eps used to make every logit NaN; "x" gave an unnamed float() error)."""
+    fn = heb_hf.hebbian_attention_forward if kind == "hebbian" else bsbr_hf.bsbr_attention_forward
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(error, match=f"config.{option}"):
+        fn(module_for(**{option: value}), q, q, q, None)
 
 
 def test_recurrent_cache_with_other_attention_raises():
@@ -251,6 +276,64 @@ def test_recurrent_cache_with_other_attention_raises():
         model(ids[:, :4], use_cache=True, **{CACHE_KW: cache})
         with pytest.raises(RuntimeError, match="never reached"):
             model(ids[:, 4:], use_cache=True, **{CACHE_KW: cache})
+
+
+def test_cache_layer_reaches_the_function_through_the_attention_kwargs():
+    """update() hands the keys back untouched (no attribute set on them) and puts the layer in
+    the kwargs dict the model passes on to its attention function."""
+    layer = RecurrentStateLayer(layer_idx=1)
+    k, v, kw = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), {}
+    k2, v2 = layer.update(k, v, kwargs=kw)
+    assert k2 is k and v2 is v and not vars(k) and kw[STATE_KWARG] is layer
+    assert cache_layer(SimpleNamespace(layer_idx=1), kw) is layer
+    assert cache_layer(SimpleNamespace(layer_idx=1), {}) is None
+    with pytest.raises(RuntimeError, match="layer 0 was handed the cache layer 1"):
+        cache_layer(SimpleNamespace(layer_idx=0), kw)
+
+
+def test_expand_kv_heads_copies_only_for_groups():
+    q = torch.randn(1, 4, 5, 3)
+    k1, v1 = torch.randn(1, 1, 5, 3), torch.randn(1, 1, 5, 3)
+    k, v = expand_kv_heads(q, k1, v1)
+    assert k.shape == (1, 4, 5, 3) and k.data_ptr() == k1.data_ptr() and k.stride(1) == 0
+    assert torch.equal(v, v1.expand(1, 4, 5, 3))
+    k2, v2 = torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3)
+    k, v = expand_kv_heads(q, k2, v2)
+    assert torch.equal(k, k2.repeat_interleave(2, 1)) and torch.equal(v, v2.repeat_interleave(2, 1))
+    with pytest.raises(ValueError, match="do not divide"):
+        expand_kv_heads(q, torch.randn(1, 3, 5, 3), torch.randn(1, 3, 5, 3))
+
+
+def _state_tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return [state.bank.F, state.bank.h, state.bank.salience, state.k, state.v]
+
+
+@pytest.mark.parametrize("kind,bank", [("hebbian", None), ("bsbr", [2, 1])])
+def test_decoding_updates_the_cached_state_in_place(kind, bank):
+    """After the prompt, every decoded token writes the layer's state into the same tensors
+    (fixed shapes, fixed addresses): across chunk completions and, for the bounded BSBR bank,
+    merges and archive folds (chunk 4, 3 slots: full after 12 tokens)."""
+    model = swap(tiny("gpt2"), kind, chunk_size=4)
+    model.config.bsbr_bank = bank
+    ids = torch.randint(1, V, (2, 40))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = RecurrentCache(model.config)
+        model(ids[:, :18], use_cache=True, **{CACHE_KW: cache})
+        states = [layer.state for layer in cache.layers]
+        ptrs = [[t.data_ptr() for t in _state_tensors(s)] for s in states]
+        steps = []
+        for t in range(18, 40):
+            steps.append(model(ids[:, t:t + 1], use_cache=True, **{CACHE_KW: cache}).logits)
+    assert all(layer.state is s for layer, s in zip(cache.layers, states))
+    assert [[t.data_ptr() for t in _state_tensors(s)] for s in states] == ptrs
+    if bank is None:                                    # the bounded bank approximates past 12
+        assert_rel_close(torch.cat(steps, 1), full[:, 18:], 1e-5)
+    else:
+        assert torch.isfinite(torch.cat(steps, 1)).all()
+        assert all(s.bank.levels[0] == 2 for s in states)      # the archive slot is in use
 
 
 def test_recurrent_cache_cannot_be_cropped():

@@ -115,3 +115,39 @@ def test_autocast_bf16(kind):
     assert out.dtype == torch.bfloat16
     assert_rel_close(out.float(), ref, 3e-2)
     assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
+def test_states_are_the_shared_state_types():
+    """kind "bsbr" streams a BSBRState (the one BSBR state, no meta-key buffer: hk = k), kind
+    "hebbian" a RecurrentState holding S' [B,H,d,d+1]; the wrong one is refused by name."""
+    from baselines import RecurrentState
+    from bsbr import BSBRState
+    x = torch.randn(2, 6, E)
+    b, h = RMHA(E, NH, "bsbr", chunk_size=4, batch_first=True), RMHA(E, NH, "hebbian",
+                                                                    batch_first=True)
+    _, sb = b(x, x, x, return_state=True)
+    _, sh = h(x, x, x, return_state=True)
+    assert isinstance(sb, BSBRState) and sb.hk is None and sb.bank.n == 1 and sb.fill == 2
+    assert isinstance(sh, RecurrentState) and sh.S.shape == (2, NH, E // NH, E // NH + 1)
+    assert sb.position == sh.position == 6
+    with pytest.raises(TypeError, match="expected a RecurrentState"):
+        h(x, x, x, state=sb)
+    with pytest.raises(TypeError, match="expected a BSBRState"):
+        b(x, x, x, state=sh)
+    with pytest.raises(ValueError, match="batch size 1"):
+        b(x[:1], x[:1], x[:1], state=sb)
+    empty = b.init_state(2)
+    y0, _ = b(x, x, x, state=empty, return_state=True)
+    assert torch.equal(y0, b(x, x, x)[0])
+
+
+def test_constructor_arguments_are_documented_and_checked():
+    assert "chunk_size" in RMHA.__init__.__doc__ and "feature_map" in RMHA.__init__.__doc__
+    with pytest.raises(ValueError, match="eps"):
+        RMHA(E, NH, "hebbian", eps=float("nan"))
+    with pytest.raises(ValueError, match="backend"):
+        RMHA(E, NH, "hebbian", backend="tritn")
+    with pytest.raises(ValueError, match="backend"):
+        RMHA(E, NH, "bsbr", backend="dense")                # a Hebbian backend, not a BSBR one
+    with pytest.raises(TypeError, match="chunk_size"):
+        RMHA(E, NH, chunk_size=4.0)

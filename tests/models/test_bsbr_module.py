@@ -9,7 +9,7 @@ import torch
 from helpers import assert_rel_close
 from kernels.bsbr import naive
 from bsbr import BankConfig, BSBRAttention, BSBRState
-import bsbr.attention as attention_mod
+import bsbr.stream as stream_mod
 
 D, H, C, M = 24, 3, 4, 5          # head dim 8, meta dim 5 (not powers of two)
 
@@ -179,7 +179,7 @@ def test_decode_never_reruns_the_prefix(monkeypatch):
     y_ref = attn(x)
     _, st = attn(x[:, :29], return_state=True)
     seen = {}
-    kb = attention_mod.kb
+    kb = stream_mod.kb
     real_local, real_step = kb.chunk_local_attention, kb.routed_readout_step
 
     def local(q, k, v, **kw):
@@ -290,3 +290,40 @@ def test_default_scale_is_one_over_sqrt_head_dim():
     attn2.load_state_dict(attn.state_dict())
     x = torch.randn(1, 11, D)
     assert torch.equal(attn(x), attn2(x))
+
+
+@pytest.mark.parametrize("bank", [None, BankConfig(slots_per_level=(2, 1))])
+def test_stream_in_place_equals_the_functional_state(bank):
+    """bsbr_stream(inplace=True) writes the next state into the given one: the same outputs
+    and state as the functional path, token by token across chunk completions, merges and
+    archive folds; a bounded bank and the partial-chunk buffers keep their tensors."""
+    attn = make(top_k=2, bank=bank)
+    x = torch.randn(2, 41, D, dtype=torch.float64)
+    K = D // H
+    q, k, v = (attn._heads(W(x), K) for W in (attn.W_q, attn.W_k, attn.W_v))
+    r, hk = attn._heads(attn.W_r(x), M), attn._heads(attn.W_h(x), M)
+    functional, inplace = attn.init_state(2), attn.init_state(2)
+    kept = [t.data_ptr() for t in (inplace.bank.F, inplace.bank.salience, inplace.k, inplace.hk)]
+    with torch.no_grad():
+        for a, b in zip([0, 7] + list(range(8, 41)), [7] + list(range(8, 42))):
+            piece = [t[:, :, a:b] for t in (q, k, v, r, hk)]
+            o1, functional = stream_mod.bsbr_stream(*piece[:3], functional, attn.spec,
+                                                    r=piece[3], hk=piece[4])
+            o2, same = stream_mod.bsbr_stream(*piece[:3], inplace, attn.spec, r=piece[3],
+                                              hk=piece[4], inplace=True)
+            assert same is inplace and torch.equal(o1, o2), f"tokens {a}:{b}"
+    for a, b in [(functional.bank.F, inplace.bank.F), (functional.bank.h, inplace.bank.h),
+                 (functional.bank.salience, inplace.bank.salience)]:
+        assert torch.equal(a, b)
+    f = functional.fill
+    assert f == inplace.fill == 41 % C and functional.bank.levels == inplace.bank.levels
+    assert torch.equal(functional.k[:, :, :f], inplace.k[:, :, :f])
+    if bank is not None:
+        assert inplace.bank.levels[0] == bank.n_levels                 # the archive is in use
+        assert [t.data_ptr() for t in (inplace.bank.F, inplace.bank.salience, inplace.k,
+                                        inplace.hk)] == kept
+
+
+def test_constructor_arguments_are_documented():
+    doc = BSBRAttention.__init__.__doc__
+    assert all(name in doc for name in ("chunk_size", "top_k", "bank", "meta_dim", "long_scale"))
