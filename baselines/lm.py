@@ -5,7 +5,7 @@
     conv: a causal depthwise short convolution of width short_conv (`short_conv.py`), or none (0)
     logits = LN(x) @ head                    (head tied to the embedding unless tie_weights=False)
 
-Mixers: "softmax", "linear", "sliding", "deltanet" (this package), "hebbian" (`bdh.BDHAttention`)
+Mixers: "softmax", "linear", "sliding", "deltanet" (this package), "bdh" (`bdh.BDHAttention`)
 and "bsbr" (`bsbr.BSBRAttention`, imported when first used). Every mixer obeys the streaming
 protocol, so the model does too:
 
@@ -34,11 +34,22 @@ from .short_conv import ConvMixerState, ShortConv
 from .sliding import SlidingWindowAttention
 from .softmax import SoftmaxAttention
 
-MIXERS = ("softmax", "linear", "sliding", "deltanet", "hebbian", "bsbr")
+MIXERS = ("softmax", "linear", "sliding", "deltanet", "bdh", "bsbr")
+
+
+def check_mixer(mixer) -> None:
+    """ValueError unless ``mixer`` is one of MIXERS ("hebbian" names transformers' normalised
+    linear attention elsewhere, so here it points to the two mixers it could mean)."""
+    if mixer == "hebbian":
+        raise ValueError("mixer: 'hebbian' is not a mixer name; use 'bdh' for BDH's attention "
+                         "(bdh.BDHAttention) or 'linear' for normalised linear attention")
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer: expected one of {MIXERS}, got {mixer!r}")
 
 
 def build_mixer(mixer: str, d_model: int, n_head: int, **kwargs) -> nn.Module:
     """One attention module x [B,T,D] → y [B,T,D] by name; kwargs go to its constructor."""
+    check_mixer(mixer)
     if mixer == "softmax":
         return SoftmaxAttention(d_model, n_head, **kwargs)
     if mixer == "linear":
@@ -47,14 +58,13 @@ def build_mixer(mixer: str, d_model: int, n_head: int, **kwargs) -> nn.Module:
         return SlidingWindowAttention(d_model, n_head, **kwargs)
     if mixer == "deltanet":
         return DeltaNetAttention(d_model, n_head, **kwargs)
-    if mixer == "hebbian":
+    if mixer == "bdh":
         from bdh import BDHAttention
         return BDHAttention(d_model, n_head, **kwargs)
     if mixer == "bsbr":
         from bsbr import BSBRAttention      # lazily: bsbr may be absent or still being built
         kwargs.setdefault("chunk_size", 64)
         return BSBRAttention(d_model, n_head, **kwargs)
-    raise ValueError(f"mixer: expected one of {MIXERS}, got {mixer!r}")
 
 
 @dataclass
@@ -71,8 +81,7 @@ class MixerLMConfig:
     mixer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer: expected one of {MIXERS}, got {self.mixer!r}")
+        check_mixer(self.mixer)
         if isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int) \
                 or self.short_conv < 0:
             raise ValueError(f"short_conv: expected an int >= 0 (0: none), "

@@ -61,9 +61,9 @@ class LongRangeConfig:
     window: int = 16                  # sliding-window mixer
     short_conv: int = 4               # causal short convolution before every mixer (0: none)
     chunk: int = 16                   # BSBR chunk size
-    hebbian_neurons: int = 0          # N per head of the hebbian mixer (0: BDHAttention's default)
-    hebbian_heads: int = 0            # heads of the hebbian mixer (0: n_head)
-    hebbian_rope: int = 1             # 1: RoPE on the hebbian mixer's neurons (BDH); 0: off
+    hebbian_neurons: int = 0          # N per head of the bdh mixer (0: BDHAttention's default)
+    hebbian_heads: int = 0            # heads of the bdh mixer (0: n_head)
+    hebbian_rope: int = 1             # 1: RoPE on the bdh mixer's neurons (BDH); 0: off
     steps: int = 200
     batch_size: int = 16
     eval_batch: int = 16
@@ -113,14 +113,14 @@ HELP = {
     "n_head": "heads per mixer",
     "window": "window of the sliding-window mixer (tokens)",
     "chunk": "chunk size of the BSBR mixer (tokens)",
-    "hebbian_neurons": "neurons per head of the hebbian mixer (0: BDHAttention's 16·d_model/"
+    "hebbian_neurons": "neurons per head of the bdh mixer (0: BDHAttention's 16·d_model/"
                        "heads); its state is n_layer·heads·N·d_model floats against linear "
                        "attention's n_layer·n_head·(d_model/n_head)², so N = d_model/(n_head·"
                        "heads) gives equal states (issue #13's comparison)",
-    "hebbian_heads": "heads of the hebbian mixer (0: --n-head). Its values are the whole "
+    "hebbian_heads": "heads of the bdh mixer (0: --n-head). Its values are the whole "
                      "d_model-wide input, so at equal state its key width N is d_model/n_head "
                      "(linear attention's head width) with 1 head, d_model/n_head² with n_head",
-    "hebbian_rope": "1: the hebbian mixer rotates its neurons by position (RoPE, as BDH); 0: "
+    "hebbian_rope": "1: the bdh mixer rotates its neurons by position (RoPE, as BDH); 0: "
                     "no RoPE, q = k = relu(x @ encoder) (an ablation: does position "
                     "rotation cost content recall?)",
     "short_conv": "width of the causal depthwise convolution in front of every mixer (0: none; "
@@ -254,7 +254,7 @@ def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
     if not cfg.hebbian_rope:
         hebbian["rope"] = False
     kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk},
-          "hebbian": hebbian}.get(mixer, {})
+          "bdh": hebbian}.get(mixer, {})
     torch.manual_seed(cfg.seed)        # the same embedding / MLP initialisation for every mixer
     mcfg = MixerLMConfig(mixer=mixer, vocab_size=cfg.vocab, n_layer=cfg.n_layer,
                          d_model=cfg.d_model, n_head=cfg.n_head, short_conv=cfg.short_conv,
@@ -298,25 +298,30 @@ def run_mixer(cfg: LongRangeConfig, mixer: str, deadline: float | None) -> dict:
         # float32 on the SIMT units). The mixers' Triton kernels pick their own precision.
         torch.backends.cuda.matmul.allow_tf32 = True
     ckpt = Path(cfg.out) / mixer / "ckpt" / "state.pt"
+    # The bdh mixer was called "hebbian": its older checkpoints resume (and save under bdh/).
+    old_ckpt = Path(cfg.out) / "hebbian" / "ckpt" / "state.pt"
+    resume_from = old_ckpt if mixer == "bdh" and not ckpt.exists() and old_ckpt.exists() else ckpt
     model = build_model(cfg, mixer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     cur = T.Curriculum(T.CURRICULA[cfg.curriculum], cfg.vocab, cfg.threshold, cfg.window_reports)
     log = {"mixer": mixer, "params": model.num_params(), "status": "running", "train": [],
            "events": [], "sessions": []}
     step = 0
-    if cfg.resume and ckpt.exists():
-        saved = load_torch(ckpt, "long_range checkpoint", map_location="cpu",
+    if cfg.resume and resume_from.exists():
+        saved = load_torch(resume_from, "long_range checkpoint", map_location="cpu",
                            fix="delete it to train this mixer from step 0")
         # A setting the checkpoint predates had its default then.
         was = {k: saved["config"].get(k, FIELD_DEFAULTS.get(k)) for k in RESUME_MUST_MATCH}
         diff = [k for k in RESUME_MUST_MATCH if was[k] != getattr(cfg, k)]
         if diff:
-            raise SystemExit(f"--resume: {ckpt} was written with other settings: " + ", ".join(
-                f"--{k.replace('_', '-')} {was[k]!r} (now {getattr(cfg, k)!r})" for k in diff))
+            raise SystemExit(f"--resume: {resume_from} was written with other settings: "
+                             + ", ".join(f"--{k.replace('_', '-')} {was[k]!r} "
+                                         f"(now {getattr(cfg, k)!r})" for k in diff))
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         cur.load_state_dict(saved["curriculum"])
         log, step = saved["log"], saved["step"]
+        log["mixer"] = mixer
         if log["status"] == "finished" and step >= cfg.steps and "eval" in log:
             return log                                  # nothing left to do
         log.pop("eval", None)                           # scores of an earlier step: stale

@@ -4,7 +4,7 @@
                                   [--lengths 1024,2048] [--long-lengths 262144,1048576] [--out DIR]
 
 One attention layer per mixer (`baselines.build_mixer`: softmax, linear, sliding, deltanet, and
-hebbian / bsbr when they import), batch B, width d_model, n_head heads. At every T:
+bdh / bsbr when they import), batch B, width d_model, n_head heads. At every T:
 
 * fwd:      y = attn(x) with no autograd, x [B,T,D].
 * fwd_bwd:  y = attn(x); y.backward(g) (gradients of x and of the weights).
@@ -17,7 +17,7 @@ hebbian / bsbr when they import), batch B, width d_model, n_head heads. At every
             DynamicCache does), so its decode peak is about twice the cache.
 
 --long-lengths add stream + decode points for the mixers with a bounded state (--long-mixers:
-linear, deltanet, hebbian, sliding by default), e.g. up to 1M tokens on a GPU.
+linear, deltanet, bdh, sliding by default), e.g. up to 1M tokens on a GPU.
 
 Timing: CUDA, the median of `triton.testing.do_bench`; CPU, the median wall-clock of --reps
 runs after one warm-up. Memory: CUDA, `torch.cuda.max_memory_allocated` (reset before each
@@ -50,7 +50,7 @@ from baselines import build_mixer
 from .measure import PeakMemory, free_memory, is_oom, rss_bytes
 from .results import commit_label, markdown_table, run_meta, save_figure, write_json
 
-ALL_MIXERS = ("softmax", "linear", "sliding", "deltanet", "hebbian", "bsbr")
+ALL_MIXERS = ("softmax", "linear", "sliding", "deltanet", "bdh", "bsbr")
 PASSES = ("fwd", "fwd_bwd", "stream", "decode")
 
 
@@ -63,7 +63,7 @@ class ScalingConfig:
     passes: tuple = PASSES
     lengths: tuple = (128, 256, 512, 1024, 2048)
     long_lengths: tuple = (8192,)
-    long_mixers: tuple = ("linear", "deltanet", "hebbian", "sliding")
+    long_mixers: tuple = ("linear", "deltanet", "bdh", "sliding")
     d_model: int = 64
     n_head: int = 2
     batch: int = 1
@@ -363,7 +363,7 @@ def _sweep(cfg: ScalingConfig, device, dtype, out: Path) -> dict:
         try:
             build(m, cfg, "cpu", torch.float32)
             mixers.append(m)
-        except ImportError as e:            # hebbian / bsbr not installed or not built yet
+        except ImportError as e:            # bdh / bsbr not installed or not built yet
             skipped[m] = f"{type(e).__name__}: {e}"
     result = {"meta": run_meta(device, dtype=cfg.dtype, config=asdict(cfg), skipped=skipped,
                                torch_threads=torch.get_num_threads()),

@@ -132,15 +132,15 @@ def test_hebbian_neurons_give_the_equal_state_comparison():
     cfg = long_range.config_from_args(["--d-model", "64", "--n-head", "2", "--vocab", "64",
                                        "--hebbian-neurons", "16"])
     nbytes = {}
-    for m in ("hebbian", "linear"):
+    for m in ("bdh", "linear"):
         model = long_range.build_model(cfg, m)
         _, st = model(torch.randint(0, 64, (1, 8)), return_state=True)
         nbytes[m] = st.nbytes()
-    assert abs(nbytes["hebbian"] - nbytes["linear"]) <= 0.05 * nbytes["linear"]
+    assert abs(nbytes["bdh"] - nbytes["linear"]) <= 0.05 * nbytes["linear"]
     big = long_range.build_model(long_range.config_from_args(["--d-model", "64", "--n-head", "2",
-                                                              "--vocab", "64"]), "hebbian")
+                                                              "--vocab", "64"]), "bdh")
     assert sum(p.numel() for p in big.parameters()) > sum(
-        p.numel() for p in long_range.build_model(cfg, "hebbian").parameters())
+        p.numel() for p in long_range.build_model(cfg, "bdh").parameters())
 
 
 def test_hebbian_heads_keep_the_state_and_widen_the_keys():
@@ -149,11 +149,11 @@ def test_hebbian_heads_keep_the_state_and_widen_the_keys():
     import torch
     base = ["--d-model", "64", "--n-head", "2", "--vocab", "64"]
     one = long_range.config_from_args(base + ["--hebbian-heads", "1", "--hebbian-neurons", "32"])
-    mixers = [m for m in long_range.build_model(one, "hebbian").modules()
+    mixers = [m for m in long_range.build_model(one, "bdh").modules()
               if type(m).__name__ == "BDHAttention"]
     assert mixers and all(m.n_head == 1 and m.N == 32 for m in mixers)
     nbytes = {}
-    for name, cfg, m in (("one", one, "hebbian"), ("linear", one, "linear")):
+    for name, cfg, m in (("one", one, "bdh"), ("linear", one, "linear")):
         _, st = long_range.build_model(cfg, m)(torch.randint(0, 64, (1, 8)), return_state=True)
         nbytes[name] = st.nbytes()
     assert abs(nbytes["one"] - nbytes["linear"]) <= 0.05 * nbytes["linear"]
@@ -168,19 +168,33 @@ def test_hebbian_rope_off_reaches_the_mixer_and_old_checkpoints_still_resume(tmp
     checkpoint written before the flag existed resumes as the default (RoPE on)."""
     off = long_range.config_from_args(["--d-model", "64", "--n-head", "2", "--vocab", "64",
                                        "--hebbian-rope", "0"])
-    mixers = [m for m in long_range.build_model(off, "hebbian").modules()
+    mixers = [m for m in long_range.build_model(off, "bdh").modules()
               if type(m).__name__ == "BDHAttention"]
     assert mixers and not any(m.attn.rope for m in mixers)
-    on = long_range.build_model(long_range.config_from_args(["--vocab", "64"]), "hebbian")
+    on = long_range.build_model(long_range.config_from_args(["--vocab", "64"]), "bdh")
     assert all(m.attn.rope for m in on.modules() if type(m).__name__ == "BDHAttention")
     out = str(tmp_path)
-    long_range.main(TINY + ["--mixers", "hebbian", "--steps", "1", "--out", out])
-    ckpt = tmp_path / "hebbian" / "ckpt" / "state.pt"
+    long_range.main(TINY + ["--mixers", "bdh", "--steps", "1", "--out", out])
+    ckpt = tmp_path / "bdh" / "ckpt" / "state.pt"
     from experiments.results import load_torch, save_torch
     saved = load_torch(ckpt, map_location="cpu")
     del saved["config"]["hebbian_rope"]                  # as written before the flag existed
     save_torch(saved, ckpt)
-    long_range.main(TINY + ["--mixers", "hebbian", "--steps", "2", "--out", out, "--resume"])
+    long_range.main(TINY + ["--mixers", "bdh", "--steps", "2", "--out", out, "--resume"])
     with pytest.raises(SystemExit, match="hebbian-rope"):
-        long_range.main(TINY + ["--mixers", "hebbian", "--steps", "3", "--out", out, "--resume",
+        long_range.main(TINY + ["--mixers", "bdh", "--steps", "3", "--out", out, "--resume",
                                 "--hebbian-rope", "0"])
+
+
+def test_a_checkpoint_of_the_mixer_once_called_hebbian_resumes_as_bdh(tmp_path):
+    """The bdh mixer was named "hebbian": a run checkpointed under OUT/hebbian/ resumes as bdh
+    (and saves under OUT/bdh/ from then on)."""
+    out = str(tmp_path)
+    long_range.main(TINY + ["--mixers", "bdh", "--steps", "1", "--out", out])
+    (tmp_path / "bdh").rename(tmp_path / "hebbian")
+    from experiments.results import load_torch
+    result = long_range.main(TINY + ["--mixers", "bdh", "--steps", "2", "--out", out, "--resume"])
+    saved = load_torch(tmp_path / "bdh" / "ckpt" / "state.pt", map_location="cpu")
+    assert saved["step"] == 2 and saved["log"]["mixer"] == "bdh"
+    assert result["mixers"]["bdh"]["sessions"][0]["start_step"] == 0
+    assert result["mixers"]["bdh"]["sessions"][-1]["start_step"] == 1

@@ -268,3 +268,22 @@ def test_cuda_default_backends_match_reference(kind, dtype, tol):
             y, state = mc(xc[:, t:t + 1], state=state, return_state=True)
             outs.append(y)
     assert_rel_close(torch.cat(outs, 1), ref, tol)
+
+
+def test_linear_attention_options_are_documented_and_checked():
+    assert all(n in LinearAttention.__init__.__doc__ for n in ("eps", "backend", "chunk_size"))
+    for kw, error in ((dict(eps=float("nan")), ValueError), (dict(eps=0), ValueError),
+                      (dict(eps="x"), TypeError), (dict(chunk_size=17), ValueError),
+                      (dict(backend="tritn"), ValueError)):
+        with pytest.raises(error, match=next(iter(kw))):
+            LinearAttention(D, H, **kw)
+
+
+def test_hebbian_is_not_a_mixer_name():
+    """"hebbian" means normalised linear attention in transformers; the mixer of BDH's attention
+    is "bdh", and the error says which name means what."""
+    from baselines import MixerLMConfig, build_mixer
+    for make_it in (lambda: build_mixer("hebbian", D, H), lambda: MixerLMConfig(mixer="hebbian")):
+        with pytest.raises(ValueError, match="'bdh' for BDH's attention.*'linear' for normalised"):
+            make_it()
+    assert type(build_mixer("bdh", D, H, n_neurons=16)).__name__ == "BDHAttention"

@@ -8,7 +8,7 @@ from helpers import assert_rel_close
 from baselines import MIXERS, MixerLM, MixerLMConfig, MixerLMState, build_mixer
 
 KWARGS = {"softmax": {}, "linear": {"chunk_size": 16}, "sliding": {"window": 6, "block_size": 8},
-          "deltanet": {"chunk_size": 16}, "hebbian": {"n_neurons": 32}, "bsbr": {"chunk_size": 8}}
+          "deltanet": {"chunk_size": 16}, "bdh": {"n_neurons": 32}, "bsbr": {"chunk_size": 8}}
 
 
 def _bsbr_available():
@@ -121,7 +121,7 @@ def test_bad_inputs_raise():
         model.generate(torch.zeros(1, 2, dtype=torch.long), -1)
 
 
-@pytest.mark.parametrize("mixer", ["softmax", "hebbian"])
+@pytest.mark.parametrize("mixer", ["softmax", "bdh"])
 def test_features_are_what_the_head_reads(mixer):
     """features(idx) → head equals the forward's logits, and also the stateful path's: a caller
     can score only some rows (long_range trains on the answer rows this way)."""
