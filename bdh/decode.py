@@ -187,8 +187,9 @@ class BDHDecoder:
         range-checked: that would wait for the device). Returns the logits of the next token,
         [B, vocab]: a buffer that the next step overwrites (copy it to keep it)."""
         B = self.batch_size
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32) \
-                or tokens.numel() != B or tokens.dim() not in (1, 2) or tokens.device != self.device:
+        ids = isinstance(tokens, torch.Tensor) and tokens.dtype in (torch.int64, torch.int32)
+        if not ids or tokens.numel() != B or tokens.dim() not in (1, 2) \
+                or tokens.device != self.device:
             raise ValueError(f"tokens: expected int64 token ids [B] or [B, 1] with B = {B} on "
                              f"{self.device}, got "
                              f"{getattr(tokens, 'dtype', type(tokens).__name__)} "

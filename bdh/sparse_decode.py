@@ -13,8 +13,8 @@ states equal the dense step's up to float32 summation order. RoPE mixes the pair
 so the active set of RoPE(xs) is the union of active pairs of xs; the compaction runs on
 RoPE(xs) itself, which is that set exactly. No host synchronisation on the "triton" path: the
 active indices are compacted on the device into fixed-capacity buffers, so the step can be
-captured in a CUDA graph (the RoPE position may be an int64 device tensor, as `DecodeGraph`
-passes it).
+captured in a CUDA graph (the RoPE positions may be an int64 device tensor, as
+`bdh.decode.BDHDecoder` passes them: one for the batch, or one per row).
 """
 from __future__ import annotations
 

@@ -297,6 +297,58 @@ def test_fused_sparse_layer_equals_unfused_and_dense(kernel_device, monkeypatch,
                 assert_rel_close(a, b, tol / 10 if dtype == torch.float32 else tol, "state")
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_sparse_decode_launch_reaches_every_kernel(kernel_device, monkeypatch, fused):
+    """Each launch of a SparseDecodeLaunch is handed to its kernel (a spy on each launcher);
+    other tiles change how the kernels run, not what they compute."""
+    from kernels.hebbian import decode_fused, sparse_step
+    from kernels.hebbian.launches import (CompactLaunch, EncodeGateLaunch, EncodeRopeLaunch,
+                                          ReduceLaunch, SparseStepLaunch)
+    launch = SparseDecodeLaunch(fused=fused, step=SparseStepLaunch(BK=16, BV=16, splits=3),
+                                rows=SparseStepLaunch(BK=32, BV=16, warps=2),
+                                compact=CompactLaunch(warps=2),
+                                encode_rope=EncodeRopeLaunch(BP=16, BB=16, BD=16),
+                                encode_gate=EncodeGateLaunch(BN=32, BD=16),
+                                reduce=ReduceLaunch(BC=16))
+    seen = {}
+    spied = [(decode_fused, "encode_rope", "encode_rope"),
+             (decode_fused, "encode_gate", "encode_gate"),
+             (decode_fused, "reduce_layernorm", "reduce"),
+             (sparse_step, "sparse_step_partials", "step"),
+             (sparse_step, "sparse_rows_partials", "rows"),
+             (sparse_step, "sparse_hebbian_step", "step"),
+             (sparse_step, "sparse_rows_matmul", "rows")]
+    for module, name, field in spied:
+        real = getattr(module, name)
+
+        def spy(*a, _real=real, _field=field, **k):
+            seen.setdefault(_field, set()).add(k.get("launch"))
+            return _real(*a, **k)
+        monkeypatch.setattr(module, name, spy)
+    import bdh.sparse_decode as sd
+    monkeypatch.setattr(sd, "sparse_hebbian_step", sparse_step.sparse_hebbian_step)
+    monkeypatch.setattr(sd, "sparse_rows_matmul", sparse_step.sparse_rows_matmul)
+    model = fused_bdh(kernel_device)
+    with torch.no_grad():
+        _, st = model(torch.randint(0, 37, (3, 5), device=kernel_device), return_state=True)
+    tok = torch.randint(0, 37, (3, 1), device=kernel_device)
+    ref = dense_step(model, tok, [S.clone() for S in st.layers], st.position)
+    out, _ = sparse_decode_step(model, tok, [S.clone() for S in st.layers], st.position,
+                                backend="triton", launch=launch)
+    assert_rel_close(out, ref, 1e-5, "logits")
+    want = (["encode_rope", "encode_gate", "reduce", "step", "rows"] if fused
+            else ["step", "rows"])
+    assert sorted(seen) == sorted(want)
+    for field in want:
+        assert seen[field] == {getattr(launch, field)}, field
+    with pytest.raises(TypeError, match="SparseDecodeLaunch.step"):
+        SparseDecodeLaunch(step=CompactLaunch())
+    with pytest.raises(TypeError, match="SparseDecodeLaunch.fused"):
+        SparseDecodeLaunch(fused=1)
+    with pytest.raises(TypeError, match="launch"):
+        sparse_decode_step(model, tok, st.layers, st.position, launch={"fused": False})
+
+
 def test_fused_layer_needs_a_tileable_N(kernel_device):
     import bdh.sparse_decode as sd
     assert not sd._fused_ok(tiny_bdh("torch", kernel_device), "triton", torch.float32)  # N=120

@@ -1,4 +1,5 @@
-"""The Triton RoPE pass (kernels.rope.triton_rotate) against the PyTorch rotation (kernels.rope.rotate_reference).
+"""The Triton RoPE pass (kernels.rope.triton_rotate) against the PyTorch rotation
+(kernels.rope.rotate_reference).
 
 Runs under TRITON_INTERPRET=1 on the CPU (set by conftest), on the GPU where there is one."""
 import pytest
