@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from glassbrain.checks import check_token_ids
+from glassbrain.checks import check_int, check_token_ids
 from kernels import StepLaunch
 
 from .sparse_decode import SPARSE_BACKENDS, SparseDecodeLaunch, sparse_decode_launch
@@ -38,11 +38,6 @@ def needs_eager(model) -> bool:
     """Whether ``model`` can only decode eagerly: dropout is active (training mode, p > 0) or a
     probe is attached (it records activations from Python)."""
     return (model.training and model.drop.p > 0) or model._probe is not None
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
 
 
 class BDHDecoder:
@@ -70,8 +65,8 @@ class BDHDecoder:
         from .model import BDH
         if not isinstance(model, BDH):
             raise TypeError(f"model: expected a bdh.BDH, got {type(model).__name__}")
-        _check_int("batch_size", batch_size, 1)
-        _check_int("prefill_chunk", prefill_chunk, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        prefill_chunk = check_int("prefill_chunk", prefill_chunk, 1)
         if mode not in DECODE_MODES:
             raise ValueError(f"mode: expected one of {DECODE_MODES}, got {mode!r}")
         if capture not in (None, True, False) or (capture is not None and mode != "sparse"):
