@@ -157,6 +157,10 @@ class RecurrentMultiheadAttention(nn.Module):
         if t.shape[0] != batch_size or t.shape[1] != self.num_heads:
             raise ValueError(f"state: expected batch size {batch_size} and {self.num_heads} "
                              f"heads, got a state of shape {list(t.shape)}")
+        if self.kind == "bsbr" and (state.hk is not None or t.shape[2] != self.chunk_size - 1):
+            raise ValueError(f"state: expected a BSBRState of chunk_size {self.chunk_size} without "
+                             f"meta keys (r = q, hk = k), got partial-chunk buffers "
+                             f"{list(t.shape)} and hk {'set' if state.hk is not None else 'None'}")
 
     def _check(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         if not isinstance(query, torch.Tensor) or not query.is_floating_point():

@@ -136,6 +136,8 @@ def test_states_are_the_shared_state_types():
         b(x, x, x, state=sh)
     with pytest.raises(ValueError, match="batch size 1"):
         b(x[:1], x[:1], x[:1], state=sb)
+    with pytest.raises(ValueError, match="chunk_size 8"):
+        RMHA(E, NH, "bsbr", chunk_size=8, batch_first=True)(x, x, x, state=sb)
     empty = b.init_state(2)
     y0, _ = b(x, x, x, state=empty, return_state=True)
     assert torch.equal(y0, b(x, x, x)[0])
