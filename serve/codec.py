@@ -128,11 +128,12 @@ def decode_tensor(enc: dict) -> torch.Tensor:
             raise CodecError(f"encoded tensor: high plane does not inflate ({exc})") from None
         _expect(len(top_bytes) == kept * last and not inflate.unconsumed_tail,
                 "high plane inflates to the wrong size")
-        planes = torch.empty(kept * last, size, dtype=torch.uint8)
+        planes = np.empty((kept * last, size), dtype=np.uint8)
         top = size - 1 if sys.byteorder == "little" else 0
-        planes[:, [p for p in range(size) if p != top]] = low
-        planes[:, top] = torch.frombuffer(bytearray(top_bytes), dtype=torch.uint8)
-        vals = planes.view(dtype).view(kept, last)
+        planes[:, [p for p in range(size) if p != top]] = low.numpy()
+        planes[:, top] = np.frombuffer(top_bytes, dtype=np.uint8)
+        vals = torch.from_numpy(planes.reshape(-1)).view(dtype).view(kept, last) if kept \
+            else torch.zeros(0, last, dtype=dtype)
     out = torch.zeros(n_rows, last, dtype=dtype)
     out[nonzero] = vals
     return out.view(shape)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sqlite3
 import threading
 from collections import OrderedDict
