@@ -12,8 +12,10 @@ from .model import BDH
 from .probes import SparsityProbe
 from .sparse_decode import sparse_decode_step
 from .state import BDHState, load_state, save_state
+from .checkpoint import load_trained_bdh
 # The transformers plumbing (importing it registers attn_implementation="hebbian").
 from glassbrain.hf import RecurrentCache, use_recurrent_cache
 
 __all__ = ["BDHConfig", "BDH", "BDHAttention", "BDHState", "save_state", "load_state",
-           "SparsityProbe", "RecurrentCache", "use_recurrent_cache", "sparse_decode_step"]
+           "SparsityProbe", "RecurrentCache", "use_recurrent_cache", "sparse_decode_step",
+           "load_trained_bdh"]

@@ -18,7 +18,9 @@ from .stream import StreamSpec, bsbr_stream, empty_state
 from .hf import BSBROptions  # registers attn_implementation="bsbr" (glassbrain.hf: "hebbian")
 from .convert import convert
 from .mha import RecurrentMultiheadAttention
+from .sizing import match_bsbr_config
 
 __all__ = ["BSBRAttention", "BankConfig", "BSBRLMConfig", "BSBRLM", "BSBRState", "BankState",
            "BSBRLMState", "empty_bank", "push_chunks", "update_salience", "StreamSpec",
-           "empty_state", "bsbr_stream", "BSBROptions", "convert", "RecurrentMultiheadAttention"]
+           "empty_state", "bsbr_stream", "BSBROptions", "convert", "RecurrentMultiheadAttention",
+           "match_bsbr_config"]
