@@ -44,6 +44,9 @@ from .models import ModelAdapter, kv_cache_bytes
 from .store import SessionRecord, SessionStore, StateCache
 
 
+PERSIST_WORKERS = 4
+
+
 class EngineError(Exception):
     """A request the engine refuses; ``status`` is the HTTP status the API answers with."""
     status = 400
@@ -244,7 +247,9 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting = 0
         self._groups: list[_Group] = []
-        self._persist = ThreadPoolExecutor(1, thread_name_prefix="serve-persist")
+        # Several writers: a session has one call at a time, so its saves never race, and
+        # fsync-bound saves of different sessions overlap.
+        self._persist = ThreadPoolExecutor(PERSIST_WORKERS, thread_name_prefix="serve-persist")
         self._stop = threading.Event()
         self._thread = None
         self.state_nbytes = adapter.state_nbytes(adapter.new_state())
