@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "are read back from disk when used")
     p.add_argument("--no-observe", action="store_true",
                    help="do not record the glass brain (a little faster)")
+    p.add_argument("--decode-mode", choices=["eager", "graph", "sparse", "auto"], default=None,
+                   help="BDH's decoding step (bdh.decode.BDHDecoder); default eager, or auto "
+                        "(a CUDA graph on CUDA) with --no-observe: only eager steps record the "
+                        "glass brain")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -97,6 +101,8 @@ def main(argv=None) -> None:
     os.makedirs(args.state_dir, exist_ok=True)
     adapter = build_adapter(args.model, checkpoint=args.checkpoint, device=args.device,
                             cache_dir=args.state_dir, train_steps=args.train_steps, bank=bank,
+                            decode_mode=args.decode_mode or ("auto" if args.no_observe
+                                                             else "eager"),
                             log=log.info)
     config = EngineConfig(state_dir=args.state_dir, codec=args.codec,
                           max_sessions=args.max_sessions, max_active=args.max_active,

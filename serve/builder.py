@@ -1,8 +1,8 @@
 """The model a server runs: a training checkpoint, or a small model trained here in seconds.
 
 * ``--checkpoint PATH``: a checkpoint of `python -m experiments.train` (a `save_checked` dict
-  with the weights under "model", the run's settings under "config" and the model's config in
-  the log's metadata, "bdh_config" or "bsbr_config"), loaded with weights_only.
+  with the weights under "model" and the run's settings under "config"; a BSBR LM's config is
+  in the log's metadata, "bsbr_config"), loaded with weights_only.
 * otherwise a small model (`SMALL`) trained for ``train_steps`` AdamW steps on the text this
   package carries (corpus.txt, about 2.7 kB; a few seconds on a CPU, no download). The weights
   are cached under the state folder, so a restarted server runs exactly the same model and the
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bdh import BDH, BDHConfig
+from bdh.checkpoint import load_trained_bdh
 from bsbr import BankConfig, BSBRLM, BSBRLMConfig
 from glassbrain.atomic_file import load_checked, payload_sha256, save_checked
 
@@ -90,25 +91,24 @@ def load_checkpoint(path, bank=DEFAULT_BANK) -> tuple[str, torch.nn.Module]:
     saved = load_checked(path, "training checkpoint", map_location="cpu")
     config = saved.get("config") if isinstance(saved, dict) else None
     kind = config.get("model") if isinstance(config, dict) else None
-    if kind not in KINDS:
+    if kind == "bdh":
+        return kind, load_trained_bdh(path)[0]
+    if kind != "bsbr":
         raise ValueError(f"--checkpoint {path}: expected a BDH or BSBR checkpoint of "
                          f"experiments.train, got model {kind!r}")
-    meta = saved.get("log", {}).get("meta", {})
-    fields = meta.get(f"{kind}_config")
+    fields = saved.get("log", {}).get("meta", {}).get("bsbr_config")
     if not isinstance(fields, dict):
-        raise ValueError(f"--checkpoint {path}: no {kind}_config in the run's metadata")
-    if kind == "bdh":
-        model = BDH(BDHConfig(**{**fields, "dropout": 0.0}))
-    else:
-        model = BSBRLM(BSBRLMConfig(**{**fields, "dropout": 0.0, "bank": BankConfig(bank)}))
+        raise ValueError(f"--checkpoint {path}: no bsbr_config in the run's metadata")
+    model = BSBRLM(BSBRLMConfig(**{**fields, "dropout": 0.0, "bank": BankConfig(bank)}))
     model.load_state_dict(saved["model"])
     return kind, model.eval()
 
 
 def build_adapter(kind: str = "bdh", *, checkpoint=None, device="cpu", cache_dir=".",
                   train_steps: int = TrainSettings.steps, bank=DEFAULT_BANK,
-                  log=print) -> ModelAdapter:
-    """The adapter of the served model, on ``device``."""
+                  decode_mode: str = "eager", log=print) -> ModelAdapter:
+    """The adapter of the served model, on ``device``; ``decode_mode`` is BDH's
+    (`bdh.decode.BDHDecoder`: "eager" records the glass brain, "auto" captures CUDA graphs)."""
     if checkpoint is not None:
         kind, model = load_checkpoint(checkpoint, bank)
         name = f"{kind}:{Path(checkpoint).name}"
@@ -116,7 +116,9 @@ def build_adapter(kind: str = "bdh", *, checkpoint=None, device="cpu", cache_dir
         model = small_model(kind, cache_dir, train_steps, bank, log)
         name = f"{kind}-small"
     model = model.to(device)
-    return (BDHAdapter if kind == "bdh" else BSBRAdapter)(model, name)
+    if kind == "bdh":
+        return BDHAdapter(model, name, decode_mode)
+    return BSBRAdapter(model, name)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -12,8 +12,8 @@ It knows nothing of HTTP; `serve.api` is a thin layer over it, and tests drive i
 One worker thread owns the model. Each turn it admits waiting calls (loads the session's state:
 from the device LRU, host memory or disk; consumes the new text in one prefill) and then steps
 every running call by one token. Running calls whose states the adapter can batch (equal
-`batch_key`) form a group stepped by one model call on one stacked state; a group is restacked
-only when a call joins or leaves it, so a stable batch stays one tensor per layer between steps.
+`batch_key`) form a group stepped by one model call on one batched state; calls join and leave
+it between steps (`adapter.join` / `adapter.leave`), and a stable batch stays as it is.
 
 A call's work happens on a copy: the session's committed state changes only when the call
 completes, after its new state has been written to disk (`serve.store`); only then is the
@@ -430,10 +430,22 @@ class Engine:
         key = self.adapter.batch_key(row.state)
         for g in self._groups:
             if self._group_key(g) == key:
-                self._unstack(g)
+                if g.batch is not None:
+                    g.batch = self.adapter.join(g.batch, [row.state])
+                    row.state = None
                 g.rows.append(row)
                 return
         self._groups.append(_Group([row]))
+
+    def _leave(self, g: _Group, rows: list) -> None:
+        """Take ``rows`` out of ``g``, each with its own state again."""
+        if g.batch is not None:
+            at = [g.rows.index(r) for r in rows]
+            g.batch, states = self.adapter.leave(g.batch, at)
+            for r, st in zip(rows, states):
+                r.state = st
+        for r in rows:
+            g.rows.remove(r)
 
     def _group_key(self, g: _Group):
         return self.adapter.batch_key(g.batch if g.batch is not None else g.rows[0].state)
@@ -449,9 +461,8 @@ class Engine:
         for g in self._groups:
             gone = [r for r in g.rows if r.call.cancelled.is_set()]
             if gone:
-                self._unstack(g)
+                self._leave(g, gone)
                 for r in gone:
-                    g.rows.remove(r)
                     self._fail(r, 499, "cancelled")
         self._groups = [g for g in self._groups if g.rows]
 
@@ -483,9 +494,8 @@ class Engine:
                 if self._sample(r, logits[i], defer_complete=True):
                     done.append(r)
             if done:
-                self._unstack(g)
+                self._leave(g, done)
                 for r in done:
-                    g.rows.remove(r)
                     self._complete(r, r.finish_reason)
                 if not g.rows:
                     self._groups.remove(g)

@@ -13,9 +13,10 @@ The engine never touches a model's internals; it holds opaque per-session states
 ``step`` also returns an observation for the dashboard (``observe=True``): BDH's active neurons
 of the token just stepped, per layer, pooled to a grid (`BrainProbe`); the BSBR LM's bank.
 
-Rows at different positions cannot share one call of the models' public protocol (RoPE and
-the bank take one position per call), so `batch_key` is the position; an adapter whose stepper
-takes per-row positions returns a constant key and every active session steps in one batch.
+BDH steps through `bdh.decode.BDHDecoder`, which keeps a RoPE position per row, so every
+running session decodes in one batch (a constant `batch_key`). The BSBR LM's public protocol
+takes one position per call (its bank's levels follow the position), so its `batch_key` is the
+position and only rows at equal positions share a step.
 Another family (a transformers model with a recurrent attention) fits by implementing the same
 methods on its cache.
 """
@@ -26,6 +27,7 @@ import math
 import torch
 
 from bdh import BDH, BDHState, SparsityProbe
+from bdh.decode import DECODE_MODES, BDHDecoder
 from bsbr import BSBRLM, BankState, BSBRLMState, BSBRState
 
 BRAIN_CELLS = 4096          # the glass brain's grid: at most 64 × 64 cells per layer
@@ -83,6 +85,16 @@ class ModelAdapter:
 
     def split(self, batch) -> list:
         raise NotImplementedError
+
+    def join(self, batch, states: list):
+        """``batch`` with the rows of ``states`` added at the end."""
+        return self.stack(self.split(batch) + list(states))
+
+    def leave(self, batch, rows: list):
+        """(``batch`` without ``rows`` or None when none is left, the states of ``rows``)."""
+        states = self.split(batch)
+        kept = [s for i, s in enumerate(states) if i not in rows]
+        return (self.stack(kept) if kept else None), [states[i] for i in rows]
 
     @torch.no_grad()
     def step(self, batch, tokens: torch.Tensor, observe: bool = False):
@@ -148,33 +160,53 @@ class BrainProbe(SparsityProbe):
 
 
 class BDHAdapter(ModelAdapter):
+    """BDH on `bdh.decode.BDHDecoder`: the batch is a decoder that owns the rows' states and
+    steps them in place, each row at its own RoPE position, so every running session decodes
+    in one batch (`batch_key` is constant). ``mode``: the decoder's ("eager", "graph",
+    "sparse", "auto"); the glass brain is recorded only by eager steps (a probe cannot ride a
+    captured CUDA graph), so observing servers decode eagerly."""
     kind = "bdh"
 
-    def __init__(self, model: BDH, name: str = "bdh"):
+    def __init__(self, model: BDH, name: str = "bdh", mode: str = "eager"):
         if not isinstance(model, BDH):
             raise TypeError(f"model: expected a bdh.BDH, got {type(model).__name__}")
+        if mode not in DECODE_MODES:
+            raise ValueError(f"mode: expected one of {DECODE_MODES}, got {mode!r}")
         super().__init__(model, name)
         self.vocab_size = model.config.vocab_size
+        self.mode = mode
 
     def new_state(self) -> BDHState:
         return self.model.init_state(1)
 
-    def stack(self, states: list) -> BDHState:
-        first = states[0]
-        layers = [torch.cat([s.layers[i] for s in states]) for i in range(len(first.layers))]
-        return BDHState(layers, first.position, first.config)
+    def batch_key(self, state):
+        return "bdh"
 
-    def split(self, batch: BDHState) -> list:
-        B = batch.layers[0].shape[0]
-        return [BDHState([S[r:r + 1].clone() for S in batch.layers], batch.position,
-                         batch.config) for r in range(B)]
+    def _decoder(self, state: BDHState) -> BDHDecoder:
+        return BDHDecoder(self.model, state.batch_size, self.mode, state=state)
+
+    def stack(self, states: list) -> BDHDecoder:
+        return self._decoder(BDHState.cat(states))
+
+    def split(self, batch: BDHDecoder) -> list:
+        st = batch.state
+        return [st.rows(r) for r in range(st.batch_size)]
+
+    def join(self, batch: BDHDecoder, states: list) -> BDHDecoder:
+        return self._decoder(BDHState.cat([batch.state, *states]))
+
+    def leave(self, batch: BDHDecoder, rows: list):
+        st = batch.state
+        kept = [r for r in range(st.batch_size) if r not in rows]
+        return (self._decoder(st.rows(kept)) if kept else None), [st.rows(r) for r in rows]
 
     @torch.no_grad()
-    def step(self, batch, tokens, observe: bool = False):
-        if not observe:
-            return super().step(batch, tokens)
+    def step(self, batch: BDHDecoder, tokens, observe: bool = False):
+        tokens = tokens.to(self.device)
+        if not observe or batch.capture:
+            return batch.step(tokens), batch, None
         with BrainProbe(self.model) as probe:
-            logits, batch, _ = super().step(batch, tokens)
+            logits = batch.step(tokens)
         obs = [{"grid": torch.stack([g[r] for g in probe.grids]).cpu(),          # [L, cells]
                 "density": torch.stack([d[r] for d in probe.density]).cpu()}    # [L, 3]
                for r in range(tokens.numel())]
@@ -200,7 +232,7 @@ class BDHAdapter(ModelAdapter):
 
     def describe(self) -> dict:
         C = self.model.config
-        return {**super().describe(), "config": C.shape_dict(), "N": C.N,
+        return {**super().describe(), "config": C.shape_dict(), "N": C.N, "mode": self.mode,
                 "brain_cells": brain_cells(C.n_head * C.N), "layers": C.n_layer}
 
 
