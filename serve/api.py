@@ -10,7 +10,7 @@ static page, which holds no data and asks for the key itself):
     GET  /v1/models                       OpenAI: the one model served
     POST /v1/completions                  OpenAI, stream or not; "session" / X-Session-Id
     POST /v1/chat/completions             OpenAI chat, likewise
-    POST /v1/sessions                     a new session → {"id": ...}
+    POST /v1/sessions                     a new session → {"id": ...}; {"fork": id} copies one
     GET  /v1/sessions                     every session, most recently active first
     GET  /v1/sessions/{id}                its state size, tokens seen, last activity
     DELETE /v1/sessions/{id}
@@ -183,7 +183,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
 
     @v1.post("/sessions", status_code=201)
     async def create_session(body: P.CreateSession | None = None):
-        rec = engine.create_session(keep_text=bool(body and body.keep_text))
+        if body is not None and body.fork is not None:
+            rec = engine.fork_session(_session_id(body.fork))
+        else:
+            rec = engine.create_session(keep_text=bool(body and body.keep_text))
         return {"id": rec.id, "object": "session", **engine.session_info(rec.id)}
 
     @v1.get("/sessions")

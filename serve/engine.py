@@ -79,7 +79,8 @@ class EngineConfig:
     """Limits and places. ``max_active``: calls running or waiting at once (one batch row
     each); ``device_sessions`` / ``host_sessions``: idle states kept in device / host memory
     (the rest are read back from disk when used); ``codec``: how states are stored
-    (`serve.codec`); ``observe``: record the dashboard's per-token view of the model."""
+    (`serve.codec`); ``observe``: record the dashboard's per-token view of the model;
+    ``persist``: False keeps states in memory only (benchmarks: nothing survives a restart)."""
     state_dir: str = "runs/serve/state"
     codec: str = "zlib"
     max_sessions: int = 10_000
@@ -90,6 +91,7 @@ class EngineConfig:
     host_sessions: int = 256
     prefill_chunk: int = 4096
     observe: bool = True
+    persist: bool = True
 
     def __post_init__(self):
         for name in ("max_sessions", "max_active", "max_prompt_tokens", "max_new_tokens",
@@ -239,7 +241,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.fingerprint = fingerprint or adapter.name
         self.store = SessionStore(self.config.state_dir, self.config.codec)
-        self.cache = StateCache(adapter.device, self.config.device_sessions,
+        unbounded = self.config.max_sessions      # nothing on disk: memory must keep all
+        self.cache = StateCache(adapter.device, self.config.device_sessions
+                                if self.config.persist else unbounded,
                                 self.config.host_sessions, adapter.to_device)
         self.sessions: dict[str, SessionRecord] = {r.id: r for r in self.store.records()}
         self._busy: set[str] = set()
@@ -288,6 +292,31 @@ class Engine:
             self.store.create(rec)
             self.sessions[rec.id] = rec
         return rec
+
+    def fork_session(self, source_id: str) -> SessionRecord:
+        """A new session that starts with a copy of ``source_id``'s memory (its state, counts
+        and pending token; its text when it keeps text)."""
+        with self._lock:
+            src = self.get_session(source_id)
+            if source_id in self._busy:
+                raise SessionBusy(f"session {source_id}: a call is running; fork it after")
+            self._busy.add(source_id)
+        try:
+            state = self._session_state(src)
+            self.cache.put(source_id, state)
+            rec = self.create_session(src.keep_text)
+            rec = dataclasses.replace(src, id=rec.id, created=rec.created,
+                                      last_active=rec.created)
+            copy = state.clone()
+            if self.config.persist:
+                self.store.save(rec, self.adapter.to_payload(copy))
+            with self._lock:
+                self.sessions[rec.id] = rec
+            self.cache.put(rec.id, copy)
+            return rec
+        finally:
+            with self._lock:
+                self._busy.discard(source_id)
 
     def get_session(self, session_id: str) -> SessionRecord:
         rec = self.sessions.get(session_id)
@@ -591,7 +620,8 @@ class Engine:
 
     def _commit(self, row: _Row, new: SessionRecord, state, event: dict) -> None:
         try:
-            self.store.save(new, self.adapter.to_payload(state))
+            if self.config.persist:
+                self.store.save(new, self.adapter.to_payload(state))
         except Exception as exc:                                  # noqa: BLE001
             traceback.print_exc()
             self._give_back(row)

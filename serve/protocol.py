@@ -109,7 +109,10 @@ def render_chat(messages: list[ChatMessage]) -> str:
 
 
 class CreateSession(_Body):
+    """keep_text: the session keeps its text (GET shows it); fork: start from a copy of that
+    session's memory instead of an empty one."""
     keep_text: bool = False
+    fork: str | None = None
 
 
 class GenerateRequest(_Body):

@@ -204,3 +204,15 @@ def test_streamed_text_never_splits_a_character(tmp_path):
     assert all("\ufffd" not in p for p in pieces[:-1])
     assert len(pieces) >= 8
     eng.shutdown()
+
+
+def test_a_forked_session_continues_from_a_copy_of_the_memory(engine):
+    src = engine.create_session().id
+    engine.submit(src, CALLS[0][0], greedy(CALLS[0][1])).result()
+    fork = engine.fork_session(src).id
+    assert fork != src and engine.session_info(fork)["tokens_seen"] == \
+        engine.session_info(src)["tokens_seen"]
+    a = engine.submit(src, CALLS[1][0], greedy(CALLS[1][1])).result()["text"]
+    b = engine.submit(fork, CALLS[1][0], greedy(CALLS[1][1])).result()["text"]
+    assert a == b == reference(tiny_adapter(), CALLS[:2])[0][1].decode("utf-8", "replace")
+    assert_states_equal(engine.adapter, stored_state(engine, src), stored_state(engine, fork))
