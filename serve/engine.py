@@ -209,7 +209,9 @@ class _Row:
         self.call = call
         self.session = session              # SessionRecord or None (stateless)
         self.state = state
-        self.original = original            # the committed state, given back on failure
+        # The committed state, given back on failure; None when its file is the copy to go
+        # back to (a persisting engine does not hold a second state per running call).
+        self.original = original
         self.generated = bytearray()
         self.shown = 0                      # bytes of `generated` already sent
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -446,6 +448,8 @@ class Engine:
         except BaseException:
             self._give_back(row)
             raise
+        if self.config.persist:
+            row.original = None
         row.consumed = len(ids)
         self.stats.prefill_tokens += len(ids)
         if call.params.max_tokens == 0:
@@ -639,8 +643,12 @@ class Engine:
         row.call.emit(event)
 
     def _give_back(self, row: _Row) -> None:
-        if row.session is not None and row.original is not None:
+        if row.session is None:
+            return
+        if row.original is not None:
             self.cache.put(row.session.id, row.original)
+        else:                           # the next call reads the state from its file
+            self.cache.drop(row.session.id)
 
     def _release(self, row: _Row) -> None:
         with self._lock:
@@ -648,14 +656,16 @@ class Engine:
             if row.session is not None:
                 self._busy.discard(row.session.id)
 
-    def _fail(self, row: _Row, status: int, message: str) -> None:
-        self._give_back(row)
+    def _fail(self, row: _Row, status: int, message: str, give_back: bool = True) -> None:
+        if give_back:
+            self._give_back(row)
         self._release(row)
         row.call.emit({"type": "error", "status": status, "message": message})
 
     def _finish_failed(self, call: Call, status: int, message: str) -> None:
+        """A call that failed while being admitted (whatever state it took is given back)."""
         self._fail(_Row(call, self.sessions.get(call.session_id or ""), None, None),
-                   status, message)
+                   status, message, give_back=False)
 
     # ------------------------------------------------------------------ metrics
 
@@ -682,12 +692,14 @@ class _Stats:
         self.active = 0
         self.last_batch = 0
         self.last_step_ms = 0.0
+        self.step_seconds = collections.deque(maxlen=4096)   # one token per running call each
         self._window = collections.deque()
 
     def step(self, rows: int, seconds: float) -> None:
         self.steps += 1
         self.last_batch = rows
         self.last_step_ms = 1e3 * seconds
+        self.step_seconds.append(seconds)
         now = time.time()
         self._window.append((now, rows))
         while self._window and self._window[0][0] < now - self.WINDOW_S:
@@ -697,7 +709,10 @@ class _Stats:
         now = time.time()
         recent = [(t, n) for t, n in self._window if t >= now - self.WINDOW_S]
         span = max(1e-3, now - recent[0][0]) if recent else self.WINDOW_S
-        return {"tokens_generated": self.tokens, "prefill_tokens": self.prefill_tokens,
+        ms = sorted(1e3 * t for t in list(self.step_seconds)[-512:])
+        return {"step_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
+                "step_ms_p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3)
+                if ms else None,"tokens_generated": self.tokens, "prefill_tokens": self.prefill_tokens,
                 "steps": self.steps, "active_calls": self.active, "batch_size": self.last_batch,
                 "step_ms": round(self.last_step_ms, 3),
                 "tokens_per_s": round(sum(n for _, n in recent) / span, 2) if recent else 0.0}
