@@ -18,6 +18,12 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> int:
 
     Reads the offsets on the host (one sync); a caller on a hot path (decoding) should check
     once and reuse them."""
+    return len(checked_offsets(cu_seqlens, total, device)) - 1
+
+
+def checked_offsets(cu_seqlens, total: int, device: torch.device) -> list[int]:
+    """`check_cu_seqlens`, returning the N + 1 offsets read on the host (the one sync), for an op
+    that needs them there (to cut its work at the sequence boundaries)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens: expected an int32 or int64 tensor [N + 1], got "
                         f"{type(cu_seqlens).__name__}")
@@ -34,7 +40,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> int:
                          f"got {offsets[0]} … {offsets[-1]}")
     if any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {offsets}")
-    return len(offsets) - 1
+    return offsets
 
 
 def seq_lengths(cu_seqlens: torch.Tensor) -> torch.Tensor:

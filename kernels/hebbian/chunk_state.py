@@ -27,9 +27,19 @@ of one *segment* of the sequence (chunks t0/BT .. t0/BT + NTS - 1), writing each
 the input dtype to a buffer indexed by the chunk's place in the segment. The caller
 (function.py) walks segments so that buffer stays bounded at any sequence length.
 
-Layouts: q, k [B,H,T,K] and do, o [B,H,T,V] contiguous; v [B,HV,T,V] contiguous with HV = H, or
-HV = 1 when one v is shared by all heads (read by head index i_h % HV: never copied). States
-[B·H, K, V] float32; per-chunk buffers [B·H, NTS, K, V]. Addresses: B·H·T·K passes 2^31 at the
+Layouts: q, k [B,H,T,K] and do, o [B,H,T,V], or all [B,T,H,·] (BTHK), each contiguous in its
+layout; v [B,HV,T,V] (or [B,T,HV,V]) with HV = H, or HV = 1 when one v is shared by all heads
+(read by head index i_h % HV: never copied). States [rows, H, K, V] float32; per-chunk buffers
+[B·H, NTS, K, V].
+
+Varlen (IS_VARLEN): one packed row (B = 1) of sequences, chunks aligned to each sequence's start.
+The state kernels run one program per (sequence of the segment, head) and walk that sequence's
+chunks of the segment, starting from its initial state (or the carry, when the sequence began
+in an earlier segment) and ending in its final state (or the carry, when it goes on); the chunk
+kernels run one program per chunk of the segment. The tables that say where each lies are
+built by schedule.py and read by common._walk and common._chunk_span.
+
+Addresses: B·H·T·K passes 2^31 at the
 BDH shapes, so each tile's start (batch·head, chunk) is folded into the base pointer in int64,
 and only the in-tile offsets (< BT·K or K·V, far under 2^31) stay int32: int64 offset tensors
 per element would double the address registers and spill. γ arrives as log2 γ (float32) and
@@ -42,16 +52,18 @@ import triton
 import triton.language as tl
 
 from ..launch import dot_precision
-from .common import _key_decay, _query_decay, _warps
+from .common import (LENGTH_ARGS, _key_decay, _query_decay, _row, _state_in, _state_out, _walk,
+                     _warps, bhtd, or_placeholder as _or)
 
 
 @triton.jit
-def _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T, t_s, b_lg, BT: tl.constexpr,
+def _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T_end, t_s, b_lg, BT: tl.constexpr,
                         HAS_DECAY: tl.constexpr, PREC: tl.constexpr):
     """h_{c+1} = γ^L h_c + (w_k ⊙ K_c)ᵀ V_c for the chunk starting at t_s (L tokens of it are
-    before T); b_kt [BK, BT] is K_cᵀ, b_v [BT, BV] is V_c, b_lg = log2 γ (unused without decay)."""
+    before its sequence's end T_end); b_kt [BK, BT] is K_cᵀ, b_v [BT, BV] is V_c, b_lg = log2 γ
+    (unused without decay)."""
     if HAS_DECAY:
-        L = tl.minimum(T - t_s, BT)
+        L = tl.minimum(T_end - t_s, BT)
         b_wk = _key_decay(o_i, m_t, L, b_lg)
         b_kt = (b_kt * b_wk[None, :]).to(b_v.dtype)
         b_h *= tl.exp2(L.to(tl.float32) * b_lg)
@@ -60,129 +72,144 @@ def _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T, t_s, b_lg, BT: tl.constexpr
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 1: state passing. grid (cdiv(K, BK), cdiv(V, BV), B·H); sequential over the segment.
+# Stage 1: state passing. grid (cdiv(K, BK), cdiv(V, BV), rows·H); sequential over the segment.
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def chunk_hebbian_fwd_h_kernel(k, v, h, h0, ht, log2g, T, t0, NTS, H, HV, K, V,
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def chunk_hebbian_fwd_h_kernel(k, v, h, h0, ht, hc0, hct, log2g, seqs, T, t0, NTS, H, HV, K, V,
                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                HAS_DECAY: tl.constexpr, USE_H0: tl.constexpr,
                                STORE_H: tl.constexpr, STORE_HT: tl.constexpr,
-                               PREC: tl.constexpr):
+                               IS_VARLEN: tl.constexpr, BTHK: tl.constexpr, PREC: tl.constexpr):
     i_k, i_v = tl.program_id(0), tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_nh = tl.program_id(2).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    t_first, T_end, n_t, slot0, i_s, c_in, c_out = _walk(seqs, i_n, T, t0, NTS, IS_VARLEN)
+    i_b = i_s if not IS_VARLEN else i_s * 0           # a varlen row is batch 0
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_i = tl.arange(0, BT)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
-    p_k = k + i_bh * T * K
-    p_v = v + (i_b * HV + i_h % HV) * T * V
+    p_k, s_k = _row(k, i_b, i_h, H, T, K, BTHK)
+    p_v, s_v = _row(v, i_b, i_h % HV, HV, T, V, BTHK)
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_bh * K * V + o_kv, mask=m_kv, other=0.)
+    b_h = _state_in(h0, hc0, i_s, i_h, H, o_k, o_v, K, V, c_in, BK, BV, USE_H0, IS_VARLEN)
     b_lg = 0.                                   # log2 γ; 0 (γ = 1) without decay
     if HAS_DECAY:
         b_lg = tl.load(log2g + i_h).to(tl.float32)
-    for i_t in range(NTS):
-        t_s = t0 + i_t * BT
+    for i_t in range(n_t):
+        t_s = t_first + i_t * BT
         if STORE_H:
-            p_h = h + (i_bh * NTS + i_t) * K * V
+            p_h = h + ((i_b * H + i_h) * NTS + slot0 + i_t) * K * V
             tl.store(p_h + o_kv, b_h.to(p_h.dtype.element_ty), mask=m_kv)
-        m_t = o_i < T - t_s
-        # K_cᵀ tile [BK, BT] and V_c tile [BT, BV]; rows past T load as 0. The chunk's start
-        # goes into the (int64) base pointer; in-tile offsets stay small int32.
-        b_kt = tl.load(p_k + t_s.to(tl.int64) * K + (o_i[None, :] * K + o_k[:, None]),
+        m_t = o_i < T_end - t_s
+        # K_cᵀ tile [BK, BT] and V_c tile [BT, BV]; rows past the end load as 0. The chunk's
+        # start goes into the (int64) base pointer; in-tile offsets stay small int32.
+        b_kt = tl.load(p_k + t_s * s_k + (o_i[None, :] * s_k + o_k[:, None]),
                        mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_v = tl.load(p_v + t_s.to(tl.int64) * V + (o_i[:, None] * V + o_v[None, :]),
+        b_v = tl.load(p_v + t_s * s_v + (o_i[:, None] * s_v + o_v[None, :]),
                       mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_h = _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T, t_s, b_lg, BT, HAS_DECAY, PREC)
-    if STORE_HT:
-        tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
+        b_h = _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T_end, t_s, b_lg, BT, HAS_DECAY,
+                                  PREC)
+    _state_out(ht, hct, b_h, i_s, i_h, H, o_k, o_v, K, V, c_out, STORE_HT, IS_VARLEN)
 
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 3 (backward): reverse state passing. grid (cdiv(K, BK), cdiv(V, BV), B·H).
-# Writes dh[c] = dL/d(state after chunk c) for the segment's chunks, and the carry dL/dh_first.
+# Stage 3 (backward): reverse state passing. grid (cdiv(K, BK), cdiv(V, BV), rows·H).
+# Writes dh[c] = dL/d(state after chunk c) for the segment's chunks, and dL/d(the state the
+# walk started from): the carry of a dense batch, or a varlen sequence's initial state (dh0)
+# or the carry when it began in an earlier segment (dhc0). A walk starts from dL/d(its final
+# state) (dht) or, varlen, from dL/d(the carry it ended in) (dhct).
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def chunk_hebbian_bwd_dh_kernel(q, do, dh, dht, dh0, log2g, scale, T, t0, NTS, H, K, V,
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def chunk_hebbian_bwd_dh_kernel(q, do, dh, dht, dh0, dhct, dhc0, log2g, seqs, scale, T, t0, NTS,
+                                H, K, V,
                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 HAS_DECAY: tl.constexpr, STRICT: tl.constexpr,
-                                USE_DHT: tl.constexpr, PREC: tl.constexpr):
+                                USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                                IS_VARLEN: tl.constexpr, BTHK: tl.constexpr, PREC: tl.constexpr):
     i_k, i_v = tl.program_id(0), tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    i_h = i_bh % H
+    i_nh = tl.program_id(2).to(tl.int64)
+    i_n, i_h = i_nh // H, i_nh % H
+    t_first, T_end, n_t, slot0, i_s, c_in, c_out = _walk(seqs, i_n, T, t0, NTS, IS_VARLEN)
+    i_b = i_s if not IS_VARLEN else i_s * 0
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_i = tl.arange(0, BT)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
-    p_q = q + i_bh * T * K
-    p_do = do + i_bh * T * V
+    p_q, s_q = _row(q, i_b, i_h, H, T, K, BTHK)
+    p_do, s_do = _row(do, i_b, i_h, H, T, V, BTHK)
 
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_bh * K * V + o_kv, mask=m_kv, other=0.)
+    # The reverse walk starts where the forward one ended: the roles of the carries swap.
+    b_dh = _state_in(dht, dhct, i_s, i_h, H, o_k, o_v, K, V, c_out, BK, BV, USE_DHT, IS_VARLEN)
     b_lg = 0.                                   # log2 γ; 0 (γ = 1) without decay
     if HAS_DECAY:
         b_lg = tl.load(log2g + i_h).to(tl.float32)
-    for i_r in range(NTS):
-        i_t = NTS - 1 - i_r
-        t_s = t0 + i_t * BT
-        p_dh = dh + (i_bh * NTS + i_t) * K * V
+    for i_r in range(n_t):
+        i_t = n_t - 1 - i_r
+        t_s = t_first + i_t * BT
+        p_dh = dh + ((i_b * H + i_h) * NTS + slot0 + i_t) * K * V
         tl.store(p_dh + o_kv, b_dh.to(p_dh.dtype.element_ty), mask=m_kv)
-        m_t = o_i < T - t_s
-        b_qt = tl.load(p_q + t_s.to(tl.int64) * K + (o_i[None, :] * K + o_k[:, None]),
+        m_t = o_i < T_end - t_s
+        b_qt = tl.load(p_q + t_s * s_q + (o_i[None, :] * s_q + o_k[:, None]),
                        mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_do = tl.load(p_do + t_s.to(tl.int64) * V + (o_i[:, None] * V + o_v[None, :]),
+        b_do = tl.load(p_do + t_s * s_do + (o_i[:, None] * s_do + o_v[None, :]),
                        mask=m_t[:, None] & m_v[None, :], other=0.)
         if HAS_DECAY:
-            L = tl.minimum(T - t_s, BT)
+            L = tl.minimum(T_end - t_s, BT)
             b_qt = (b_qt * _query_decay(o_i, b_lg, STRICT)[None, :]).to(b_do.dtype)
             b_dh *= tl.exp2(L.to(tl.float32) * b_lg)
         b_dh += scale * tl.dot(b_qt, b_do, input_precision=PREC)
-    tl.store(dh0 + i_bh * K * V + o_kv, b_dh, mask=m_kv)
+    _state_out(dh0, dhc0, b_dh, i_s, i_h, H, o_k, o_v, K, V, c_in, STORE_DH0, IS_VARLEN)
 
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers. ``seg`` (schedule.Segment) says which chunks; ``bthk`` the layout. Pointer
+# arguments a variant does not read get a placeholder tensor.
 # --------------------------------------------------------------------------------------------
-def chunk_fwd_h(k, v, log2g, h0, *, t0, nts, tiles, store_h=True, ht=None):
-    """States before each chunk of the segment [t0, t0 + nts·BT) → h [B·H, nts, K, V] in k's
-    dtype; the state after the segment goes to ``ht`` (float32 [B,H,K,V]) when given."""
-    B, H, T, K = k.shape
-    HV, V = v.shape[1], v.shape[3]
+def chunk_fwd_h(k, v, log2g, h0, *, seg, tiles, bthk=False, store_h=True, ht=None, hc0=None,
+                hct=None):
+    """States before each chunk of the segment → h [B·H, seg.nts, K, V] in k's dtype. Each walk
+    starts from its row of ``h0`` (float32 [rows, H, K, V]; None: zeros), or varlen from the
+    carry ``hc0`` [H, K, V]; it ends in its row of ``ht`` (when given) or varlen in the carry
+    ``hct`` (required for a varlen segment: the walk that goes on writes it)."""
+    B, H, T, K = bhtd(k, bthk)
+    HV, V = bhtd(v, bthk)[1], v.shape[3]
     BK, BV = tiles.h_BK, tiles.h_BV
+    nts = seg.nts
     h = (torch.empty(B * H, nts, K, V, dtype=k.dtype, device=k.device) if store_h else None)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), seg.rows * H)
     chunk_hebbian_fwd_h_kernel[grid](
-        k, v, h if store_h else k, h0 if h0 is not None else k, ht if ht is not None else k,
-        log2g if log2g is not None else k, T, t0, nts, H, HV, K, V,
+        k, v, _or(h, k), _or(h0, k), _or(ht, k), _or(hc0, k), _or(hct, k), _or(log2g, k),
+        _or(seg.seqs, k), T, seg.t0, nts, H, HV, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, USE_H0=h0 is not None,
-        STORE_H=store_h, STORE_HT=ht is not None, PREC=dot_precision(k.dtype),
-        num_warps=_warps(BK, BV), num_stages=2)
+        STORE_H=store_h, STORE_HT=ht is not None, IS_VARLEN=seg.seqs is not None, BTHK=bthk,
+        PREC=dot_precision(k.dtype), num_warps=_warps(BK, BV), num_stages=2)
     return h
 
 
 
-def chunk_bwd_dh(q, do, log2g, dht, dh0, scale, strict, *, t0, nts, tiles):
-    """dh [B·H, nts, K, V] (grad of the state after each chunk); the grad of the state before
-    the segment goes to ``dh0`` (float32; may alias ``dht``: each program reads its tile first)."""
-    B, H, T, K = q.shape
+def chunk_bwd_dh(q, do, log2g, dht, dh0, scale, strict, *, seg, tiles, bthk=False, dhct=None,
+                 dhc0=None):
+    """dh [B·H, seg.nts, K, V] (grad of the state after each chunk). Each reverse walk starts
+    from its row of ``dht`` (None: zeros), or varlen from ``dhct`` [H, K, V] (the grad of the
+    carry its sequence went on with); it ends in its row of ``dh0`` (float32; None: not kept;
+    a dense ``dh0`` may alias ``dht``: each program reads its tile first) or varlen in ``dhc0``
+    (required for a varlen segment)."""
+    B, H, T, K = bhtd(q, bthk)
     V = do.shape[3]
     BK, BV = tiles.h_BK, tiles.h_BV
-    dh = torch.empty(B * H, nts, K, V, dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
+    dh = torch.empty(B * H, seg.nts, K, V, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), seg.rows * H)
     chunk_hebbian_bwd_dh_kernel[grid](
-        q, do, dh, dht if dht is not None else q, dh0, log2g if log2g is not None else q,
-        float(scale), T, t0, nts, H, K, V,
+        q, do, dh, _or(dht, q), _or(dh0, q), _or(dhct, q), _or(dhc0, q), _or(log2g, q),
+        _or(seg.seqs, q), float(scale), T, seg.t0, seg.nts, H, K, V,
         BT=tiles.BT, BK=BK, BV=BV, HAS_DECAY=log2g is not None, STRICT=strict,
-        USE_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=_warps(BK, BV),
-        num_stages=2)
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=seg.seqs is not None,
+        BTHK=bthk, PREC=dot_precision(q.dtype), num_warps=_warps(BK, BV), num_stages=2)
     return dh

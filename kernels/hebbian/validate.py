@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..checks import _shape, check_same_device, check_tensor
+from ..varlen import checked_offsets
 
 # The chunk cap: a [BT, BT] score tile and [BT, BV] accumulators sit in registers.
 MAX_CHUNK = 128
@@ -42,33 +43,61 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale: expected a finite number, got {scale}")
 
 
-def check_state(name: str, state, B: int, H: int, K: int, V: int) -> None:
+def check_state(name: str, state, B: int, H: int, K: int, V: int, rows: str = "B") -> None:
+    """None or a float32 tensor [rows, H, K, V]; ``rows`` names the first dimension in messages
+    (B, or N for the sequences of a varlen call)."""
     if state is None:
         return
+    want = f"[{rows},H,K,V] = [{B}, {H}, {K}, {V}]"
     if not isinstance(state, torch.Tensor):
-        raise TypeError(f"{name}: expected a float32 tensor [B,H,K,V] = [{B}, {H}, {K}, {V}], "
-                        f"got {type(state).__name__}")
+        raise TypeError(f"{name}: expected a float32 tensor {want}, got {type(state).__name__}")
     if state.dtype != torch.float32:
         raise TypeError(f"{name}: expected dtype torch.float32 (the state is kept in float32), "
                         f"got {state.dtype}")
     if _shape(state) != [B, H, K, V]:
-        raise ValueError(f"{name}: expected shape [B,H,K,V] = [{B}, {H}, {K}, {V}], "
-                         f"got {_shape(state)}")
+        raise ValueError(f"{name}: expected shape {want}, got {_shape(state)}")
+
+
+LAYOUTS = ("bhtk", "bthk")
+
+
+def check_layout(layout) -> bool:
+    """Whether ``layout`` is "bthk" ([B,T,H,·]); "bhtk" ([B,H,T,·]) is the other one taken."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    return layout == "bthk"
+
+
+def _dims(layout: str, B, H, T, D) -> str:
+    """A shape in the layout's order, e.g. "[B,T,H,K] = [2, 5, 3, 8]"."""
+    if layout == "bthk":
+        return f"[B,T,H,{D[0]}] = [{B}, {T}, {H}, {D[1]}]"
+    return f"[B,H,T,{D[0]}] = [{B}, {H}, {T}, {D[1]}]"
 
 
 def check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale=1.0
                            ) -> tuple[int, ...]:
-    """Validate `hebbian_attention` inputs; returns (B, H, T, K, V)."""
-    check_tensor("q", q, 4, "[B,H,T,K]")
-    check_tensor("k", k, 4, "[B,H,T,K]")
-    check_tensor("v", v, 4, "[B,H,T,V] or [B,1,T,V]")
-    B, H, T, K = q.shape
+    """Validate dense [B,H,T,·] `hebbian_attention` inputs; returns (B, H, T, K, V)."""
+    return check_attention_call(q, k, v, decay, initial_state, chunk_size, scale)[0]
+
+
+def check_attention_call(q, k, v, decay, initial_state, chunk_size, scale=1.0, *,
+                         layout="bhtk", cu_seqlens=None) -> tuple:
+    """Validate `hebbian_attention` inputs; returns ((B, H, T, K, V), offsets): offsets are
+    cu_seqlens read on the host (N + 1 ints), or None without cu_seqlens."""
+    bthk = check_layout(layout)
+    names = "[B,T,H,K]" if bthk else "[B,H,T,K]"
+    check_tensor("q", q, 4, names)
+    check_tensor("k", k, 4, names)
+    check_tensor("v", v, 4, f"{names[:-2]}V] or " + ("[B,T,1,V]" if bthk else "[B,1,T,V]"))
+    B, H, T, K = (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) if bthk else q.shape
+    HV, TV = (v.shape[2], v.shape[1]) if bthk else (v.shape[1], v.shape[2])
     if _shape(k) != _shape(q):
-        raise ValueError(f"k: expected shape [B,H,T,K] = {_shape(q)} (same as q), "
+        raise ValueError(f"k: expected shape {names} = {_shape(q)} (same as q), "
                          f"got {_shape(k)}")
-    if v.shape[0] != B or v.shape[1] not in (1, H) or v.shape[2] != T:
-        raise ValueError(f"v: expected shape [B,H,T,V] = [{B}, {H}, {T}, V] or "
-                         f"[B,1,T,V] = [{B}, 1, {T}, V], got {_shape(v)}")
+    if v.shape[0] != B or HV not in (1, H) or TV != T:
+        raise ValueError(f"v: expected shape {_dims(layout, B, H, T, ('V', 'V'))} or "
+                         f"{_dims(layout, B, 1, T, ('V', 'V'))}, got {_shape(v)}")
     V = v.shape[3]
     if K == 0:
         raise ValueError(f"q, k: the key dimension K must be >= 1, got shape {_shape(q)}")
@@ -78,11 +107,19 @@ def check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale=1.0
         raise TypeError(f"k: expected dtype {q.dtype} (same as q), got {k.dtype}")
     # Types and shapes first, devices after: a wrong type must not fail on `.device`.
     check_decay(decay, H)
-    check_state("initial_state", initial_state, B, H, K, V)
+    offsets = None
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens: the sequences are packed along time into one row, "
+                             f"so q, k, v must have batch size 1, got q of shape {_shape(q)}")
+        check_same_device(q=q, cu_seqlens=cu_seqlens)
+        offsets = checked_offsets(cu_seqlens, T, q.device)
+    rows = B if offsets is None else len(offsets) - 1
+    check_state("initial_state", initial_state, rows, H, K, V, "B" if offsets is None else "N")
     check_scale(scale)
     check_same_device(q=q, k=k, v=v, decay=decay, initial_state=initial_state)
     check_chunk_size(chunk_size)
-    return B, H, T, K, V
+    return (B, H, T, K, V), offsets
 
 
 def check_chunk_size(chunk_size, name: str = "chunk_size") -> None:
