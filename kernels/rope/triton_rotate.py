@@ -42,8 +42,12 @@ def _cos_sin(start, o_t, b_f, sign):
     return tl.cos(b_ang), tl.sin(b_ang) * sign
 
 
-@triton.jit
-def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign, RPP,
+# A position (start) and a length (T) are never specialisation keys: Triton would otherwise
+# compile a variant per class of each (== 1, divisible by 16, neither), i.e. anew for new prompt
+# lengths and decode positions. The row stride T·2·NP is formed in the kernel, so its
+# divisibility by 16 (the vectorised loads) still follows from NP.
+@triton.jit(do_not_specialize=["start", "T"])
+def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, sign, RPP,
                        BT: tl.constexpr, BP: tl.constexpr, G: tl.constexpr,
                        START_PTR: tl.constexpr, PER_ROW: tl.constexpr):
     i_t, i_p, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -64,6 +68,7 @@ def rope_rotate_kernel(x, out, freqs, start, BH, T, NP, stride_bh, sign, RPP,
     o_n = i_p * (2 * BP) + tl.arange(0, 2 * BP)
     m = m_t[:, None] & (o_n < 2 * NP)[None, :]
     o_x = o_t[:, None].to(tl.int64) * (2 * NP) + o_n[None, :]
+    stride_bh = T.to(tl.int64) * (2 * NP)
     # Walk this program's group of G batch·head rows by advancing the (64-bit) pointers.
     p_x = x + i_g.to(tl.int64) * G * stride_bh + o_x
     p_out = out + i_g.to(tl.int64) * G * stride_bh + o_x
@@ -110,7 +115,7 @@ def rope_rotate_triton(x: torch.Tensor, start, inverse: bool, freqs64: torch.Ten
     G = min(16, BH)
     grid = (triton.cdiv(T, BT), triton.cdiv(NP, BP), triton.cdiv(BH, G))
     rope_rotate_kernel[grid](x, out, freqs64, start if on_device else int(start), BH, T, NP,
-                             T * N, -1.0 if inverse else 1.0, BH // x.shape[0] if per_row else 1,
+                             -1.0 if inverse else 1.0, BH // x.shape[0] if per_row else 1,
                              BT=BT, BP=BP, G=G, START_PTR=on_device, PER_ROW=per_row,
                              num_warps=4)
     return out
