@@ -21,6 +21,15 @@ import torch
 
 from ..launch import length_bucket, shape_class, with_tuned
 
+# The integer kernel arguments that follow the sequence: lengths, the offset into a chunk, and
+# counts of slots, bank slots, chunks, picks per query, programs and segments. Triton compiles a
+# separate variant of a kernel for an int argument equal to 1 or divisible by 16, so these
+# would make a new prompt length (or decode position) compile again; every BSBR kernel takes
+# them as plain runtime ints (`triton.jit(do_not_specialize=RUNTIME_SIZES)`; names a kernel
+# lacks are ignored). Its address bases stay aligned without them: they are multiples of the
+# constexpr head dims.
+RUNTIME_SIZES = ("T", "Tq", "Tk", "offset", "S", "n", "nC", "NK", "NB", "NSEG", "R")
+
 POW2_BLOCKS = (16, 32, 64, 128)
 POW2_WARPS = (1, 2, 4, 8, 16)
 V_TILES = (*POW2_BLOCKS, 256)

@@ -18,6 +18,9 @@ offset + i, in chunk c_i = (offset + i) // C.
 
 Non-finite scores: a candidate scored NaN or +inf stays a candidate (topk ranks NaN first)
 and makes the query's weights NaN; -inf is no candidate (as a masked slot).
+
+Packed sequences (``cu_seqlens``): every sequence is computed as if it were called alone
+(`per_sequence`).
 """
 from __future__ import annotations
 
@@ -116,3 +119,14 @@ def routed_readout_step_ref(q, r, bank_F, bank_h, top_k=None, long_scale=1.0):
     p = routing_weights_ref(scores, torch.ones_like(scores, dtype=torch.bool), top_k)
     long = torch.einsum("bhj,bhk,bhjkv->bhv", p, q.to(sd), bank_F.to(sd)) * long_scale
     return long, p
+
+
+def per_sequence(fn, cu_seqlens, *tensors, **kw):
+    """The varlen contract read literally: ``fn`` on each sequence packed in ``tensors``
+    ([1, H, total, ·], cut along time at the offsets cu_seqlens) alone, its outputs (a tensor
+    or a tuple of them) concatenated along dim 2 (time, or the chunk axis of states)."""
+    offsets = cu_seqlens.tolist()
+    outs = [fn(*(t[:, :, a:b] for t in tensors), **kw) for a, b in zip(offsets, offsets[1:])]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts, 2) for parts in zip(*outs))
+    return torch.cat(outs, 2)

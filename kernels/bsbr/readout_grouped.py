@@ -25,7 +25,8 @@ and each F_j is read once per block of BE entries that picked it.
          readout_triton.routed_readout_dF (per segment, then per slot).
   do     is read as it arrives: with `local` (the bsbr_attention path) it is the 16-bit
          gradient of the 16-bit output, so a float32 copy would only double its gathers.
-The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
+q, do, local, the output and dq lie in either layout (layout.py, BTHK); the Y / DQ buffers are
+head-major. The buffers are float32 for float32 inputs and q's dtype otherwise (T·k·d elements: at
 T = 32k, k = 8, d = 128 that is 64 MiB per head in bf16), alive only inside the call.
 
 Precision of the products ("lowp", `ReadoutLaunch.products`): by default, for bf16 inputs F is
@@ -46,7 +47,9 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..launch import dot_precision, pow2_tile
+from .launch import RUNTIME_SIZES as SIZES
 from .launch import ReadoutLaunch
+from .layout import empty_as, stored_as, token_rows
 from .readout_triton import (_bv, inverse_index, routed_readout_dF, slot_runs, slot_segments,
                              sum_dF_segments)
 
@@ -58,10 +61,10 @@ def use_lowp(launch: ReadoutLaunch, dtype: torch.dtype) -> bool:
     return launch.products == "16bit" and dtype in (torch.float16, torch.bfloat16)
 
 
-@triton.jit
-def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
+@triton.jit(do_not_specialize=SIZES)
+def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, H, T, S, NK, NB,
                  K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+                 BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, BTHK: tl.constexpr):
     i_b, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
     j = tl.load(blk_slot + bh * NB + i_b).to(tl.int64)
@@ -69,7 +72,7 @@ def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
         b_real = (j < S).to(tl.float32)
         e0 = tl.load(blk_e0 + bh * NB + i_b)
         e1 = tl.load(blk_e1 + bh * NB + i_b)
-        q += bh * T * K
+        q, sq = token_rows(q, bh, H, T, K, BTHK)
         F += (bh * S + tl.minimum(j, S - 1)) * K * V
         p += bh * T * NK
         order += bh * T * NK
@@ -81,8 +84,8 @@ def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
         b_ent = tl.load(order + o_e, mask=m_e, other=0)      # flat t·NK + k of each entry
         b_w = tl.load(p + b_ent, mask=m_e, other=0.) * b_real
         o_t = b_ent // NK
-        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_e[:, None] & (o_k[None, :] < K),
-                      other=0.).to(tl.float32)
+        b_q = tl.load(q + o_t[:, None] * sq + o_k[None, :],
+                      mask=m_e[:, None] & (o_k[None, :] < K), other=0.).to(tl.float32)
         b_F = tl.load(F + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
         b_a = b_q * b_w[:, None]
@@ -95,17 +98,17 @@ def _grouped_fwd(q, F, p, order, blk_slot, blk_e0, blk_e1, Y, T, S, NK, NB,
 
 
 @triton.jit
-def _bwd_bases(q, F, p, dp, do, order, DQ, bh, j, T, S, NK, K, V):
-    """The (b, h) rows of every backward operand, and slot j's F (slot S, the entries with no
-    pick, reads slot S − 1 under a zero weight)."""
-    return (q + bh * T * K, F + (bh * S + tl.minimum(j, S - 1)) * K * V, p + bh * T * NK,
-            dp + bh * T * NK, do + bh * T * V, order + bh * T * NK, DQ + bh * T * NK * K)
+def _bwd_bases(F, p, dp, order, DQ, bh, j, T, S, NK, K, V):
+    """The (b, h) rows of the backward's own buffers, and slot j's F (slot S, the entries with
+    no pick, reads slot S − 1 under a zero weight). q and do: `token_rows`."""
+    return (F + (bh * S + tl.minimum(j, S - 1)) * K * V, p + bh * T * NK, dp + bh * T * NK,
+            order + bh * T * NK, DQ + bh * T * NK * K)
 
 
-@triton.jit
-def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, NK, NB,
+@triton.jit(do_not_specialize=SIZES)
+def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, H, T, S, NK, NB,
                    K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+                   BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, BTHK: tl.constexpr):
     i_b, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
     j = tl.load(blk_slot + bh * NB + i_b).to(tl.int64)
@@ -113,8 +116,9 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
         b_real = (j < S).to(tl.float32)
         e0 = tl.load(blk_e0 + bh * NB + i_b)
         e1 = tl.load(blk_e1 + bh * NB + i_b)
-        q, F, p, dp, do, order, DQ = _bwd_bases(q, F, p, dp, do, order, DQ, bh, j, T, S, NK,
-                                                K, V)
+        F, p, dp, order, DQ = _bwd_bases(F, p, dp, order, DQ, bh, j, T, S, NK, K, V)
+        q, sq = token_rows(q, bh, H, T, K, BTHK)
+        do, sdo = token_rows(do, bh, H, T, V, BTHK)
         o_e = e0 + tl.arange(0, BE)
         m_e = o_e < e1
         o_k = tl.arange(0, BK)
@@ -122,14 +126,14 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
         b_ent = tl.load(order + o_e, mask=m_e, other=0)
         b_w = tl.load(p + b_ent, mask=m_e, other=0.) * b_real
         o_t = b_ent // NK
-        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_ek, other=0.).to(tl.float32)
+        b_q = tl.load(q + o_t[:, None] * sq + o_k[None, :], mask=m_ek, other=0.).to(tl.float32)
         b_g = tl.zeros([BE], tl.float32)
         b_dq = tl.zeros([BE, BK], tl.float32)
         for v0 in range(0, V, BV):
             o_v = v0 + tl.arange(0, BV)
             b_F = tl.load(F + o_k[:, None] * V + o_v[None, :],
                           mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.)
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+            b_do = tl.load(do + o_t[:, None] * sdo + o_v[None, :],
                            mask=m_e[:, None] & (o_v[None, :] < V), other=0.).to(tl.float32)
             if LOWP:
                 b_g += tl.sum(tl.dot(b_q.to(F.dtype.element_ty), b_F) * b_do, 1)
@@ -142,10 +146,11 @@ def _grouped_bwd_q(q, F, p, do, order, blk_slot, blk_e0, blk_e1, DQ, dp, T, S, N
                  (b_dq * b_w[:, None]).to(DQ.dtype.element_ty), mask=m_ek)
 
 
-@triton.jit
-def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, T, S, NK, NSEG,
-                       K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+@triton.jit(do_not_specialize=SIZES)
+def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, H, T, S, NK,
+                       NSEG, K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                       LOWP: tl.constexpr, BTHK: tl.constexpr):
     """The dq/dp and dF passes in one: a program owns one segment of slot j's entries, loads
     F_j once, and for each block of BE entries gathers q_t, do_t once for all three products:
     dp_e = (q_t F_j)·do_t, DQ_e = p_e do_t F_jᵀ, partial dF_j += (p_e q_t)ᵀ do_t. Whole K and V
@@ -157,8 +162,9 @@ def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, 
         b_real = (j < S).to(tl.float32)
         e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
         e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
-        q, F, p, dp, do, order, DQ = _bwd_bases(q, F, p, dp, do, order, DQ, bh, j, T, S, NK,
-                                                K, V)
+        F, p, dp, order, DQ = _bwd_bases(F, p, dp, order, DQ, bh, j, T, S, NK, K, V)
+        q, sq = token_rows(q, bh, H, T, K, BTHK)
+        do, sdo = token_rows(do, bh, H, T, V, BTHK)
         o_k = tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
@@ -171,8 +177,8 @@ def _grouped_bwd_fused(q, F, p, do, order, seg_slot, seg_e0, seg_e1, DQ, dp, P, 
             b_ent = tl.load(order + o_e, mask=m_e, other=0)
             o_t = b_ent // NK
             b_w = tl.load(p + b_ent, mask=m_e, other=0.) * b_real
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_ek, other=0.)
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+            b_q = tl.load(q + o_t[:, None] * sq + o_k[None, :], mask=m_ek, other=0.)
+            b_do = tl.load(do + o_t[:, None] * sdo + o_v[None, :],
                            mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
             b_a = b_q.to(tl.float32) * b_w[:, None]
             if LOWP:                # F is 16-bit: 16-bit operands, float32 accumulation
@@ -216,7 +222,8 @@ def use_fused_bwd(launch: ReadoutLaunch, K: int, V: int, lowp: bool) -> bool:
     return launch.backward == "one_pass"
 
 
-def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp, launch: ReadoutLaunch):
+def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp, launch: ReadoutLaunch,
+                   bthk=False):
     """dp and DQ (written in place) and dF of the one-pass backward; None when this launch does
     not fit the GPU (then remembered, and the caller runs the two passes)."""
     B, H, T, K = q.shape
@@ -229,9 +236,9 @@ def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp, launch: R
     P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
     try:
         _grouped_bwd_fused[(NSEG, B * H)](
-            q, Fk, p, do, order, seg, s0, s1, DQ, dp, P, T, S, NK, NSEG, K=K, V=V, BE=be,
+            q, Fk, p, do, order, seg, s0, s1, DQ, dp, P, H, T, S, NK, NSEG, K=K, V=V, BE=be,
             BK=pow2_tile(K, FUSED_MAX_DIM), BV=pow2_tile(V, FUSED_MAX_DIM),
-            PREC=dot_precision(q.dtype), LOWP=lowp, num_warps=warps)
+            PREC=dot_precision(q.dtype), LOWP=lowp, BTHK=bthk, num_warps=warps)
     except OutOfResources as exc:
         _FUSED_UNFIT.add(key)
         warnings.warn(f"BSBR readout: the one-pass backward does not fit this GPU at {key} "
@@ -240,34 +247,42 @@ def fused_backward(q, Fk, p, do, order, starts, DQ, dp, F_dtype, lowp, launch: R
     return sum_dF_segments(P, seg_end, seg_n, Fk.shape, F_dtype)
 
 
-@triton.jit
-def _sum_picks(X, add, out, R, NK, D, HAS_ADD: tl.constexpr, BR: tl.constexpr,
-               BD: tl.constexpr):
-    """out[r] = add[r] + Σ_k X[r, k] (float32 sums, stored in out's dtype); X [R, NK, D]."""
+@triton.jit(do_not_specialize=SIZES)
+def _sum_picks(X, add, out, R, NK, H, T, D, HAS_ADD: tl.constexpr, BTHK: tl.constexpr,
+               BR: tl.constexpr, BD: tl.constexpr):
+    """out[r] = add[r] + Σ_k X[r, k] (float32 sums, stored in out's dtype); X [R, NK, D] with
+    R = B·H·T rows head-major; out and add [B,H,T,D] stored token-major when BTHK."""
     i_r, i_d = tl.program_id(0), tl.program_id(1)
     o_r = (i_r * BR + tl.arange(0, BR)).to(tl.int64)
+    if BTHK:                                # row r = (b·H + h)·T + t  ->  (b·T + t)·H + h
+        o_bh = o_r // T
+        o_o = ((o_bh // H) * T + o_r % T) * H + o_bh % H
+    else:
+        o_o = o_r
     o_d = i_d * BD + tl.arange(0, BD)
     m = (o_r[:, None] < R) & (o_d[None, :] < D)
     acc = tl.zeros([BR, BD], tl.float32)
     if HAS_ADD:
-        acc += tl.load(add + o_r[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
+        acc += tl.load(add + o_o[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
     for k in range(0, NK):
         acc += tl.load(X + (o_r[:, None] * NK + k) * D + o_d[None, :], mask=m,
                        other=0.).to(tl.float32)
-    tl.store(out + o_r[:, None] * D + o_d[None, :], acc.to(out.dtype.element_ty), mask=m)
+    tl.store(out + o_o[:, None] * D + o_d[None, :], acc.to(out.dtype.element_ty), mask=m)
 
 
-def sum_picks(X, dtype, add=None):
-    """Σ over dim 3 of X [B,H,T,k,D] (+ add [B,H,T,D]) in one pass, as `dtype`. Why not
-    `X.sum(3, dtype=float32)` (+ add, then .to): that writes and re-reads a float32 [B,H,T,D]
-    (and the add a second one); at 32k, H16, D128 each pass is ~0.27 GB."""
+def sum_picks(X, dtype, add=None, bthk=False):
+    """Σ over dim 3 of X [B,H,T,k,D] (+ add [B,H,T,D]) in one pass, as `dtype`; the result
+    (and add) stored token-major when ``bthk`` (layout.py). Why not `X.sum(3, dtype=float32)`
+    (+ add, then .to): that writes and re-reads a float32 [B,H,T,D] (and the add a second
+    one); at 32k, H16, D128 each pass is ~0.27 GB."""
     B, H, T, NK, D = X.shape
-    out = torch.empty(B, H, T, D, dtype=dtype, device=X.device)
+    out = empty_as(B, H, T, D, bthk, dtype=dtype, device=X.device)
     R = B * H * T
     BR, BD = 32, min(128, max(16, triton.next_power_of_2(D)))
-    a = add.contiguous() if add is not None else X
-    _sum_picks[(triton.cdiv(R, BR), triton.cdiv(D, BD))](X, a, out, R, NK, D,
-                                                        HAS_ADD=add is not None, BR=BR, BD=BD)
+    a = stored_as(add, bthk) if add is not None else X
+    _sum_picks[(triton.cdiv(R, BR), triton.cdiv(D, BD))](X, a, out, R, NK, H, T, D,
+                                                        HAS_ADD=add is not None, BTHK=bthk,
+                                                        BR=BR, BD=BD)
     return out
 
 
@@ -278,8 +293,8 @@ class RoutedReadoutGrouped(torch.autograd.Function):
     outputs it holds no more than 16 bits anyway)."""
 
     @staticmethod
-    def forward(ctx, q, F, idx, p, local, scale, inverse, launch):
-        q, F = q.contiguous(), F.contiguous()
+    def forward(ctx, q, F, idx, p, local, scale, inverse, launch, bthk):
+        q, F = stored_as(q, bthk), F.contiguous()
         idx = idx.to(torch.int32).contiguous()
         p32 = p.to(torch.float32)
         # The scale rides on the weights (the [T, k] tensor), never on a copy of q.
@@ -295,21 +310,22 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         lowp = use_lowp(launch, q.dtype)
         Fk = F.to(q.dtype) if lowp else F            # the operand both product kernels read
         _grouped_fwd[(NB, triton.cdiv(V, BVf), B * H)](
-            q, Fk, p32, order, slot, e0, e1, Y, T, S, NK, NB, K=K, V=V, BE=be, BK=BK, BV=BVf,
-            PREC=dot_precision(q.dtype), LOWP=lowp, num_warps=warps)
+            q, Fk, p32, order, slot, e0, e1, Y, H, T, S, NK, NB, K=K, V=V, BE=be, BK=BK,
+            BV=BVf, PREC=dot_precision(q.dtype), LOWP=lowp, BTHK=bthk, num_warps=warps)
         if local is None:
-            out = sum_picks(Y, torch.float32)
+            out = sum_picks(Y, torch.float32, bthk=bthk)
         else:
-            out = sum_picks(Y, local.dtype, add=local)
+            out = sum_picks(Y, local.dtype, add=local, bthk=bthk)
         ctx.save_for_backward(q, Fk, idx, p32, order, starts, slot, e0, e1)
         ctx.NB, ctx.p_dtype, ctx.F_dtype, ctx.lowp = NB, p.dtype, F.dtype, lowp
-        ctx.scale, ctx.has_local, ctx.launch = scale, local is not None, launch
+        ctx.scale, ctx.has_local, ctx.launch, ctx.bthk = scale, local is not None, launch, bthk
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, Fk, idx, p, order, starts, slot, e0, e1 = ctx.saved_tensors
-        do = do.contiguous()
+        bthk = ctx.bthk
+        do = stored_as(do, bthk)
         B, H, T, K = q.shape
         S, V, NK = Fk.shape[2], Fk.shape[4], idx.shape[3]
         launch = ctx.launch
@@ -321,16 +337,16 @@ class RoutedReadoutGrouped(torch.autograd.Function):
         dF = None
         if use_fused_bwd(launch, K, V, ctx.lowp):
             dF = fused_backward(q, Fk, p, do, order, starts, DQ, dp, ctx.F_dtype, ctx.lowp,
-                                launch)
+                                launch, bthk)
         if dF is None:
-            _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, T, S, NK,
-                                            ctx.NB, BE=launch.block, LOWP=ctx.lowp,
-                                            num_warps=launch.warps, **meta)
+            _grouped_bwd_q[(ctx.NB, B * H)](q, Fk, p, do, order, slot, e0, e1, DQ, dp, H, T, S,
+                                            NK, ctx.NB, BE=launch.block, LOWP=ctx.lowp,
+                                            BTHK=bthk, num_warps=launch.warps, **meta)
             dF = routed_readout_dF(q, p, do, order, starts, Fk.shape, ctx.F_dtype,
                                    dict(K=K, V=V, BK=BK, PREC=dot_precision(q.dtype)), launch,
-                                   lowp=ctx.lowp)
-        dq = sum_picks(DQ, q.dtype)
+                                   lowp=ctx.lowp, bthk=bthk)
+        dq = sum_picks(DQ, q.dtype, bthk=bthk)
         if ctx.scale != 1.0:
             dp = dp * ctx.scale                       # p carried the scale in every product
         d_local = do if ctx.has_local else None
-        return dq, dF, None, dp.to(ctx.p_dtype), d_local, None, None, None
+        return dq, dF, None, dp.to(ctx.p_dtype), d_local, None, None, None, None

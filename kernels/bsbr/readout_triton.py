@@ -16,7 +16,8 @@
          (segments, cdiv(V, BV), B·H) writes per-segment partials, then a per-slot sum adds them
          in segment order.
 The dot products run in float32 ("ieee" for float32 inputs, tf32 otherwise). Addresses: (b,h)
-and slot bases in int64. Whole K per tile (K <= 256), V in BV <= 64 slices.
+and slot bases in int64. Whole K per tile (K <= 256), V in BV <= 64 slices. The tile form reads
+q head-major (a token-major q is copied); the dF pass reads q and do in either layout.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import triton
 import triton.language as tl
 
 from ..launch import dot_precision, pow2_tile
+from .launch import RUNTIME_SIZES as SIZES
 from .launch import ReadoutLaunch
+from .layout import token_rows
 from .validate import TRITON_MAX_HEAD_DIM
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _readout_fwd(q, F, idx, p, out, T, S, NK,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr):
@@ -65,7 +68,7 @@ def _readout_fwd(q, F, idx, p, out, T, S, NK,
     tl.store(out + o_t[:, None] * V + o_v[None, :], b_acc, mask=m_t[:, None] & (o_v[None, :] < V))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _readout_bwd_dq_dp(q, F, idx, p, do, dq, dp, T, S, NK,
                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr):
@@ -110,22 +113,24 @@ def _readout_bwd_dq_dp(q, F, idx, p, do, dq, dp, T, S, NK,
     tl.store(dp + o_t[:, None] * NK + o_j[None, :], b_dp, mask=m_sel)
 
 
-@triton.jit
-def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, T, S, NK, NSEG,
+@triton.jit(do_not_specialize=SIZES)
+def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, H, T, S, NK, NSEG,
                         K: tl.constexpr, V: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                        BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+                        BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+                        BTHK: tl.constexpr):
     """P[seg] = Σ_{entries of the segment} (p q_t)ᵀ do_t: one segment of one slot's run.
     LOWP: 16-bit operands (p·q rounded to q's dtype, do in q's dtype) on the tensor cores with
-    float32 accumulation, as the grouped forward's products; else float32 operands (PREC)."""
+    float32 accumulation, as the grouped forward's products; else float32 operands (PREC).
+    q and do lie in either layout (layout.py)."""
     i_s, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = i_bh.to(tl.int64)
     j = tl.load(seg_slot + bh * NSEG + i_s)
     if j < S:                       # pseudo-slot S (idx = -1) and spare programs: nothing to do
         e_lo = tl.load(seg_e0 + bh * NSEG + i_s)
         e_hi = tl.load(seg_e1 + bh * NSEG + i_s)
-        q += bh * T * K
+        q, sq = token_rows(q, bh, H, T, K, BTHK)
+        do, sdo = token_rows(do, bh, H, T, V, BTHK)
         p += bh * T * NK
-        do += bh * T * V
         order += bh * T * NK
         P += (bh * NSEG + i_s) * K * V
         o_k = tl.arange(0, BK)
@@ -137,9 +142,9 @@ def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, T, S, NK, 
             b_ent = tl.load(order + o_e, mask=m_e, other=0)   # flat (t, k) entry picking slot j
             o_t = b_ent // NK
             b_w = tl.load(p + b_ent, mask=m_e, other=0.)
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :],
+            b_q = tl.load(q + o_t[:, None] * sq + o_k[None, :],
                           mask=m_e[:, None] & (o_k[None, :] < K), other=0.)
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :],
+            b_do = tl.load(do + o_t[:, None] * sdo + o_v[None, :],
                            mask=m_e[:, None] & (o_v[None, :] < V), other=0.)
             b_a = b_q.to(tl.float32) * b_w[:, None]
             if LOWP:
@@ -151,7 +156,7 @@ def _readout_dF_partial(q, p, do, order, seg_slot, seg_e0, seg_e1, P, T, S, NK, 
                  mask=(o_k[:, None] < K) & (o_v[None, :] < V))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _sum_segments(P, seg_end, seg_n, dF, S, NSEG, KV, BLK: tl.constexpr):
     """dF_j = Σ of slot j's segments, in segment order (deterministic); 0 for unpicked slots."""
     i_j, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -212,11 +217,11 @@ def sum_dF_segments(P, seg_end, seg_n, F_shape, F_dtype):
 
 
 def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, launch: ReadoutLaunch,
-                      lowp=False):
+                      lowp=False, bthk=False):
     """dF [B,H,S,K,V] = Σ over the entries that picked each slot of (p q_t)ᵀ do_t. Two
     deterministic passes (no atomics): per-segment partials, then a per-slot sum in order, at
     ``launch``'s df_block / df_block_v / df_warps. do may be 16-bit (it is read as stored);
-    lowp: 16-bit products (see _readout_dF_partial)."""
+    lowp: 16-bit products (see _readout_dF_partial); q and do stored token-major when bthk."""
     B, H, T, K = q.shape
     S, V = F_shape[2], F_shape[4]
     NK = p.shape[3]
@@ -224,8 +229,8 @@ def routed_readout_dF(q, p, do, order, starts, F_shape, F_dtype, meta, launch: R
     P = torch.empty(B * H, NSEG, K, V, dtype=torch.float32, device=q.device)
     BV = pow2_tile(V, launch.df_block_v)
     _readout_dF_partial[(NSEG, triton.cdiv(V, BV), B * H)](
-        q, p, do, order, seg, e0, e1, P, T, S, NK, NSEG, BE=launch.df_block, BV=BV, LOWP=lowp,
-        num_warps=launch.df_warps, **meta)
+        q, p, do, order, seg, e0, e1, P, H, T, S, NK, NSEG, BE=launch.df_block, BV=BV, LOWP=lowp,
+        BTHK=bthk, num_warps=launch.df_warps, **meta)
     return sum_dF_segments(P, seg_end, seg_n, F_shape, F_dtype)
 
 
@@ -311,14 +316,15 @@ class RoutedReadoutTriton(torch.autograd.Function):
 
 
 def routed_readout_triton(q, F, idx, p, launch: ReadoutLaunch = ReadoutLaunch(), *,
-                          local=None, scale=1.0, inverse=None):
+                          local=None, scale=1.0, inverse=None, bthk=False):
     """q [B,H,T,K] (fp16/bf16/fp32), F [B,H,S,K,V] float32, idx [B,H,T,k] (-1 = none),
     p [B,H,T,k]. Returns long = scale · Σ_k p q F_idx [B,H,T,V] float32, or, with `local`
     [B,H,T,V], local + long in local's dtype (the grouped form adds it in the same pass as the
     sum over the picks). Differentiable in q, F, p (and local).
     launch.mode: "grouped" (per slot, exact O(T·k·d²) work; readout_grouped.py) or "tile" (per
     query tile over the union of its picks; this file); the rest of ``launch`` sets the tiles.
-    inverse: a SharedInverseIndex of these picks (the routing backward's sort, reused)."""
+    inverse: a SharedInverseIndex of these picks (the routing backward's sort, reused).
+    bthk: q (and local, and the output with it) stored token-major (layout.py)."""
     if not isinstance(launch, ReadoutLaunch):
         raise TypeError(f"launch: expected a ReadoutLaunch, got {type(launch).__name__}")
     if F.dtype != torch.float32:
@@ -336,6 +342,7 @@ def routed_readout_triton(q, F, idx, p, launch: ReadoutLaunch = ReadoutLaunch(),
     if launch.mode == "grouped":
         from .readout_grouped import RoutedReadoutGrouped, check_backward
         check_backward(launch, q.shape[-1], F.shape[-1])
-        return RoutedReadoutGrouped.apply(q, F, idx, p, local, float(scale), inverse, launch)
+        return RoutedReadoutGrouped.apply(q, F, idx, p, local, float(scale), inverse, launch,
+                                          bthk)
     long = RoutedReadoutTriton.apply(q if scale == 1.0 else q * scale, F, idx, p, launch)
     return long if local is None else long.add_(local).to(local.dtype)

@@ -30,16 +30,20 @@ def _query_block(B, H, S, Tq):
     return max(1, min(Tq, SCORE_BLOCK_ELEMS // max(1, B * H * S)))
 
 
-def _valid(i0, i1, S, n, offset, chunk_size, device):
-    """[BQ, S] mask: bank slots always, call chunks strictly before the query's chunk."""
+def _valid(i0, i1, S, n, offset, chunk_size, device, chunk_lo=None):
+    """[BQ, S] mask: bank slots always, call chunks strictly before the query's chunk (and, for
+    packed sequences, from the first chunk of its own sequence: chunk_lo[c])."""
     c_q = (torch.arange(i0, i1, device=device) + offset) // chunk_size
     j = torch.arange(S, device=device)
-    return (j[None, :] < n) | ((j[None, :] - n) < c_q[:, None])
+    valid = (j[None, :] < n) | ((j[None, :] - n) < c_q[:, None])
+    if chunk_lo is not None:
+        valid &= j[None, :] >= chunk_lo[c_q].long()[:, None]
+    return valid
 
 
 class _SelectedScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, h, n, offset, chunk_size, kk):
+    def forward(ctx, r, h, n, offset, chunk_size, kk, chunk_lo=None):
         B, H, Tq, M = r.shape
         S = h.shape[2]
         cd = h.dtype
@@ -50,7 +54,8 @@ class _SelectedScores(torch.autograd.Function):
         for i0 in range(0, Tq, BQ):
             i1 = min(Tq, i0 + BQ)
             s = (r[:, :, i0:i1].to(cd) @ h.transpose(-1, -2)) * inv          # [B,H,bq,S]
-            s = s.masked_fill(~_valid(i0, i1, S, n, offset, chunk_size, r.device), float("-inf"))
+            s = s.masked_fill(~_valid(i0, i1, S, n, offset, chunk_size, r.device, chunk_lo),
+                              float("-inf"))
             vals, inds = s.topk(kk, dim=-1)
             # -inf: no valid slot left; NaN and +inf stay (they poison the row's weights).
             idx[:, :, i0:i1] = torch.where(vals != float("-inf"), inds, -1)
@@ -77,28 +82,37 @@ class _SelectedScores(torch.autograd.Function):
             dS = dS[..., :S]
             dr[:, :, i0:i1] = dS @ h
             dh += dS.transpose(-1, -2) @ r[:, :, i0:i1].to(h.dtype)
-        return dr.to(r.dtype), dh, None, None, None, None
+        return dr.to(r.dtype), dh, None, None, None, None, None
 
 
 def route(r, h, *, n, offset, chunk_size, top_k, backend="torch", inverse=None,
-          launch: RoutingLaunch = RoutingLaunch()):
+          launch: RoutingLaunch = RoutingLaunch(), chunk_lo=None, most_candidates=None,
+          bthk=False):
     """r [B,H,Tq,M], h [B,H,S,M] (bank slots first, then the call's chunks; state dtype).
     Returns idx [B,H,Tq,k] int64 (-1 = no slot) and p [B,H,Tq,k] (h's dtype, 0 where idx = -1),
-    with k = min(top_k, S) (S when top_k is None). p is differentiable in r and h.
+    with k = min(top_k, S, most_candidates) (S when top_k is None); the Triton kernel keeps
+    k = top_k (a constexpr: see routing_triton). p is differentiable in r and h.
     backend "triton" with launch.method "triton" selects with `routing_triton` (float32 h,
-    k <= its MAX_TOP_K, M <= 256; else the blockwise PyTorch form below) at ``launch``'s tiles.
-    inverse: a `readout_triton.SharedInverseIndex` the Triton backward takes its sort of idx
-    from (the readout of the same picks fills it)."""
+    top_k <= its MAX_TOP_K, M <= 256; else the blockwise PyTorch form below) at ``launch``'s
+    tiles. inverse: a `readout_triton.SharedInverseIndex` the Triton backward takes its sort of
+    idx from (the readout of the same picks fills it).
+    Packed sequences (kernels.bsbr.varlen, no bank): chunk_lo [chunks] int32, the first chunk
+    of the sequence holding each query chunk (query i reads chunks chunk_lo[c_i] <= j < c_i);
+    most_candidates, the most slots any query may read. bthk: r stored token-major."""
     S = h.shape[2]
     kk = S if top_k is None else min(top_k, S)
+    if most_candidates is not None:
+        kk = min(kk, most_candidates)
+    if chunk_lo is not None and n:
+        raise ValueError(f"chunk_lo: packed sequences take no bank, got {n} bank slots")
     idx = None
     if backend == "triton" and launch.method == "triton" and h.dtype == torch.float32:
         from .routing_triton import MAX_TOP_K, SelectedScoresTriton
-        if kk <= MAX_TOP_K and h.shape[-1] <= 256:      # the meta dim is one register tile
-            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, kk, inverse,
-                                                  launch)
+        if top_k is not None and top_k <= MAX_TOP_K and h.shape[-1] <= 256:   # M: one tile
+            idx, sel = SelectedScoresTriton.apply(r, h, n, offset, chunk_size, top_k, inverse,
+                                                  launch, chunk_lo, bthk)
     if idx is None:
-        idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk)
+        idx, sel = _SelectedScores.apply(r, h, n, offset, chunk_size, kk, chunk_lo)
     # Softmax over the kept scores; rows with no candidate at all (every entry -inf) give 0.
     # A NaN or +inf kept score makes m non-finite, so the row's p is NaN (the contract).
     m = sel.amax(-1, keepdim=True).detach()

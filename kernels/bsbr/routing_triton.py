@@ -30,7 +30,13 @@ BSBR forward and backward at T = 32k on an H200, and the PyTorch backward's O(T�
 fwd+bwd time grow faster than T. The causal bound and the merge rounds that stop when no row
 gains cut the kernel's own time by about half; tf32x3 products at 64×32 by another 3.5×.
 Used for top_k ≤ MAX_TOP_K (the k ordered writes are unrolled); dense routing keeps the PyTorch
-form.
+form. k is top_k itself, never min(top_k, S): it is a constexpr, and a prompt shorter than
+top_k chunks would otherwise compile a variant per chunk count (the extra picks are -1).
+
+Packed sequences (`kernels.bsbr.varlen`): ``chunk_lo`` [chunks] int32 gives each query chunk
+the first chunk of its sequence; a query reads only chunks j with chunk_lo[c_i] <= j < c_i,
+and a block's slot loop starts at its lowest bound (no bank: n = 0). r and dr lie in either
+layout (layout.py).
 """
 from __future__ import annotations
 
@@ -40,23 +46,27 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import RUNTIME_SIZES as SIZES
 from .launch import RoutingLaunch
+from .layout import empty_as, stored_as, token_rows
 from .readout_triton import _sum_segments, inverse_index, slot_segments
 
 MAX_TOP_K = 16
 
 
-@triton.jit
-def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
+@triton.jit(do_not_specialize=SIZES)
+def _route_topk_fwd(r, h, idx, sel, lo, H, Tq, S, n, offset, C, inv,
                     M: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                    KK: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr):
+                    KK: tl.constexpr, KP: tl.constexpr, PREC: tl.constexpr,
+                    HAS_LO: tl.constexpr, BTHK: tl.constexpr):
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
+    r, sr = token_rows(r, bh, H, Tq, M, BTHK)
     o_q = i_q * BQ + tl.arange(0, BQ)
     m_q = o_q < Tq
     o_m = tl.arange(0, BM)
     m_m = o_m < M
-    b_r = tl.load(r + bh * Tq * M + o_q[:, None] * M + o_m[None, :],
+    b_r = tl.load(r + o_q[:, None] * sr + o_m[None, :],
                   mask=m_q[:, None] & m_m[None, :], other=0.).to(tl.float32)
     r_inf = tl.max(tl.max((tl.abs(b_r) == float("inf")).to(tl.int32), 1), 0) > 0
     c_q = (o_q + offset) // C                                   # each query's chunk
@@ -70,7 +80,13 @@ def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
     # chunk, so the slot loop stops at n + c_last instead of S (half the tiles on average).
     c_last = (tl.minimum(i_q * BQ + BQ, Tq) - 1 + offset) // C
     s_hi = tl.minimum(S, n + c_last)
-    for s0 in range(0, s_hi, BS):
+    s_lo = 0
+    if HAS_LO:
+        # Packed sequences (no bank): query i reads only the chunks j >= lo[c_i], its own
+        # sequence's; the loop starts at the block's lowest bound.
+        lo_q = tl.load(lo + c_q, mask=m_q, other=0)
+        s_lo = (tl.min(tl.where(m_q, lo_q, S), 0) // BS) * BS
+    for s0 in range(s_lo, s_hi, BS):
         o_s = s0 + o_b
         m_s = o_s < S
         b_h = tl.load(h + bh * S * M + o_s[:, None] * M + o_m[None, :],
@@ -80,6 +96,8 @@ def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
         else:
             b_s = tl.dot(b_r, tl.trans(b_h), input_precision=PREC) * inv        # [BQ, BS]
         ok = m_s[None, :] & ((o_s[None, :] < n) | ((o_s[None, :] - n) < c_q[:, None]))
+        if HAS_LO:
+            ok = ok & (o_s[None, :] >= lo_q[:, None])
         b_s = tl.where(b_s != b_s, float("inf"), b_s)                       # NaN is kept
         b_s = tl.where(ok, b_s, float("-inf"))
         # Merge rounds only while some row's tile best beats its running minimum: after the
@@ -109,12 +127,13 @@ def _route_topk_fwd(r, h, idx, sel, Tq, S, n, offset, C, inv,
         free = free & ~pick
 
 
-@triton.jit
-def _route_bwd_dr(h, idx, g, dr, Tq, S, M: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr,
-                  KK: tl.constexpr):
+@triton.jit(do_not_specialize=SIZES)
+def _route_bwd_dr(h, idx, g, dr, H, Tq, S, M: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr,
+                  KK: tl.constexpr, BTHK: tl.constexpr):
     """dr_i = Σ_k g_ik h_{idx_ik} (g already 0 where idx = -1 and scaled by 1/√M)."""
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
+    dr, sdr = token_rows(dr, bh, H, Tq, M, BTHK)
     o_q = i_q * BQ + tl.arange(0, BQ)
     m_q = o_q < Tq
     o_m = tl.arange(0, BM)
@@ -126,16 +145,17 @@ def _route_bwd_dr(h, idx, g, dr, Tq, S, M: tl.constexpr, BM: tl.constexpr, BQ: t
         b_h = tl.load(h + bh * S * M + tl.maximum(j, 0).to(tl.int64)[:, None] * M + o_m[None, :],
                       mask=m_qm & (j >= 0)[:, None], other=0.).to(tl.float32)
         acc += w[:, None] * b_h
-    tl.store(dr + (bh * Tq + o_q)[:, None] * M + o_m[None, :], acc.to(dr.dtype.element_ty),
-             mask=m_qm)
+    tl.store(dr + o_q[:, None] * sdr + o_m[None, :], acc.to(dr.dtype.element_ty), mask=m_qm)
 
 
-@triton.jit
-def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, Tq, S, NSEG,
-                          M: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, KK: tl.constexpr):
+@triton.jit(do_not_specialize=SIZES)
+def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, H, Tq, S, NSEG,
+                          M: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, KK: tl.constexpr,
+                          BTHK: tl.constexpr):
     """P[seg] = Σ over one segment of a slot's sorted entries of g_e r_{t(e)} (fixed order)."""
     i_s, i_bh = tl.program_id(0), tl.program_id(1)
     bh = i_bh.to(tl.int64)
+    r, sr = token_rows(r, bh, H, Tq, M, BTHK)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     j = tl.load(seg_slot + bh * NSEG + i_s)
@@ -150,8 +170,8 @@ def _route_bwd_dh_partial(r, g, order, seg_slot, seg_e0, seg_e1, P, Tq, S, NSEG,
             m_e = o_e < e_hi
             ent = tl.load(order + bh * Tq * KK + o_e, mask=m_e, other=0)
             w = tl.load(g + bh * Tq * KK + ent, mask=m_e, other=0.)
-            t = (ent // KK).to(tl.int64)
-            b_r = tl.load(r + (bh * Tq + t)[:, None] * M + o_m[None, :],
+            t = ent // KK
+            b_r = tl.load(r + t[:, None] * sr + o_m[None, :],
                           mask=m_e[:, None] & m_m[None, :], other=0.).to(tl.float32)
             acc += w[:, None] * b_r
         tl.store(P + (bh * NSEG + i_s) * M + o_m, tl.sum(acc, 0), mask=m_m)
@@ -167,20 +187,22 @@ class SelectedScoresTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, h, n, offset, chunk_size, kk, inverse=None,
-                launch: RoutingLaunch = RoutingLaunch()):
+                launch: RoutingLaunch = RoutingLaunch(), chunk_lo=None, bthk=False):
         B, H, Tq, M = r.shape
         S = h.shape[2]
-        r, h = r.contiguous(), h.contiguous()
+        r, h = stored_as(r, bthk), h.contiguous()
         idx = torch.empty(B, H, Tq, kk, dtype=torch.int32, device=r.device)
         sel = torch.empty(B, H, Tq, kk, dtype=h.dtype, device=r.device)
         BQ = launch.block_q
+        lo = idx if chunk_lo is None else chunk_lo          # not read without HAS_LO
         _route_topk_fwd[(triton.cdiv(Tq, BQ), B * H)](
-            r, h, idx, sel, Tq, S, n, offset, chunk_size, 1.0 / math.sqrt(M), M=M, BM=_bm(M),
-            BQ=BQ, BS=launch.block_s, KK=kk, KP=max(2, triton.next_power_of_2(kk)),
-            PREC=launch.precision, num_warps=launch.warps)
+            r, h, idx, sel, lo, H, Tq, S, n, offset, chunk_size, 1.0 / math.sqrt(M), M=M,
+            BM=_bm(M), BQ=BQ, BS=launch.block_s, KK=kk, KP=max(2, triton.next_power_of_2(kk)),
+            PREC=launch.precision, HAS_LO=chunk_lo is not None, BTHK=bthk,
+            num_warps=launch.warps)
         ctx.save_for_backward(r, h, idx)
         ctx.mark_non_differentiable(idx)
-        ctx.kk, ctx.inverse = kk, inverse
+        ctx.kk, ctx.inverse, ctx.bthk = kk, inverse, bthk
         return idx.long(), sel
 
     @staticmethod
@@ -189,18 +211,19 @@ class SelectedScoresTriton(torch.autograd.Function):
         B, H, Tq, M = r.shape
         S, kk = h.shape[2], ctx.kk
         g = (torch.where(idx >= 0, dsel.float(), 0.0) / math.sqrt(M)).contiguous()
-        dr = torch.empty(B, H, Tq, M, dtype=r.dtype, device=r.device)
+        bthk = ctx.bthk
+        dr = empty_as(B, H, Tq, M, bthk, dtype=r.dtype, device=r.device)
         dh = torch.empty_like(h)
         BQ = 32
-        _route_bwd_dr[(triton.cdiv(Tq, BQ), B * H)](h, idx, g, dr, Tq, S, M=M, BM=_bm(M), BQ=BQ,
-                                                     KK=kk, num_warps=4)
+        _route_bwd_dr[(triton.cdiv(Tq, BQ), B * H)](h, idx, g, dr, H, Tq, S, M=M, BM=_bm(M),
+                                                     BQ=BQ, KK=kk, BTHK=bthk, num_warps=4)
         # dh by segments of each slot's sorted entries, then per slot in order: one program
         # per slot serialised the early slots (picked by most later queries). Deterministic,
         # no atomics, as readout_triton.routed_readout_dF.
         order, starts = inverse_index(idx, S, ctx.inverse)
         seg, e0, e1, NSEG, seg_end, seg_n = slot_segments(order, starts, S, Tq * kk)
         P = torch.empty(B * H, NSEG, M, dtype=torch.float32, device=r.device)
-        _route_bwd_dh_partial[(NSEG, B * H)](r, g, order, seg, e0, e1, P, Tq, S, NSEG, M=M,
-                                             BM=_bm(M), BE=32, KK=kk, num_warps=4)
+        _route_bwd_dh_partial[(NSEG, B * H)](r, g, order, seg, e0, e1, P, H, Tq, S, NSEG, M=M,
+                                             BM=_bm(M), BE=32, KK=kk, BTHK=bthk, num_warps=4)
         _sum_segments[(S, 1, B * H)](P, seg_end, seg_n, dh, S, NSEG, M, BLK=_bm(M))
-        return dr, dh, None, None, None, None, None, None
+        return dr, dh, None, None, None, None, None, None, None, None

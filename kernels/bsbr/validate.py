@@ -83,7 +83,8 @@ def check_local_inputs(q, k, v, chunk_size, offset, scale=None) -> Dims:
     return Dims(B, H, Tq, Tk, K, V)
 
 
-def check_states_inputs(k, v, hk, chunk_size):
+def check_states_inputs(k, v, hk, chunk_size) -> Dims:
+    """k [B,H,T,K], v [B,H,T,V], hk [B,H,T,M] (T is Tq and Tk of the Dims)."""
     check_chunk_size(chunk_size)
     check_tensor("k", k, 4, "[B,H,T,K]")
     check_tensor("v", v, 4, "[B,H,T,V]")
@@ -94,6 +95,7 @@ def check_states_inputs(k, v, hk, chunk_size):
     if _shape(hk)[:3] != [B, H, T]:
         raise ValueError(f"hk: expected shape [B,H,T,M] = [{B}, {H}, {T}, M], got {_shape(hk)}")
     check_same_device(k=k, v=v, hk=hk)
+    return Dims(B, H, T, T, k.shape[3], v.shape[3], hk.shape[3])
 
 
 def check_bank(bank_F, bank_h, d: Dims, device, name_F="bank_F", name_h="bank_h"):
@@ -167,8 +169,47 @@ def resolve_backend(backend, device, dtype=None, chunk_size=1, head_dims=()) -> 
     return "torch" if backend == "auto" and kind == "triton" and not fits else kind
 
 
-def check_triton_ok(q, chunk_size, name="q"):
-    """Limits of the Triton kernels (the torch/reference backends have none of these)."""
+def check_packed(cu_seqlens, d: Dims, offset=0):
+    """A call with cu_seqlens packs its sequences into one row, each from its start: B = 1,
+    offset 0 and no bank (the offsets themselves: `kernels.varlen.check_cu_seqlens`)."""
+    if cu_seqlens is None:
+        return
+    if d.B != 1:
+        raise ValueError(f"cu_seqlens: the sequences are packed into one row [1, H, total, ·] "
+                         f"(layout bhtk) or [1, total, H, ·] (bthk), got a batch of {d.B} rows")
+    if offset:
+        raise ValueError(f"offset: with cu_seqlens every sequence starts at its first token "
+                         f"(offset 0), got {offset}")
+    if d.n:
+        raise ValueError(f"bank_F: with cu_seqlens every sequence starts without a bank, got "
+                         f"{d.n} bank slots (call each sequence with its own bank instead)")
+
+
+def in_layout(bthk: bool, check, *args, **kw):
+    """``check`` on the [B,H,T,·] views of a call's tensors; for a token-major call a shape
+    error says that its listed shapes have dims 1 and 2 swapped."""
+    try:
+        return check(*args, **kw)
+    except ValueError as exc:
+        if not bthk:
+            raise
+        raise ValueError(f"{exc} (layout 'bthk': shapes are listed as [B,H,T,·], the inputs' "
+                         f"[B,T,H,·] with dims 1 and 2 swapped)") from None
+
+
+# Row offsets inside one batch element are int32 in the kernels: for a token-major tensor a
+# batch element holds T·H·dim elements (head-major: T·dim per head).
+INT32_ROWS = 2 ** 31
+
+
+def check_triton_ok(q, chunk_size, name="q", bthk=False, tensors=()):
+    """Limits of the Triton kernels (the torch/reference backends have none of these).
+    tensors: the call's per-token tensors, checked against the int32 row offsets when
+    token-major."""
+    for t in tensors if bthk else ():
+        if t.shape[1] * t.shape[2] * t.shape[3] >= INT32_ROWS:
+            raise ValueError(f"layout: 'bthk' on the Triton backend takes T·H·dim < 2^31 per "
+                             f"batch element, got {list(t.transpose(1, 2).shape)} (use 'bhtk')")
     if chunk_size > TRITON_MAX_CHUNK:
         raise ValueError(f"chunk_size: the Triton backend supports 1..{TRITON_MAX_CHUNK}, got "
                          f"{chunk_size} (use backend='torch')")

@@ -76,7 +76,7 @@ def spy_readout(monkeypatch):
     real = grouped.RoutedReadoutGrouped.apply
 
     def spy(*a):
-        seen.append(a[-1])
+        seen.append(next(x for x in a if isinstance(x, ReadoutLaunch)))
         return real(*a)
     monkeypatch.setattr(grouped.RoutedReadoutGrouped, "apply", spy)
     return seen
@@ -132,9 +132,10 @@ def test_routing_sweep_picks_the_fastest_launch_with_the_same_slots(fake_gpu, mo
     running = []
 
     def fake_apply(*a):
-        running.append(a[-1])
+        launch = next(x for x in a if isinstance(x, RoutingLaunch))
+        running.append(launch)
         idx, sel = real(*a)
-        return (idx.flip(-1) if a[-1].block_q == 128 else idx), sel      # "other slots"
+        return (idx.flip(-1) if launch.block_q == 128 else idx), sel      # "other slots"
 
     def fake_time(fn, device):
         fn()
