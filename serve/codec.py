@@ -53,7 +53,7 @@ def encode_tensor(t: torch.Tensor, codec: str = "zlib", level: int = 1) -> dict:
         raise TypeError(f"codec 'bf16': expected a float32 tensor, got {t.dtype}")
     rows = _rows(t)
     nonzero = (rows.view(_INT_VIEW[t.element_size()]) != 0).any(1)
-    vals = rows[nonzero]
+    vals = rows if bool(nonzero.all()) else rows[nonzero]       # dense: no gather
     out = {"codec": codec, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1],
            "mask": torch.from_numpy(np.packbits(nonzero.numpy()))}
     if codec == "rows":
@@ -62,12 +62,12 @@ def encode_tensor(t: torch.Tensor, codec: str = "zlib", level: int = 1) -> dict:
         out["data"] = vals.to(torch.bfloat16)
     else:
         size = t.element_size()
-        planes = vals.reshape(-1).view(torch.uint8).view(-1, size)
+        planes = vals.reshape(-1).view(torch.uint8).view(-1, size).numpy()
         top = size - 1 if sys.byteorder == "little" else 0
-        low = [p for p in range(size) if p != top]
+        low = slice(0, size - 1) if top else slice(1, size)
         out["byteorder"] = sys.byteorder
-        out["low"] = planes[:, low].contiguous()
-        packed = zlib.compress(planes[:, top].contiguous().numpy().tobytes(), level)
+        out["low"] = torch.from_numpy(np.ascontiguousarray(planes[:, low]))
+        packed = zlib.compress(np.ascontiguousarray(planes[:, top]), level)
         out["high"] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
     return out
 
@@ -130,10 +130,12 @@ def decode_tensor(enc: dict) -> torch.Tensor:
                 "high plane inflates to the wrong size")
         planes = np.empty((kept * last, size), dtype=np.uint8)
         top = size - 1 if sys.byteorder == "little" else 0
-        planes[:, [p for p in range(size) if p != top]] = low.numpy()
+        planes[:, slice(0, size - 1) if top else slice(1, size)] = low.numpy()
         planes[:, top] = np.frombuffer(top_bytes, dtype=np.uint8)
         vals = torch.from_numpy(planes.reshape(-1)).view(dtype).view(kept, last) if kept \
             else torch.zeros(0, last, dtype=dtype)
+    if kept == n_rows:                                            # dense: no scatter
+        return vals.reshape(shape)
     out = torch.zeros(n_rows, last, dtype=dtype)
     out[nonzero] = vals
     return out.view(shape)

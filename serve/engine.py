@@ -309,7 +309,7 @@ class Engine:
             rec = self.create_session(src.keep_text)
             rec = dataclasses.replace(src, id=rec.id, created=rec.created,
                                       last_active=rec.created)
-            copy = state.clone()
+            copy = self.adapter.clone(state)
             if self.config.persist:
                 self.store.save(rec, self.adapter.to_payload(copy))
             with self._lock:
@@ -501,7 +501,7 @@ class Engine:
 
     def _step_all(self) -> None:
         t0 = time.perf_counter()
-        stepped = 0
+        stepped, finished = 0, []
         for g in list(self._groups):
             try:
                 if g.batch is None:
@@ -528,12 +528,13 @@ class Engine:
                     done.append(r)
             if done:
                 self._leave(g, done)
-                for r in done:
-                    self._complete(r, r.finish_reason)
+                finished.extend(done)
                 if not g.rows:
                     self._groups.remove(g)
         self._merge_groups()
         self.stats.step(stepped, time.perf_counter() - t0)
+        for r in finished:                # after the stats: a caller woken by "done" sees them
+            self._complete(r, r.finish_reason)
 
     def _merge_groups(self) -> None:
         """Groups that reached the same batch key step as one from now on."""

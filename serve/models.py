@@ -66,6 +66,10 @@ class ModelAdapter:
     def to_device(self, state, device):
         return state.to(device)
 
+    def clone(self, state):
+        """An independent copy of one session's state."""
+        return state.clone()
+
     # -- compute
     @torch.no_grad()
     def prefill(self, state, tokens: torch.Tensor, chunk: int = 4096):

@@ -25,6 +25,12 @@ def test_lossless_codecs_are_bit_exact(codec):
     assert torch.equal(out.view(torch.int32), t.view(torch.int32))
 
 
+@pytest.mark.parametrize("codec", LOSSLESS)
+def test_dense_tensors_round_trip(codec):
+    t = torch.randn(5, 3, 11)
+    assert torch.equal(decode_tensor(encode_tensor(t, codec)), t)
+
+
 def test_zero_rows_are_not_stored():
     t = state_like()
     zeros = (t.reshape(-1, 13).view(torch.int32) == 0).all(1).sum().item()
