@@ -23,8 +23,8 @@ def reference(q, k, v, feature_map="elu", eps=1e-6):
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_matches_reference_in_pieces_and_token_by_token(feature_map, backend):
-    q, k, v = torch.randn(B, H, T, K), torch.randn(B, H, T, K), torch.randn(B, H, T, V)
+def test_matches_reference_in_pieces_and_token_by_token(feature_map, backend, kernel_device):
+    q, k, v = (torch.randn(B, H, T, d, device=kernel_device) for d in (K, K, V))
     ref = reference(q, k, v, feature_map)
     kw = dict(feature_map=feature_map, chunk_size=16, backend=backend)
     o, S = normalised_hebbian_attention(q, k, v, **kw)
@@ -45,7 +45,7 @@ def test_matches_reference_in_pieces_and_token_by_token(feature_map, backend):
 
 @pytest.mark.parametrize("T_new", [1, 6])                   # the step and the chunked path
 def test_state_left_alone_or_updated_in_place(T_new):
-    q, k, v = torch.randn(B, H, T_new, K), torch.randn(B, H, T_new, K), torch.randn(B, H, T_new, V)
+    q, k, v = (torch.randn(B, H, T_new, d) for d in (K, K, V))
     S0 = torch.rand(B, H, K, V + 1)
     before = S0.clone()
     with torch.no_grad():
