@@ -141,10 +141,16 @@ class DataParallel:
                     for block in module:
                         fully_shard(block, mesh=mesh)
             return fully_shard(model, mesh=mesh)
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
-        # Our models' buffers are constants (RoPE frequencies, masks): nothing to broadcast.
+        # Our models' buffers are constants (RoPE frequencies, masks): nothing to sync per
+        # step (the flag's name changed in torch 2.13).
+        names = inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in names
+                   else "broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                       else None, broadcast_buffers=False)
+                                       else None, **no_sync)
 
     def _reduce(self, value: float, device, op) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=device)
