@@ -112,7 +112,6 @@ def check_attention_call(q, k, v, decay, initial_state, chunk_size, scale=1.0, *
         if B != 1:
             raise ValueError(f"cu_seqlens: the sequences are packed along time into one row, "
                              f"so q, k, v must have batch size 1, got q of shape {_shape(q)}")
-        check_same_device(q=q, cu_seqlens=cu_seqlens)
         offsets = checked_offsets(cu_seqlens, T, q.device)
     rows = B if offsets is None else len(offsets) - 1
     check_state("initial_state", initial_state, rows, H, K, V, "B" if offsets is None else "N")
