@@ -68,11 +68,11 @@ def check_layout(layout) -> bool:
     return layout == "bthk"
 
 
-def _dims(layout: str, B, H, T, D) -> str:
-    """A shape in the layout's order, e.g. "[B,T,H,K] = [2, 5, 3, 8]"."""
+def _dims(layout: str, B, H, T, D: str, heads: str = "H") -> str:
+    """A shape in the layout's order, e.g. "[B,T,H,V] = [2, 5, 3, V]"."""
     if layout == "bthk":
-        return f"[B,T,H,{D[0]}] = [{B}, {T}, {H}, {D[1]}]"
-    return f"[B,H,T,{D[0]}] = [{B}, {H}, {T}, {D[1]}]"
+        return f"[B,T,{heads},{D}] = [{B}, {T}, {H}, {D}]"
+    return f"[B,{heads},T,{D}] = [{B}, {H}, {T}, {D}]"
 
 
 def check_attention_inputs(q, k, v, decay, initial_state, chunk_size, scale=1.0
@@ -96,8 +96,8 @@ def check_attention_call(q, k, v, decay, initial_state, chunk_size, scale=1.0, *
         raise ValueError(f"k: expected shape {names} = {_shape(q)} (same as q), "
                          f"got {_shape(k)}")
     if v.shape[0] != B or HV not in (1, H) or TV != T:
-        raise ValueError(f"v: expected shape {_dims(layout, B, H, T, ('V', 'V'))} or "
-                         f"{_dims(layout, B, 1, T, ('V', 'V'))}, got {_shape(v)}")
+        raise ValueError(f"v: expected shape {_dims(layout, B, H, T, 'V')} or "
+                         f"{_dims(layout, B, 1, T, 'V', heads='1')}, got {_shape(v)}")
     V = v.shape[3]
     if K == 0:
         raise ValueError(f"q, k: the key dimension K must be >= 1, got shape {_shape(q)}")
