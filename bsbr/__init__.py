@@ -1,5 +1,5 @@
 """BSBR (block-sparse attention with block retrieval), made causal: the attention module, the
-hierarchical state bank, the streaming state and a small language model (DESIGN.md).
+hierarchical state bank, the streaming state and a small language model.
 
     from bsbr import BSBRAttention, BankConfig, BSBRLM, BSBRLMConfig
     attn = BSBRAttention(d_model=256, n_head=4, chunk_size=64, top_k=8,

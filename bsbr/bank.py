@@ -1,6 +1,6 @@
 """The hierarchical state bank: how completed chunk states enter, merge and fold away.
 
-DESIGN.md "Hierarchical state bank" (from BWR-DNC), with ``BankConfig.slots_per_level`` =
+The hierarchical state bank of BWR-DNC, with ``BankConfig.slots_per_level`` =
 (l0, l1, ..., l_top):
   * a completed chunk's (F, h) enters level 0 (1×, a raw chunk state);
   * a level l below the top that is full when a slot must enter it first merges its two oldest

@@ -28,7 +28,7 @@ def resolve_long_scale(long_scale, scale: float, chunk_size: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class BankConfig:
-    """A bounded hierarchical state bank (DESIGN.md "Hierarchical state bank", from BWR-DNC).
+    """A bounded hierarchical state bank (the design of BWR-DNC).
 
     slots_per_level[l] slots hold states of 2^l chunks each. A completed chunk enters level 0;
     when a level below the top is full, its two oldest slots merge (F summed, h averaged) into
@@ -89,7 +89,7 @@ class BSBRLMConfig:
     """A small BSBR language model: byte embedding, n_layer pre-LN blocks (BSBR attention + MLP),
     final LN, LM head. No position embedding: the causal local softmax sees order, and the model
     runs at any length. meta_dim None = the head dim; bank None = the exact bank; long_scale None
-    = 1/(√head_dim · chunk_size) (see `bsbr.attention`; 1.0 is DESIGN.md's plain sum)."""
+    = 1/(√head_dim · chunk_size) (see `bsbr.attention`; 1.0 is the plain sum)."""
     vocab_size: int = 256
     n_layer: int = 4
     d_model: int = 256
