@@ -1,4 +1,5 @@
-"""Launch settings of the Hebbian decoding kernels (kernels/hebbian/launches.py).
+"""Launch settings of the Hebbian decoding kernels (kernels/hebbian/launches.py), and the
+compiled variants a prompt selects (no prompt length may be a specialisation key).
 
 Each kernel runs twice against its reference: with the GPU-default launch (the dataclass
 defaults; on the CPU the interpreter's own defaults are smaller, so these are the tests that
@@ -256,3 +257,115 @@ def test_a_launch_of_the_wrong_kind_is_refused_before_any_work():
                  lambda: compact_nonzero(q[0], launch={"BL": 64})):
         with pytest.raises(TypeError, match="launch: expected None or a"):
             call()
+
+
+# ------------------------------------------------------------ no per-length specialisation
+class VariantSpy(KernelSpy):
+    """Stands in for a Triton kernel and records the compiled variant each launch selects:
+    Triton's own key of every argument (a constexpr's value; otherwise its type and the classes
+    Triton specialises on, == 1 and divisibility by 16, unless the kernel marks it
+    do_not_specialize) plus the launch options (warps, stages). Equal keys run one compiled
+    kernel. It launches nothing (what is launched does not depend on what kernels compute), so
+    long prompts cost no interpreter time."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append(variant_key(self.kernel, args, kw))
+
+
+def kernel_params(kernel):
+    """The kernel's parameters as Triton's JIT describes them (KernelParam), also under the
+    interpreter, whose InterpretedFunction keeps only the jit keywords."""
+    import inspect
+    from triton.runtime.jit import KernelParam
+    if hasattr(kernel, "params"):
+        return kernel.params
+    dns = kernel.kwargs.get("do_not_specialize") or ()
+    dns_oa = kernel.kwargs.get("do_not_specialize_on_alignment") or ()
+    return [KernelParam(i, p, i in dns or p.name in dns, i in dns_oa or p.name in dns_oa)
+            for i, p in enumerate(inspect.signature(kernel.fn).parameters.values())]
+
+
+def variant_key(kernel, args, kw) -> tuple:
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+    params = kernel_params(kernel)
+    names = [p.name for p in params]
+    assert len(args) + len([k for k in kw if k in names]) == len(names), kernel.fn.__name__
+    bound = dict(zip(names, args), **{k: v for k, v in kw.items() if k in names})
+    key = [kernel.fn.__name__]
+    for p in params:
+        x = bound[p.name]
+        key.append((p.name, x) if p.is_constexpr else (p.name, native_specialize_impl(
+            BaseBackend, x, p.is_const, not p.do_not_specialize,
+            not p.do_not_specialize_on_alignment)))
+    return tuple(key) + tuple(sorted((k, v) for k, v in kw.items() if k not in names))
+
+
+def spy_every_kernel(monkeypatch) -> list[VariantSpy]:
+    """A VariantSpy on every launched Triton kernel of the Hebbian chunked path, the dense
+    step and RoPE (the jit helpers they call are not launched, and stay as they are)."""
+    from kernels.hebbian import chunk_grad, chunk_output, chunk_state
+    from kernels.rope import triton_rotate
+    spies = []
+    for module in (chunk_state, chunk_output, chunk_grad, step, triton_rotate):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                spies.append(VariantSpy(getattr(module, name)))
+                monkeypatch.setattr(module, name, spies[-1])
+    return spies
+
+
+def run_a_prompt(T: int, device) -> None:
+    """Every launch a prompt of T tokens makes: hebbian_attention forward and backward at chunk
+    64 (split with per-head v; fused with v shared by the heads; a varlen row of three
+    sequences, one empty, whose lengths follow T), one decode step, and the prompt's RoPE."""
+    from kernels.rope.triton_rotate import rope_rotate_triton
+    H, K, V = 2, 16, 16
+    split = ChunkLaunch(mode="split", BT=64, BT_bwd=64, h_BK=16, h_BV=16, o_BV=16)
+    fused = ChunkLaunch(mode="fused", BT=64, BT_bwd=64, fused_BK=16, fused_BV=16)
+    cu = torch.tensor([0, T // 3, T // 3, T], dtype=torch.int32, device=device)
+    g = torch.full((H,), 0.9, device=device)
+    for launch, hv, kw in ((split, H, {}), (fused, 1, {}), (split, 1, dict(cu_seqlens=cu))):
+        q, k = (torch.randn(1, H, T, K, device=device, requires_grad=True) for _ in range(2))
+        v = torch.randn(1, hv, T, V, device=device, requires_grad=True)
+        h0 = torch.randn(3 if kw else 1, H, K, V, device=device, requires_grad=True)
+        o, S = hebbian_attention(q, k, v, decay=g, initial_state=h0, output_final_state=True,
+                                 backend="triton", launch=launch, **kw)
+        (o.sum() + S.sum()).backward()
+    with torch.no_grad():
+        hebbian_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], torch.zeros(1, H, K, V, device=device),
+                     decay=g, backend="triton")
+    rope_rotate_triton(torch.randn(1, H, T, 32, device=device), T, False,
+                       pair_freqs64(32, device))
+
+
+def prompt_variants(T: int, device, monkeypatch) -> set:
+    spies = spy_every_kernel(monkeypatch)
+    run_a_prompt(T, device)
+    monkeypatch.undo()
+    return {key for s in spies for key in s.calls}
+
+
+def test_a_new_prompt_length_compiles_nothing_new(kernel_device, monkeypatch):
+    """T = 1000, 1500, 1999 at chunk 64 (16, 24 and 32 chunks: T and the chunk counts in each
+    class Triton would split them into) select the same compiled variants of every kernel."""
+    seen = {T: prompt_variants(T, kernel_device, monkeypatch) for T in (1000, 1500, 1999)}
+    assert {key[0] for key in seen[1000]} == {
+        "chunk_hebbian_fwd_h_kernel", "chunk_hebbian_fwd_o_kernel",
+        "chunk_hebbian_fwd_fused_kernel", "chunk_hebbian_bwd_dh_kernel",
+        "chunk_hebbian_bwd_dA_kernel", "chunk_hebbian_bwd_dqk_kernel",
+        "chunk_hebbian_bwd_dv_kernel", "fused_recurrent_hebbian_step_kernel",
+        "fused_recurrent_hebbian_reduce_kernel", "rope_rotate_kernel"}
+    for T in (1500, 1999):
+        new = seen[T] - seen[1000]
+        assert not new, f"T = {T} compiles new variants of {sorted({k[0] for k in new})}"
+
+
+def test_no_length_is_a_specialisation_key(kernel_device, monkeypatch):
+    """Nothing in the Hebbian path is chosen by length at all: one token, a prompt of one
+    chunk, lengths divisible by 16 and past one segment (two segments at 20,000 tokens) select
+    the variants of T = 1000 too."""
+    base = prompt_variants(1000, kernel_device, monkeypatch)
+    for T in (1, 37, 2048, 20000):
+        new = prompt_variants(T, kernel_device, monkeypatch) - base
+        assert not new, f"T = {T} compiles new variants of {sorted({k[0] for k in new})}"
