@@ -1,6 +1,7 @@
 """Edge cases of the Hebbian kernels: the decay's gradient on every backend, float16 states
 past 65504, decays that underflow in float32, T = 0, bf16 under the interpreter, a
-differentiable-looking decode step, argument types, determinism, the chunk cap, the grid limit, tiles crossed at K = 100/130 and V = 72, and autocast in the fused q = k path.
+differentiable-looking decode step, argument types, determinism, the chunk cap, the grid limit,
+tiles crossed at K = 100/130 and V = 72, and autocast in the fused q = k path.
 """
 import math
 
