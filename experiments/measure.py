@@ -1,4 +1,4 @@
-"""Peak memory and wall time of a piece of work, on CUDA or on the CPU.
+"""Peak memory of a piece of work, on CUDA or on the CPU (the harness's memory half).
 
 CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats()` (bytes held by
 tensors; the caching allocator's reserve is not counted).
@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .timing import sync
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -29,7 +31,9 @@ def rss_bytes() -> int:
 
 
 class PeakMemory:
-    """``with PeakMemory(device) as m: work()`` then ``m.peak`` (bytes) and ``m.seconds``."""
+    """``with PeakMemory(device) as m: work()`` then ``m.peak`` (bytes) and ``m.seconds`` (the
+    interval, synchronised at both ends; on the CPU the sampling thread slows Python-heavy work,
+    so time with `experiments.timing` where the time matters)."""
 
     def __init__(self, device: torch.device | str, interval_s: float = 1e-3):
         self.device = torch.device(device)
@@ -43,8 +47,8 @@ class PeakMemory:
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
+        sync(self.device)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self.peak = rss_bytes()
@@ -55,12 +59,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._t0
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.seconds = time.perf_counter() - self._t0
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self.seconds = time.perf_counter() - self._t0
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, rss_bytes())
