@@ -343,7 +343,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
                          "kv_cache_bytes": kv_cache_bytes(r.tokens_seen),
                          "tokens_per_s": o.get("tokens_per_s", 0.0)
                          if o and time.time() - o["time"] < 2 else 0.0,
-                         "busy": r.id in engine._busy, "resident": engine.cache.where(r.id)})
+                         "busy": engine.is_busy(r.id), "resident": engine.where(r.id)})
         pick = session if session in obs else (live[0] if live else None)
         return {"time": time.time(), "server": m, "kv_formula": KV_FORMULA, "sessions": rows,
                 "brain": _brain(pick, obs.get(pick)) if pick else None}

@@ -338,14 +338,22 @@ class Engine:
             self.observations.pop(session_id, None)
             self.store.delete(session_id)
 
+    def is_busy(self, session_id: str) -> bool:
+        """Whether a call is running on the session (its state is in the decode batch)."""
+        return session_id in self._busy
+
+    def where(self, session_id: str) -> str:
+        """Where the session's state is now: "batch", "device", "host" or "disk"."""
+        return "batch" if self.is_busy(session_id) else self.cache.where(session_id)
+
     def session_info(self, session_id: str) -> dict:
         rec = self.get_session(session_id)
         info = rec.to_dict()
         text = info.pop("text")
         if rec.keep_text:
             info["text"] = (text or b"").decode("utf-8", errors="replace")
-        info.update(state_bytes=self.state_nbytes, busy=session_id in self._busy,
-                    resident=self.cache.where(session_id),
+        info.update(state_bytes=self.state_nbytes, busy=self.is_busy(session_id),
+                    resident=self.where(session_id),
                     kv_cache_bytes_gpt2=kv_cache_bytes(rec.tokens_seen))
         return info
 

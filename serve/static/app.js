@@ -94,7 +94,7 @@ function drawMemory(snap) {
   const cross = per / kvPerTok;
   ctx.fillStyle = css("--dim");
   ctx.fillText("context (tokens) → " + Math.round(xmax).toLocaleString(), w - 170, h - 6);
-  if (cross < xmax) ctx.fillText("KV cache passes the state at " + Math.round(cross).toLocaleString() + " tokens", pad + 6, 12);
+  if (cross < xmax) ctx.fillText("KV cache passes the state at " + Math.round(cross).toLocaleString() + " tokens", w / 2 - 60, 12);
   ctx.fillStyle = css("--d");
   for (const s of snap.sessions) {
     const px = pad + (w - pad - 8) * s.tokens_seen / xmax;
