@@ -41,7 +41,8 @@ import torch
 
 from glassbrain.atomic_file import payload_sha256
 from serve.codec import CODECS
-from serve.engine import Engine, EngineConfig, EngineError, SamplingParams
+from serve.engine import Engine, EngineConfig, EngineError, SamplingParams, \
+    step_ms_quantiles
 from serve.models import BDHAdapter, ModelAdapter, human_bytes, kv_cache_bytes
 from serve.store import SessionRecord, SessionStore
 
@@ -227,12 +228,9 @@ def run_point(eng: Engine, name: str, src: str, L: int, N: int, cfg: BenchConfig
         wall = time.perf_counter() - t0
         if errors:
             raise RuntimeError(errors[0])
-        steps = sorted(eng.stats.step_seconds)
+        p50, p99 = step_ms_quantiles(eng.stats.step_seconds)
         point.update(wall_s=round(wall, 4), tokens_per_s=round(N * cfg.steps / wall, 2),
-                     step_ms_p50=round(1e3 * steps[len(steps) // 2], 3),
-                     step_ms_p99=round(1e3 * steps[min(len(steps) - 1,
-                                                       int(0.99 * len(steps)))], 3),
-                     steps_timed=len(steps))
+                     step_ms_p50=p50, step_ms_p99=p99, steps_timed=len(eng.stats.step_seconds))
         if cuda:
             point["peak_bytes"] = torch.cuda.max_memory_allocated()
     except Exception as exc:                                          # noqa: BLE001

@@ -689,6 +689,14 @@ class Engine:
                 **self.stats.snapshot()}
 
 
+def step_ms_quantiles(seconds) -> tuple:
+    """(p50, p99) in milliseconds of step durations in seconds; (None, None) for none."""
+    ms = sorted(1e3 * t for t in seconds)
+    if not ms:
+        return None, None
+    return round(ms[len(ms) // 2], 3), round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3)
+
+
 class _Stats:
     """Counters of the decode loop: tokens, steps, a 5-second window of tokens/s."""
 
@@ -718,10 +726,9 @@ class _Stats:
         now = time.time()
         recent = [(t, n) for t, n in self._window if t >= now - self.WINDOW_S]
         span = max(1e-3, now - recent[0][0]) if recent else self.WINDOW_S
-        ms = sorted(1e3 * t for t in list(self.step_seconds)[-512:])
-        return {"step_ms_p50": round(ms[len(ms) // 2], 3) if ms else None,
-                "step_ms_p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3)
-                if ms else None,"tokens_generated": self.tokens, "prefill_tokens": self.prefill_tokens,
-                "steps": self.steps, "active_calls": self.active, "batch_size": self.last_batch,
+        p50, p99 = step_ms_quantiles(list(self.step_seconds)[-512:])
+        return {"step_ms_p50": p50, "step_ms_p99": p99, "tokens_generated": self.tokens,
+                "prefill_tokens": self.prefill_tokens, "steps": self.steps,
+                "active_calls": self.active, "batch_size": self.last_batch,
                 "step_ms": round(self.last_step_ms, 3),
                 "tokens_per_s": round(sum(n for _, n in recent) / span, 2) if recent else 0.0}
