@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..varlen import check_cu_seqlens
+from ..varlen import check_cu_seqlens, seq_lengths
 
 
 class VarlenStates(NamedTuple):
@@ -51,15 +51,12 @@ class VarlenStates(NamedTuple):
     tails: torch.Tensor
 
 
-def _ranges(starts, counts, device):
-    """Concatenated arange(s, s + n) over (starts, counts) (host lists) as an int64 tensor on
-    device, built there (one small copy of the lists, no loop over the tokens)."""
-    total = sum(counts)
-    s = torch.tensor(starts, dtype=torch.int64, device=device)
-    n = torch.tensor(counts, dtype=torch.int64, device=device)
-    first = torch.cumsum(n, 0) - n                     # where each range begins in the result
-    return torch.repeat_interleave(s - first, n, output_size=total) \
-        + torch.arange(total, device=device)
+def _ranges(starts, counts, total):
+    """The concatenated arange(s, s + n) over (starts, counts) (int64 tensors; total = Σ counts,
+    known on the host), built on their device without a loop over the ranges."""
+    begin = torch.cumsum(counts, 0) - counts            # where each range begins in the result
+    return torch.repeat_interleave(starts - begin, counts, output_size=total) \
+        + torch.arange(total, device=counts.device)
 
 
 @dataclass(frozen=True)
@@ -76,29 +73,26 @@ class ChunkRow:
 
 
 def chunk_row(cu_seqlens: torch.Tensor, total: int, chunk_size: int) -> ChunkRow:
-    """The row of the sequences cu_seqlens packs into ``total`` tokens (checked first)."""
+    """The row of the sequences cu_seqlens packs into ``total`` tokens (checked first). The
+    sizes come from the offsets read on the host, the index tensors from cu_seqlens on its
+    device (nothing is copied from the host)."""
     check_cu_seqlens(cu_seqlens, total, cu_seqlens.device)
-    C, dev = chunk_size, cu_seqlens.device
+    C = chunk_size
     offsets = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-    chunks = [-(-L // C) for L in lengths]               # row chunks of each sequence
-    first = [0]
-    for n in chunks[:-1]:
-        first.append(first[-1] + n)
-    full = [L // C for L in lengths]
-    cu_full = [0]
-    for n in full:
-        cu_full.append(cu_full[-1] + n)
+    host = [b - a for a, b in zip(offsets, offsets[1:])]
+    lengths = seq_lengths(cu_seqlens)
+    chunks = (lengths + C - 1) // C                      # row chunks of each sequence
+    first = torch.cumsum(chunks, 0) - chunks
+    full = lengths // C
+    n_chunks = sum(-(-L // C) for L in host)
     return ChunkRow(
-        rows=C * sum(chunks),
-        pos=_ranges([C * f for f in first], lengths, dev),
-        chunk_lo=torch.repeat_interleave(torch.tensor(first, device=dev),
-                                         torch.tensor(chunks, device=dev),
-                                         output_size=sum(chunks)).to(torch.int32),
-        most_candidates=max([(L - 1) // C for L in lengths if L] or [0]),
-        complete=_ranges(first, full, dev),
-        cu_chunks=torch.tensor(cu_full, dtype=cu_seqlens.dtype, device=dev),
-        tails=torch.tensor([L % C for L in lengths], dtype=torch.int64, device=dev))
+        rows=C * n_chunks,
+        pos=_ranges(C * first, lengths, total),
+        chunk_lo=torch.repeat_interleave(first, chunks, output_size=n_chunks).to(torch.int32),
+        most_candidates=max(((L - 1) // C for L in host if L), default=0),
+        complete=_ranges(first, full, sum(L // C for L in host)),
+        cu_chunks=torch.cat([full.new_zeros(1), torch.cumsum(full, 0)]).to(cu_seqlens.dtype),
+        tails=lengths % C)
 
 
 def to_row(x: torch.Tensor, row: ChunkRow) -> torch.Tensor:
