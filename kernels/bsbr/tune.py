@@ -36,8 +36,8 @@ SAME_SLOTS_MIN = 0.9999
 
 # The readout sweep: entries per program, warps and forward V tile (whole-V tiles save the
 # re-gathers of q per V slice), then at 64 / 4 / 64 the two-pass backward with the default dF
-# launch and with 32-entry dots on 64-wide V slices, and the one-pass backward on 64-entry
-# blocks.
+# launch and with 32-entry dots on 64-wide V slices, and the one-pass backward on 32-entry
+# blocks (the default is 64).
 _GROUPED = ((32, 4, 64), (64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 128), (64, 8, 128),
             (128, 8, 128))
 READOUT_CANDIDATES = (
@@ -45,7 +45,7 @@ READOUT_CANDIDATES = (
     ReadoutLaunch(block=64, warps=4, block_v=64, backward="two_pass"),
     ReadoutLaunch(block=64, warps=4, block_v=64, backward="two_pass", df_block=32,
                   df_block_v=64, df_warps=4),
-    ReadoutLaunch(block=64, warps=4, block_v=64, fused_block=64))
+    ReadoutLaunch(block=64, warps=4, block_v=64, fused_block=32))
 
 
 @dataclass(frozen=True)
