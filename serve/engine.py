@@ -513,9 +513,10 @@ class Engine:
         for g in list(self._groups):
             try:
                 if g.batch is None:
-                    g.batch = self.adapter.stack([r.state for r in g.rows])
+                    states = [r.state for r in g.rows]
                     for r in g.rows:
-                        r.state = None
+                        r.state = None            # the adapter may free each as it stacks
+                    g.batch = self.adapter.stack(states)
                 tokens = torch.tensor([r.token for r in g.rows], dtype=torch.long)
                 logits, g.batch, obs = self.adapter.step(g.batch, tokens,
                                                          observe=self.config.observe)
