@@ -443,9 +443,9 @@ def main(argv=None) -> dict:
                            "every running session per step; the first step of a batch "
                            "builds it, and on CUDA captures its graph); one untimed point "
                            "per model first warms the kernels",
-                           "memory-only engine (persist=False): a running session holds its "
-                           "committed state (the rollback copy), the prefilled state until "
-                           "the batch is built, and its row of the batch",
+                           "memory-only engine (persist=False): a running session's "
+                           "rollback copy waits in host memory; on the device it holds its "
+                           "prefilled state until the batch is built, then its row of it",
                            "kv_formula_bytes_gpt2_124m: 2 x 12 layers x 768 x 2 bytes (bf16) "
                            "= 36,864 bytes per token of context",
                            "resume: store.load (torch.load weights_only, sha256 verification, "

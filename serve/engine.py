@@ -458,6 +458,10 @@ class Engine:
             raise
         if self.config.persist:
             row.original = None
+        elif rec is not None and self.adapter.device.type != "cpu":
+            # A memory-only engine keeps the rollback copy in host memory: the device then
+            # holds one state per running call (its row of the batch), not two.
+            row.original = self.adapter.to_device(original, "cpu")
         row.consumed = len(ids)
         self.stats.prefill_tokens += len(ids)
         if call.params.max_tokens == 0:
@@ -656,7 +660,8 @@ class Engine:
         if row.session is None:
             return
         if row.original is not None:
-            self.cache.put(row.session.id, row.original)
+            self.cache.put(row.session.id,
+                           self.adapter.to_device(row.original, self.adapter.device))
         else:                           # the next call reads the state from its file
             self.cache.drop(row.session.id)
 
