@@ -46,7 +46,13 @@ setup(
         "transformers>=5.0,<5.25",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=7"],
-                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
-                              "websockets>=12"]},
+    # The dashboard page and the text the default server model trains on ship with the package.
+    package_data={"serve": ["static/*", "corpus.txt"]},
+    extras_require={
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "websockets>=12"],
+        # The tests: the server's too, an OpenAI client against it, and Playwright to drive a
+        # headless Chromium (the browser itself comes from the system: Debian's `chromium`).
+        "dev": ["pytest>=7", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "websockets>=12",
+                "openai>=1.0", "playwright>=1.40"],
+    },
 )
