@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 CHECKED_FORMAT = "glassbrain.checked"
-CHECKED_VERSION = 1
+CHECKED_VERSION = 2                  # 2: tensor bytes hashed in parallel blocks; 1 still loads
+READABLE_VERSIONS = (1, 2)
 
 
 class CorruptFileError(ValueError):
@@ -145,27 +146,48 @@ def atomic_write(path, write_fn) -> Path:
 
 # ----------------------------------------------------------------------------- checksummed torch
 
-def _feed(h, obj) -> None:
+HASH_BLOCK = 8 << 20      # version 2 hashes a tensor's bytes in blocks of this size, in parallel
+
+
+def _tensor_bytes(obj: torch.Tensor) -> memoryview:
+    t = obj.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.cpu().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _block_digests(data: memoryview) -> bytes:
+    """sha256 of each HASH_BLOCK-sized block of ``data``, concatenated. hashlib releases the GIL
+    on large buffers, so threads hash the blocks of a large state in parallel: a 192 MiB BDH
+    state verifies in a fraction of the single-threaded time (server resume from disk)."""
+    blocks = [data[i:i + HASH_BLOCK] for i in range(0, len(data), HASH_BLOCK)]
+    if len(blocks) == 1:
+        return hashlib.sha256(blocks[0]).digest()
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(len(blocks), os.cpu_count() or 1, 16)) as pool:
+        return b"".join(pool.map(lambda b: hashlib.sha256(b).digest(), blocks))
+
+
+def _feed(h, obj, version: int = CHECKED_VERSION) -> None:
     """Hash ``obj`` as save_checked sees it: tensors by dtype, shape and bytes; containers by
-    structure; plain values by type and repr. Equal before saving and after loading."""
+    structure; plain values by type and repr. Equal before saving and after loading. Version 1
+    fed a tensor's bytes to the hash as they are; version 2 feeds the sha256 of each block of
+    them (the same strength, computed in parallel)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()
-        t = t.cpu().contiguous().reshape(-1)
-        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8
-                     else t.numpy().tobytes())
+        data = _tensor_bytes(obj)
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}:".encode())
+        if len(data):
+            h.update(data if version == 1 else _block_digests(data))
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}:".encode())
         for k, v in obj.items():
-            _feed(h, k)
-            _feed(h, v)
+            _feed(h, k, version)
+            _feed(h, v, version)
     elif isinstance(obj, (list, tuple)):
         h.update(f"{'U' if isinstance(obj, tuple) else 'L'}{len(obj)}:".encode())
         for v in obj:
-            _feed(h, v)
+            _feed(h, v, version)
     # Plain values by their base type (a str subclass such as torch's version string hashes
     # as the str it is), so the hash does not depend on how a loader rebuilds them.
     elif obj is None:
@@ -189,10 +211,10 @@ def _feed(h, obj) -> None:
         h.update(pickle.dumps(obj, protocol=4))
 
 
-def payload_sha256(obj) -> str:
-    """The checksum save_checked stores for ``obj``."""
+def payload_sha256(obj, version: int = CHECKED_VERSION) -> str:
+    """The checksum save_checked stores for ``obj`` (in checked-file format ``version``)."""
     h = hashlib.sha256()
-    _feed(h, obj)
+    _feed(h, obj, version)
     return h.hexdigest()
 
 
@@ -291,13 +313,14 @@ def load_checked(path, what: str = "file", *, map_location=None, weights_only: b
         raise UncheckedFileError(
             f"{what} {path}: not written by save_checked (no checksum): an older format or "
             f"not a Glass Brain file; {remedy}", content=raw)
-    if raw.get("version") != CHECKED_VERSION:
-        raise CorruptFileError(f"{what} {path}: checked-file version {raw.get('version')!r} is "
-                               f"not supported (this code reads version {CHECKED_VERSION}); "
+    version = raw.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise CorruptFileError(f"{what} {path}: checked-file version {version!r} is not "
+                               f"supported (this code reads versions {READABLE_VERSIONS}); "
                                f"{remedy}")
     payload = raw.get("payload")
     try:
-        got = payload_sha256(payload)
+        got = payload_sha256(payload, version)
     except (NotImplementedError, RuntimeError) as exc:
         # e.g. a map_location function that made meta tensors: nothing to hash
         raise UnloadableFileError(

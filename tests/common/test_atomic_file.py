@@ -244,3 +244,49 @@ def test_a_folder_is_not_called_corrupt(tmp_path):
 class _Picklable:
     def __eq__(self, other):
         return isinstance(other, _Picklable)
+
+
+# ----------------------------------------------------------------------------- format versions
+
+def test_a_version_1_file_still_loads_and_is_still_checked(tmp_path):
+    """Files written before the block hash (version 1: tensor bytes fed to one sha256) load,
+    and a flipped bit in them is still caught."""
+    obj = {"S": torch.randn(3, 5), "position": 7}
+    path = tmp_path / "v1.pt"
+    torch.save({"format": af.CHECKED_FORMAT, "version": 1,
+                "sha256": af.payload_sha256(obj, 1), "payload": obj}, path)
+    got = load_checked(path)
+    assert torch.equal(got["S"], obj["S"]) and got["position"] == 7
+    bad = {"S": obj["S"].clone(), "position": 7}
+    bad["S"][1, 2] += 1.0
+    torch.save({"format": af.CHECKED_FORMAT, "version": 1,
+                "sha256": af.payload_sha256(obj, 1), "payload": bad}, path)
+    with pytest.raises(CorruptFileError, match="checksum mismatch"):
+        load_checked(path)
+
+
+def test_block_hash_catches_a_flip_in_any_block(tmp_path, monkeypatch):
+    """Version 2 hashes a tensor in blocks (in parallel): a change in the last block, or two
+    blocks swapped, changes the checksum."""
+    monkeypatch.setattr(af, "HASH_BLOCK", 64)
+    t = torch.randn(100)                                  # 400 bytes: 7 blocks of 64
+    base = af.payload_sha256({"t": t})
+    assert af.payload_sha256({"t": t.clone()}) == base
+    last = t.clone()
+    last[-1] += 1.0
+    assert af.payload_sha256({"t": last}) != base
+    swapped = torch.cat([t[16:32], t[:16], t[32:]])       # first two 64-byte blocks swapped
+    assert af.payload_sha256({"t": swapped}) != base
+    assert af.payload_sha256({"t": t}, 1) != base         # the two versions are distinct hashes
+    save_checked({"t": t}, tmp_path / "v2.pt")
+    assert torch.equal(load_checked(tmp_path / "v2.pt")["t"], t)
+
+
+@pytest.mark.parametrize("version", [0, 3, True, "2"])
+def test_unknown_versions_are_refused(tmp_path, version):
+    path = tmp_path / "v.pt"
+    obj = {"x": torch.ones(2)}
+    torch.save({"format": af.CHECKED_FORMAT, "version": version,
+                "sha256": af.payload_sha256(obj), "payload": obj}, path)
+    with pytest.raises(CorruptFileError, match="version"):
+        load_checked(path)
