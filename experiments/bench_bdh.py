@@ -4,9 +4,11 @@
                                     [--out DIR] [--no-compile] [--reps N]
 
 * train:    one training step at the official preset (B32, T512, bf16 autocast, AdamW lr 1e-3,
-            wd 0.1; forward + backward + step): tokens/s (median of timed steps) and peak memory;
-            ours eager and compiled, the official model eager and compiled.
-* prefill:  batch 1, no grad, weights in bf16: ms and peak memory of one forward of T = 4096,
+            wd 0.1; forward + backward + step): tokens/s (the median step through the harness's
+            `time_call`) and peak memory (one more step); ours eager and compiled, the official
+            model eager and compiled.
+* prefill:  batch 1, no grad, weights in bf16: ms (median, `time_call`) and peak memory of one
+            forward of T = 4096,
             8192 and 16384 tokens (ours; memory must grow linearly) and of T = 16384 (official);
             then ours streaming 65,536, 262,144 and 1,048,576 tokens in 16,384-token chunks
             (memory must stay flat).
@@ -18,12 +20,12 @@
             the prompt's prefill time is in the note); the official `generate` after the 1k
             prompt (it re-runs the whole prefix per token, so only 4 tokens are timed).
 
-Targets (issue 4), checked in the "meets" column on a GPU:
+Targets, checked in the "meets" column on a GPU:
     train:    ours ≥ 131k tok/s (the official compiled anchor) with peak ≤ 32 GB
     prefill:  ours at T=16384 ≥ 5× the official forward's tok/s in this run (without
               --official-bdh: its 276 ms anchor, i.e. ≤ 55.2 ms)
     generate: ours ≥ 1,000 tok/s after both prompts
-    sparse:   trained weights, batch 1, sparse decode ≥ 5,000 tok/s after both prompts (issue 15)
+    sparse:   trained weights, batch 1, sparse decode ≥ 5,000 tok/s after both prompts
 
 "vs official" is ours' tok/s over the official model's tok/s at the same item and shape, in the
 same process (eager against eager, compiled against compiled). Peak memory is
@@ -36,29 +38,28 @@ every row, so a killed run keeps what it measured.
 path at run time (never vendored), e.g. after
     mkdir -p .official       # git-ignored
     git -C /work/.mirror/pathwaycom+bdh/repo show HEAD:bdh.py > .official/bdh.py
-On a CPU the same code paths run on a tiny config as a smoke test; timings need a GPU.
+On a CPU the same code paths run on a tiny config as a smoke test (20 to 30 s, measured on a
+2-core CPU shared with other work); timings need a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
-import statistics
 import sys
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .measure import PeakMemory, free_memory, is_oom
-from .results import markdown_table, run_meta, write_json
+from .harness import (POLICY, Flag, InDir, InFile, Int, Names, Optional, OutDir, PeakMemory,
+                      Stopwatch, default_out, fail, free_memory, is_oom, markdown_table, option,
+                      parse_config, run_meta, time_call, write_json, write_text)
 
 ITEMS = ("train", "prefill", "generate", "sparse")
 COLUMNS = ["item", "impl", "shape", "ms", "tok/s", "peak GB", "vs official", "target", "meets",
            "note"]
-# Anchors measured on one H100 (DESIGN.md); used only where the official model is not loaded.
+# Anchors measured on one H100; used only where the official model is not loaded.
 OFFICIAL_PREFILL_16K_MS = 276.0
 TRAIN_TOKS_TARGET, TRAIN_PEAK_TARGET = 131e3, 32e9
 PREFILL_SPEEDUP_TARGET, GENERATE_TOKS_TARGET = 5.0, 1000.0
@@ -70,9 +71,7 @@ class Sizes:
     model: dict = field(default_factory=dict)      # BDHConfig overrides, ours and official alike
     batch: int = 32
     seq: int = 512
-    reps: int = 10                                  # timed training steps
     prefill: tuple = (4096, 8192, 16384)            # ours at each; the official at the last
-    prefill_reps: int = 3
     stream: tuple = (1 << 16, 1 << 18, 1 << 20)
     stream_chunk: int = 16384
     prompts: tuple = (1024, 100_000)
@@ -84,49 +83,70 @@ class Sizes:
 
 GPU_SIZES = Sizes()
 SMOKE_SIZES = Sizes(model=dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8),
-                    batch=2, seq=64, reps=2, prefill=(128, 256), prefill_reps=2,
-                    stream=(512, 1024), stream_chunk=256, prompts=(128, 300), new_tokens=4,
-                    official_new_tokens=2, sparse_batches=(1, 2), density_tokens=2)
+                    batch=2, seq=64, prefill=(128, 256), stream=(512, 1024), stream_chunk=256,
+                    prompts=(128, 300), new_tokens=4, official_new_tokens=2,
+                    sparse_batches=(1, 2), density_tokens=2)
+
+
+def check_checkpoint(path: str) -> None:
+    """A readable BDH training checkpoint, or ValueError naming --checkpoint."""
+    from bdh.checkpoint import read_bdh_checkpoint
+    try:
+        read_bdh_checkpoint(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--checkpoint: {exc}") from None
+
+
+@dataclass
+class BenchConfig:
+    official_bdh: str | None = field(default=None, metadata=option(
+        Optional(InDir(holding="bdh.py")), "folder holding the official pathwaycom/bdh bdh.py "
+                                           "(imported by path)", shown="none: ours only"))
+    items: tuple = field(default=ITEMS, metadata=option(
+        Names(ITEMS), "comma list of the benchmarks to run"))
+    out: str = field(default=default_out("bench_bdh"), metadata=option(
+        OutDir(), "output folder"))
+    no_compile: bool = field(default=False, metadata=option(
+        Flag(), "skip the torch.compile train steps"))
+    reps: int | None = field(default=None, metadata=option(
+        Optional(Int(1)), "CPU: at least this many timed calls per train step and prefill",
+        shown=f"the harness's {POLICY.min_reps}"))
+    checkpoint: str | None = field(default=None, metadata=option(
+        Optional(InFile()), "sparse item: also decode with this trained BDH (a checkpoint of "
+                            "`python -m experiments.train --model bdh`; prompts from the "
+                            "corpus)", shown="none: random weights only"))
+
+    def check(self) -> None:
+        if self.checkpoint is not None:
+            check_checkpoint(self.checkpoint)
+
+    def policy(self):
+        return POLICY.with_min_reps(self.reps)
 
 
 def load_official(folder: str | None):
-    """The official bdh.py in ``folder``, imported by path (as module ``official_bdh``)."""
+    """The official bdh.py in ``folder`` (checked by the command line to exist), imported by
+    path (as module ``official_bdh``); a file without its two classes stops the command."""
     if not folder:
         return None
     path = Path(folder) / "bdh.py"
-    if not path.is_file():
-        raise SystemExit(f"--official-bdh: expected a folder holding the official bdh.py, "
-                         f"found no {path}")
     spec = importlib.util.spec_from_file_location("official_bdh", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod             # dataclasses and torch.compile look modules up here
     spec.loader.exec_module(mod)
     for name in ("BDH", "BDHConfig"):
         if not hasattr(mod, name):
-            raise SystemExit(f"--official-bdh: {path} defines no {name}; expected the official "
-                             f"pathwaycom/bdh bdh.py")
+            fail(f"--official-bdh: {path} defines no {name}; expected the official "
+                 f"pathwaycom/bdh bdh.py")
     return mod
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def timed(fn, dev, reps: int, warmup: int = 1):
-    """(median seconds of ``reps`` synchronised calls after ``warmup`` calls, peak bytes of the
-    timed calls)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed(fn, dev, policy=POLICY):
+    """(median seconds of ``fn`` through the harness, peak bytes of one more call)."""
+    seconds = time_call(fn, dev, policy=policy).median_ms / 1e3
     with PeakMemory(dev) as m:
-        for _ in range(reps):
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), m.peak
+        fn()
+    return seconds, m.peak
 
 
 def make_row(item, impl, shape, seconds=None, tokens=None, peak=None, note=None) -> dict:
@@ -140,8 +160,8 @@ def make_row(item, impl, shape, seconds=None, tokens=None, peak=None, note=None)
 class Bench:
     """Collects rows; every item runs under `run`, which turns its failure into a row."""
 
-    def __init__(self, out: Path, meta: dict, dev: torch.device):
-        self.out, self.meta, self.dev, self.rows = out, meta, dev, []
+    def __init__(self, out: Path, meta: dict, dev: torch.device, policy=POLICY):
+        self.out, self.meta, self.dev, self.policy, self.rows = out, meta, dev, policy, []
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -186,14 +206,14 @@ def bench_train(b: Bench, impl: str, model, compiled: bool, sz: Sizes) -> None:
         opt.zero_grad(set_to_none=True)
 
     step()                                                  # compile / autotune, untimed
-    sec, peak = timed(step, dev, sz.reps)
+    sec, peak = timed(step, dev, b.policy)
     b.add(make_row("train step", impl, f"B{sz.batch} T{sz.seq}", sec, sz.batch * sz.seq, peak))
 
 
 def bench_prefill(b: Bench, impl: str, model, T: int, sz: Sizes) -> None:
     idx = torch.randint(0, 256, (1, T), device=b.dev)
     with torch.no_grad():
-        sec, peak = timed(lambda: model(idx), b.dev, sz.prefill_reps)
+        sec, peak = timed(lambda: model(idx), b.dev, b.policy)
     b.add(make_row("prefill", impl, f"B1 T{T}", sec, T, peak))
 
 
@@ -208,7 +228,6 @@ def bench_stream(b: Bench, model, L: int, sz: Sizes) -> None:
         with PeakMemory(b.dev) as pm:
             for i in range(L // chunk):
                 _, st = model(pieces[i % 2], state=st, return_state=True)
-            sync(b.dev)
     b.add(make_row("prefill stream", "ours", f"T{L} in {chunk}-token chunks", pm.seconds, L,
                    pm.peak, note=f"state {st.nbytes() / 2**20:.3g} MiB"))
 
@@ -219,11 +238,9 @@ def bench_generate_ours(b: Bench, model, P: int, sz: Sizes, cuda_graph: bool = T
     cuda_graph = cuda_graph and dev.type == "cuda"
     prompt = torch.randint(0, 256, (1, P), device=dev)
     model.generate(prompt[:, :16], 4, top_k=1, cuda_graph=cuda_graph)    # warm-up
-    sync(dev)
-    t0 = time.perf_counter()
-    _, st = model.generate(prompt, 0, return_state=True)   # the state of all but the last token
-    sync(dev)
-    prefill_s = time.perf_counter() - t0
+    with Stopwatch(dev) as prefill:
+        _, st = model.generate(prompt, 0, return_state=True)   # all but the last token
+    prefill_s = prefill.seconds
     with PeakMemory(dev) as pm:
         model.generate(prompt[:, -1:], sz.new_tokens, top_k=1, state=st, cuda_graph=cuda_graph)
     impl = "ours (eager decode)" if dev.type == "cuda" and not cuda_graph else "ours"
@@ -304,147 +321,154 @@ def judge(rows: list[dict], gpu: bool) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--official-bdh", default=None, metavar="DIR",
-                   help="folder holding the official pathwaycom/bdh bdh.py (imported by path)")
-    p.add_argument("--items", default=",".join(ITEMS), help="comma list of " + ", ".join(ITEMS))
-    p.add_argument("--out", default="runs/bench_bdh")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile train steps")
-    p.add_argument("--reps", type=int, default=None, help="timed training steps (GPU default 10)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="sparse item: also decode with this trained BDH (a checkpoint of "
-                        "`python -m experiments.train --model bdh`; prompts from the corpus)")
-    a = p.parse_args(argv)
-    items = [i.strip() for i in a.items.split(",") if i.strip()]
-    bad = [i for i in items if i not in ITEMS]
-    if bad or not items:
-        raise SystemExit(f"--items: expected a comma list of {', '.join(ITEMS)}, got {a.items!r}")
-    if a.reps is not None and a.reps < 1:
-        raise SystemExit(f"--reps: expected an int >= 1, got {a.reps}")
-    off = load_official(a.official_bdh)
-    from bdh import BDH, BDHConfig
+def parse(argv=None) -> BenchConfig:
+    return parse_config(BenchConfig, {}, argv, prog="python -m experiments.bench_bdh",
+                        description=__doc__.split("\n\n")[0])
 
-    gpu = torch.cuda.is_available()
-    dev = torch.device("cuda" if gpu else "cpu")
-    sz = GPU_SIZES if gpu else SMOKE_SIZES
-    if a.reps is not None:
-        sz = Sizes(**{**asdict(sz), "reps": a.reps})
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        print("no GPU: a tiny smoke of the benchmark code paths; timings need a GPU")
-    compile_ok = gpu and not a.no_compile          # CPU inductor needs a C++ toolchain: skip it
-    dt = torch.bfloat16 if gpu else torch.float32
-    official_sha = (hashlib.sha256((Path(a.official_bdh) / "bdh.py").read_bytes()).hexdigest()
-                    if off else None)
-    meta = run_meta(dev, official=bool(off), official_path=a.official_bdh,
-                    official_sha256=official_sha, sizes=asdict(sz), items=items,
-                    compile=compile_ok, inference_dtype=str(dt).replace("torch.", ""),
+
+def make_meta(cfg: BenchConfig, dev, sz: Sizes, compile_ok: bool) -> dict:
+    gpu = dev.type == "cuda"
+    official_sha = (hashlib.sha256((Path(cfg.official_bdh) / "bdh.py").read_bytes()).hexdigest()
+                    if cfg.official_bdh else None)
+    return run_meta(dev, official=bool(cfg.official_bdh), official_path=cfg.official_bdh,
+                    official_sha256=official_sha, sizes=asdict(sz), items=list(cfg.items),
+                    compile=compile_ok, inference_dtype="bfloat16" if gpu else "float32",
                     train_dtype="bf16 autocast, fp32 weights" if gpu else "float32",
                     smoke=not gpu,
-                    notes=["peak GB = torch.cuda.max_memory_allocated / 1e9 over the timed calls "
-                           "(on the CPU: process RSS, meaningless for this smoke)",
+                    notes=["peak GB = torch.cuda.max_memory_allocated / 1e9 over one call "
+                           "after the timed ones (on the CPU: process RSS, meaningless for "
+                           "this smoke)",
                            "vs official = ours tok/s / official tok/s, same process, item, shape",
-                           "train: median of timed steps after one untimed (compile) step and one "
-                           "warm-up step; allow_tf32 on for both models"])
-    b = Bench(Path(a.out), meta, dev)
-    b.save()
+                           "train and prefill: the median of the harness's time_call after one "
+                           "untimed (compile) call; allow_tf32 on for both models"])
 
-    def ours(**kw):
+
+class Models:
+    """Fresh models for the items: ours (``sz.model`` over BDHConfig) and, when loaded, the
+    official one."""
+
+    def __init__(self, sz: Sizes, dev, official_module):
+        self.sz, self.dev, self.off = sz, dev, official_module
+        self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    def ours(self, **kw):
+        from bdh import BDH, BDHConfig
         torch.manual_seed(0)
-        return BDH(BDHConfig(**sz.model, **kw)).to(dev)
+        return BDH(BDHConfig(**self.sz.model, **kw)).to(self.dev)
 
-    def official_in(dtype):
-        """The official model with weights in ``dtype``; its RoPE buffer stays float32, as its
-        forward asserts (it casts the rotated activations itself)."""
-        mo = official().to(dtype).eval()
+    def official(self):
+        torch.manual_seed(0)
+        return self.off.BDH(self.off.BDHConfig(**self.sz.model)).to(self.dev)
+
+    def official_inference(self):
+        """The official model with weights in the inference dtype; its RoPE buffer stays
+        float32, as its forward asserts (it casts the rotated activations itself)."""
+        mo = self.official().to(self.dtype).eval()
         freqs = getattr(getattr(mo, "attn", None), "freqs", None)
         if freqs is not None:
             freqs.data = freqs.data.float()
         return mo
 
-    def official():
-        torch.manual_seed(0)
-        return off.BDH(off.BDHConfig(**sz.model)).to(dev)
 
-    train_shape = f"B{sz.batch} T{sz.seq}"
-    if "train" in items:
-        variants = [("ours eager", ours, False)]
-        variants += [("ours compiled", ours, True)] if compile_ok else []
-        if off is not None:
-            variants += [("official eager", official, False)]
-            variants += [("official compiled", official, True)] if compile_ok else []
-        for impl, make, compiled in variants:
-            b.run("train step", impl, train_shape,
-                  lambda: bench_train(b, impl, make().train(), compiled, sz))
-            if compiled:
-                torch._dynamo.reset()                   # drop the compiled graphs' memory
+def run_train(b: Bench, models: Models, compile_ok: bool) -> None:
+    sz = models.sz
+    variants = [("ours eager", models.ours, False)]
+    variants += [("ours compiled", models.ours, True)] if compile_ok else []
+    if models.off is not None:
+        variants += [("official eager", models.official, False)]
+        variants += [("official compiled", models.official, True)] if compile_ok else []
+    for impl, make, compiled in variants:
+        b.run("train step", impl, f"B{sz.batch} T{sz.seq}",
+              lambda: bench_train(b, impl, make().train(), compiled, sz))
+        if compiled:
+            torch._dynamo.reset()                   # drop the compiled graphs' memory
 
-    if "prefill" in items:
-        m = ours(dropout=0.0).to(dt).eval()
-        for T in sz.prefill:
-            b.run("prefill", "ours", f"B1 T{T}", lambda: bench_prefill(b, "ours", m, T, sz))
-        if off is not None:
-            mo = official_in(dt)
-            T = sz.prefill[-1]
-            b.run("prefill", "official", f"B1 T{T}", lambda: bench_prefill(b, "official", mo, T,
-                                                                           sz))
-            del mo
-            free_memory(dev)
-        for L in sz.stream:
-            b.run("prefill stream", "ours", f"T{L}", lambda: bench_stream(b, m, L, sz))
-        del m
-        free_memory(dev)
 
-    if "generate" in items:
-        with torch.no_grad():
-            m = ours(dropout=0.0).to(dt).eval()
-            for P in sz.prompts:
-                b.run("generate", "ours", f"prompt {P}", lambda: bench_generate_ours(b, m, P, sz))
-                if gpu:
-                    b.run("generate", "ours (eager decode)", f"prompt {P}",
-                          lambda: bench_generate_ours(b, m, P, sz, cuda_graph=False))
-            del m
-            free_memory(dev)
-            if off is not None:
-                mo = official_in(dt)
-                P = sz.prompts[0]
-                b.run("generate", "official", f"prompt {P}",
-                      lambda: bench_generate_official(b, mo, P, sz))
-                del mo
-                free_memory(dev)
+def run_prefill(b: Bench, models: Models) -> None:
+    sz = models.sz
+    m = models.ours(dropout=0.0).to(models.dtype).eval()
+    for T in sz.prefill:
+        b.run("prefill", "ours", f"B1 T{T}", lambda: bench_prefill(b, "ours", m, T, sz))
+    if models.off is not None:
+        mo, T = models.official_inference(), sz.prefill[-1]
+        b.run("prefill", "official", f"B1 T{T}", lambda: bench_prefill(b, "official", mo, T, sz))
+        del mo
+        free_memory(b.dev)
+    for L in sz.stream:
+        b.run("prefill stream", "ours", f"T{L}", lambda: bench_stream(b, m, L, sz))
 
-    if "sparse" in items:
-        from .bench_sparse import bench_sparse_decode, load_trained_bdh
-        sets = [("random", lambda: ours(dropout=0.0).to(dt).eval(), None)]
-        if a.checkpoint:
-            model, info = load_trained_bdh(a.checkpoint, dev, dt)
-            meta["checkpoint"] = info
-            from .data import load_corpus
-            sets.insert(0, ("trained", lambda: model, load_corpus("shakespeare")["val"]))
-        for weights, make, text in sets:
-            m = make()
-            runs = [(P, 1) for P in sz.prompts] + [(sz.prompts[0], B) for B in sz.sparse_batches
-                                                   if B != 1]
-            for P, B in runs:
-                b.run("sparse decode", "ours", f"B{B} prompt {P} ({weights})",
-                      lambda: bench_sparse_decode(b, m, weights, P, B, sz.new_tokens,
-                                                  sz.density_tokens, text,
-                                                  profile=(P, B) == runs[0]))
-            del m
-            free_memory(dev)
 
+def run_generate(b: Bench, models: Models) -> None:
+    sz, gpu = models.sz, b.dev.type == "cuda"
+    with torch.no_grad():
+        m = models.ours(dropout=0.0).to(models.dtype).eval()
+        for P in sz.prompts:
+            b.run("generate", "ours", f"prompt {P}", lambda: bench_generate_ours(b, m, P, sz))
+            if gpu:
+                b.run("generate", "ours (eager decode)", f"prompt {P}",
+                      lambda: bench_generate_ours(b, m, P, sz, cuda_graph=False))
+        m = None
+        free_memory(b.dev)
+        if models.off is not None:
+            mo, P = models.official_inference(), sz.prompts[0]
+            b.run("generate", "official", f"prompt {P}",
+                  lambda: bench_generate_official(b, mo, P, sz))
+
+
+def run_sparse(b: Bench, models: Models, checkpoint: str | None) -> None:
+    from .bench_sparse import bench_sparse_decode
+    sz = models.sz
+    sets = [("random", lambda: models.ours(dropout=0.0).to(models.dtype).eval(), None)]
+    if checkpoint:
+        from bdh import load_trained_bdh
+
+        from .data import load_corpus
+        model, b.meta["checkpoint"] = load_trained_bdh(checkpoint, b.dev, models.dtype)
+        sets.insert(0, ("trained", lambda: model, load_corpus("shakespeare")["val"]))
+    for weights, make, text in sets:
+        m = make()
+        runs = [(P, 1) for P in sz.prompts] + [(sz.prompts[0], B) for B in sz.sparse_batches
+                                               if B != 1]
+        for P, B in runs:
+            b.run("sparse decode", "ours", f"B{B} prompt {P} ({weights})",
+                  lambda: bench_sparse_decode(b, m, weights, P, B, sz.new_tokens,
+                                              sz.density_tokens, text,
+                                              profile=(P, B) == runs[0]))
+        m = None
+        free_memory(b.dev)
+
+
+def main(argv=None) -> list[dict]:
+    cfg = parse(argv)
+    off = load_official(cfg.official_bdh)
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if gpu else "cpu")
+    sz = GPU_SIZES if gpu else SMOKE_SIZES
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        print("no GPU: a tiny smoke of the benchmark code paths; timings need a GPU")
+    compile_ok = gpu and not cfg.no_compile        # CPU inductor needs a C++ toolchain: skip it
+    b = Bench(Path(cfg.out), make_meta(cfg, dev, sz, compile_ok), dev, cfg.policy())
+    b.save()
+    models = Models(sz, dev, off)
+    if "train" in cfg.items:
+        run_train(b, models, compile_ok)
+    if "prefill" in cfg.items:
+        run_prefill(b, models)
+    if "generate" in cfg.items:
+        run_generate(b, models)
+    if "sparse" in cfg.items:
+        run_sparse(b, models, cfg.checkpoint)
     judge(b.rows, gpu)
     b.save()
     md = markdown_table(b.rows, COLUMNS)
-    (Path(a.out) / "bench_bdh.md").write_text(
-        f"BDH benchmark on {meta['device']}, commit {meta['commit']}, {meta['date']}\n\n{md}\n")
+    write_text(Path(cfg.out) / "bench_bdh.md", f"BDH benchmark on {b.meta['device']}, commit "
+               f"{b.meta['commit']}, {b.meta['date']}\n\n{md}\n")
     print(md)
     if not gpu:
         print("(CPU smoke: these timings mean nothing; run on a GPU for the real numbers)")
-    print(f"wrote {a.out}/bench_bdh.json and bench_bdh.md")
+    print(f"wrote {cfg.out}/bench_bdh.json and bench_bdh.md")
     return b.rows
 
 

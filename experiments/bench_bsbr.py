@@ -41,79 +41,109 @@ Outputs DIR/bench_bsbr.json ({"meta", "checks", "rows", "slopes", "decode", "dec
 "skipped"}, rewritten after every row), DIR/bench_bsbr.md and DIR/bench_bsbr.png (log-log ms
 against T per method, with the least-squares slope in the legend, and the decode memory
 against L).
+
+The default (--preset cpu) is a smoke of every code path with tiny sizes: 25 to 40 s (measured
+on a 2-core CPU shared with other work); its numbers mean nothing.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .measure import PeakMemory, cuda_kernel_profile, free_memory, is_oom
-from .results import markdown_table, run_meta, write_json
+from .harness import (POLICY, Flag, Float, Int, Ints, Names, Optional, OutDir, PeakMemory,
+                      Stopwatch, cuda_kernel_profile, default_out, free_memory, is_oom,
+                      loglog_slope, markdown_table, option, parse_config, rel_err, run_meta,
+                      save_figure, time_call, write_json, write_text)
 
 METHODS = ("bsbr", "bsbr_v1", "bsbr_torch", "sdpa", "flex_swa", "fla_linear", "fla_nsa")
 NSA_BLOCK = 64
 
 
+def check_bank(slots) -> None:
+    from bsbr import BankConfig
+    try:
+        BankConfig(slots_per_level=tuple(slots))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--bank: {exc}") from None
+
+
 @dataclass
 class Sizes:
+    """What one run measures: the sizes (defaults: the CPU smoke's) and which parts run."""
+    preset: str = "cpu"
     batch: int = 1
-    heads: int = 16
-    head_dim: int = 128
-    lengths: tuple = (8192, 32768, 65536, 131072)
-    chunk: int = 256
-    top_k: int = 8
-    window: int = 1024
-    dtype: str = "bfloat16"
-    reps: int = 5
-    check_T: int = 4096
-    decode_lengths: tuple = (1024, 4096, 16384, 65536, 262144, 1048576)
-    exact_max: int = 65536
-    bank: tuple = (8, 4, 4)
-    decode_piece: int = 16384
-    decode_tokens: int = 16
+    heads: int = field(default=2, metadata=option(Int(1), "attention heads"))
+    head_dim: int = field(default=16, metadata=option(Int(1), "head width D"))
+    lengths: tuple = field(default=(64, 128, 256), metadata=option(
+        Ints(1), "kernel sweep: context lengths T"))
+    chunk: int = field(default=16, metadata=option(Int(1), "BSBR chunk size"))
+    top_k: int = field(default=2, metadata=option(Int(1), "BSBR routed chunks per query"))
+    window: int = field(default=32, metadata=option(Int(1), "flex_swa window (tokens)"))
+    dtype: str = "float32"
+    reps: int | None = field(default=None, metadata=option(
+        Optional(Int(1)), "CPU: at least this many timed calls per measurement",
+        shown=f"the harness's {POLICY.min_reps}"))
+    check_T: int = field(default=48, metadata=option(Int(1), "T of the reference check"))
+    decode_lengths: tuple = field(default=(64, 256, 1024, 4096), metadata=option(
+        Ints(1), "decode sweep: context lengths L"))
+    exact_max: int = field(default=1024, metadata=option(
+        Int(1), "decode sweep: longest context for the exact bank"))
+    bank: tuple = field(default=(2, 2, 1), metadata=option(
+        Ints(1), "decode sweep: slots per level of the bounded bank"))
+    decode_piece: int = field(default=256, metadata=option(
+        Int(1), "decode sweep: tokens per streamed piece"))
+    decode_tokens: int = field(default=4, metadata=option(
+        Int(1), "decode sweep: tokens decoded per point"))
+    methods: tuple = field(default=METHODS, metadata=option(
+        Names(METHODS), "comma list of the kernel sweep's methods"))
+    no_decode: bool = field(default=False, metadata=option(
+        Flag(), "skip the decode-memory sweep"))
+    kernel_deadline_s: float | None = field(default=None, metadata=option(
+        Optional(Float(0)), "start no kernel row after this many seconds (leaves time for the "
+                            "decode sweep; skipped rows are listed under not_run)",
+        shown="no limit"))
+    tune_T: int = field(default=0, metadata=option(
+        Int(0), "T of the routing and readout launch sweeps run before the kernels (CUDA "
+                "only; 0 = no sweep: the tuning cache's or the default launch)"))
+    profile_T: int = field(default=0, metadata=option(
+        Int(0), "T of a CUDA kernel profile of one bsbr fwd+bwd (0 = none; CUDA only)"))
+    out: str = field(default=default_out("bench_bsbr"), metadata=option(
+        OutDir(), "output folder"))
+
+    def check(self) -> None:
+        check_bank(self.bank)
+        if self.preset == "h100" and not torch.cuda.is_available():
+            raise ValueError("--preset: h100 needs a CUDA GPU (run without it for the CPU "
+                             "smoke)")
+
+    def policy(self):
+        return POLICY.with_min_reps(self.reps)
 
 
 PRESETS = {
-    "h100": Sizes(),
-    # A tiny smoke of every code path on a laptop CPU (about a minute); the numbers mean nothing.
-    "cpu": Sizes(heads=2, head_dim=16, lengths=(64, 128, 256), chunk=16, top_k=2, window=32,
-                 dtype="float32", reps=2, check_T=48, decode_lengths=(64, 256, 1024, 4096),
-                 exact_max=1024, bank=(2, 2, 1), decode_piece=256, decode_tokens=4),
+    # A tiny smoke of every code path on a laptop CPU; the numbers mean nothing.
+    "cpu": {},
+    "h100": dict(heads=16, head_dim=128, lengths=(8192, 32768, 65536, 131072), chunk=256,
+                 top_k=8, window=1024, dtype="bfloat16", check_T=4096,
+                 decode_lengths=(1024, 4096, 16384, 65536, 262144, 1048576), exact_max=65536,
+                 bank=(8, 4, 4), decode_piece=16384, decode_tokens=16, tune_T=32768,
+                 profile_T=32768),
 }
 
 
 # ----------------------------------------------------------------------------- measuring
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def time_ms(fn, dev: torch.device, reps: int, grads=()) -> float:
-    """Median ms of fn(): do_bench on CUDA, wall clock on the CPU."""
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads),
-                              return_mode="median"))
-    fn()
-    times = []
-    for _ in range(reps):
-        for g in grads:
-            g.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+def time_ms(fn, dev: torch.device, policy=POLICY, grads=()) -> float:
+    """Median ms of fn() through the harness (do_bench on CUDA, the wall clock on the CPU)."""
+    return time_call(fn, dev, policy=policy, grad_to_none=list(grads)).median_ms
 
 
 def release(dev: torch.device) -> None:
@@ -228,12 +258,6 @@ class Bench:
 
     def save(self) -> None:
         write_json(self.out / "bench_bsbr.json", self.data)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def note_of(exc: BaseException) -> str:
@@ -380,7 +404,7 @@ def bench_kernels(b: Bench, sz: Sizes, methods: list[str], dev, dtype,
 
                     def call():
                         fn(*args).backward(do)
-                row[f"{pass_name}_ms"] = time_ms(call, dev, sz.reps, leaves)
+                row[f"{pass_name}_ms"] = time_ms(call, dev, sz.policy(), leaves)
                 row[f"{pass_name}_peak_bytes"] = peak_of(call, dev)
             except Exception as exc:                # noqa: BLE001
                 note = note_of(exc)
@@ -402,22 +426,41 @@ def fit_slopes(rows: list[dict]) -> dict:
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         for pass_name in ("fwd", "fwd_bwd"):
-            pts = [(math.log(r["T"]), math.log(r[f"{pass_name}_ms"])) for r in rows
-                   if r["method"] == m and r[f"{pass_name}_ms"]]
-            if len(pts) < 2:
-                continue
-            mx = sum(p[0] for p in pts) / len(pts)
-            my = sum(p[1] for p in pts) / len(pts)
-            sxx = sum((p[0] - mx) ** 2 for p in pts)
-            slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-            out.setdefault(m, {})[pass_name] = slope
+            ok = [r for r in rows if r["method"] == m and r[f"{pass_name}_ms"]]
+            slope = loglog_slope([r["T"] for r in ok], [r[f"{pass_name}_ms"] for r in ok])
+            if slope is not None:
+                out.setdefault(m, {})[pass_name] = slope
     return out
+
+
+def stream_and_decode(attn, L: int, sz: Sizes, dev, dtype) -> tuple[dict, torch.Tensor]:
+    """Stream L random tokens into ``attn`` in pieces, then decode ``decode_tokens`` one at a
+    time from the state: (the row's measurements, the decoded outputs in float64)."""
+    D = sz.heads * sz.head_dim
+    g = torch.Generator(device="cpu").manual_seed(L)
+    piece = torch.randn(1, min(sz.decode_piece, L), D, generator=g).to(dev, dtype)
+    with torch.no_grad():
+        with Stopwatch(dev) as prefill:
+            st, done = None, 0
+            while done < L:
+                n = min(piece.shape[1], L - done)
+                _, st = attn(piece[:, :n], state=st, return_state=True)
+                done += n
+        tok, ys, s = piece[:, :1], [], st
+        release(dev)
+        with PeakMemory(dev) as pm:
+            for _ in range(sz.decode_tokens):
+                y, s = attn(tok, state=s, return_state=True)
+                ys.append(y)
+    return ({"prefill_s": prefill.seconds, "state_bytes": st.nbytes(),
+             "decode_peak_bytes": int(pm.peak),
+             "decode_ms_per_token": 1e3 * pm.seconds / sz.decode_tokens},
+            torch.cat(ys, 1).double().cpu())
 
 
 def bench_decode(b: Bench, sz: Sizes, dev, dtype) -> None:
     """Stream L tokens into a BSBRAttention layer, then decode: flat memory with a bounded bank."""
     from bsbr import BankConfig, BSBRAttention
-    D = sz.heads * sz.head_dim
     variants = [("bounded", BankConfig(slots_per_level=tuple(sz.bank))), ("exact", None)]
     jobs = [(name, bank, L) for name, bank in variants for L in sz.decode_lengths
             if bank is not None or L <= sz.exact_max]
@@ -429,34 +472,10 @@ def bench_decode(b: Bench, sz: Sizes, dev, dtype) -> None:
         try:
             if name not in layers:
                 torch.manual_seed(0)
-                layers[name] = BSBRAttention(D, sz.heads, sz.chunk, top_k=sz.top_k,
-                                             bank=bank).to(dev, dtype).eval()
-            attn = layers[name]
-            g = torch.Generator(device="cpu").manual_seed(L)
-            piece = torch.randn(1, min(sz.decode_piece, L), D, generator=g).to(dev, dtype)
-            with torch.no_grad():
-                sync(dev)
-                t0 = time.perf_counter()
-                st, done = None, 0
-                while done < L:
-                    n = min(piece.shape[1], L - done)
-                    _, st = attn(piece[:, :n], state=st, return_state=True)
-                    done += n
-                sync(dev)
-                row["prefill_s"] = time.perf_counter() - t0
-                tok = piece[:, :1]
-                release(dev)
-                ys = []
-                with PeakMemory(dev) as pm:
-                    s = st
-                    for _ in range(sz.decode_tokens):
-                        y, s = attn(tok, state=s, return_state=True)
-                        ys.append(y)
-                    sync(dev)
-            decoded[name, L] = torch.cat(ys, 1).double().cpu()
-            row.update(state_bytes=st.nbytes(), decode_peak_bytes=int(pm.peak),
-                       decode_ms_per_token=1e3 * pm.seconds / sz.decode_tokens)
-            del st, s, ys
+                layers[name] = BSBRAttention(sz.heads * sz.head_dim, sz.heads, sz.chunk,
+                                             top_k=sz.top_k, bank=bank).to(dev, dtype).eval()
+            measured, decoded[name, L] = stream_and_decode(layers[name], L, sz, dev, dtype)
+            row.update(measured)
         except Exception as exc:                    # noqa: BLE001
             row["note"] = note_of(exc)
         finally:
@@ -523,7 +542,7 @@ def plot(data: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -580,112 +599,44 @@ def markdown(data: dict) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
-def int_list(flag: str, text: str) -> tuple:
-    try:
-        vals = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        vals = ()
-    if not vals or min(vals) < 1:
-        raise SystemExit(f"{flag}: expected a comma list of ints >= 1, got {text!r}")
-    return vals
+def parse(argv=None) -> Sizes:
+    return parse_config(Sizes, PRESETS, argv, prog="python -m experiments.bench_bsbr",
+                        description=__doc__.split("\n\n")[0])
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: a tiny smoke (default); h100: the GPU sizes")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " +
-                   ", ".join(METHODS))
-    p.add_argument("--lengths", default=None, help="comma list of T (overrides the preset)")
-    p.add_argument("--decode-lengths", default=None, help="comma list of L for the decode sweep")
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--chunk", type=int, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--window", type=int, default=None, help="flex_swa window (tokens)")
-    p.add_argument("--check-T", type=int, default=None, help="T of the reference check")
-    p.add_argument("--reps", type=int, default=None, help="timed runs on the CPU")
-    p.add_argument("--bank", default=None, help="decode sweep: slots per level, e.g. 8,4,4")
-    p.add_argument("--decode-piece", type=int, default=None,
-                   help="decode sweep: tokens per streamed piece")
-    p.add_argument("--decode-tokens", type=int, default=None,
-                   help="decode sweep: tokens decoded per point")
-    p.add_argument("--exact-max", type=int, default=None,
-                   help="decode sweep: longest context for the exact bank")
-    p.add_argument("--no-decode", action="store_true", help="skip the decode-memory sweep")
-    p.add_argument("--kernel-deadline-s", type=float, default=None,
-                   help="start no kernel row after this many seconds (leaves time for the "
-                        "decode sweep; skipped rows are listed under not_run)")
-    p.add_argument("--tune-T", type=int, default=None,
-                   help="T of the routing and readout launch sweeps run before the kernels "
-                        "(CUDA only; default 32768 with --preset h100, 0 = no sweep: the "
-                        "tuning cache's or the default launch)")
-    p.add_argument("--profile-T", type=int, default=None,
-                   help="T of a CUDA kernel profile of one bsbr fwd+bwd (default 32768 with "
-                        "--preset h100, 0 = none; CUDA only)")
-    p.add_argument("--out", default="runs/bench_bsbr")
-    a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise SystemExit(f"--methods: expected a comma list of {', '.join(METHODS)}, "
-                         f"got {a.methods!r}")
-    sz = PRESETS[a.preset]
-    over = {"lengths": a.lengths and int_list("--lengths", a.lengths),
-            "decode_lengths": a.decode_lengths and int_list("--decode-lengths",
-                                                             a.decode_lengths),
-            "bank": a.bank and int_list("--bank", a.bank)}
-    for flag, key in (("heads", "heads"), ("head_dim", "head_dim"), ("chunk", "chunk"),
-                      ("top_k", "top_k"), ("window", "window"), ("check_T", "check_T"),
-                      ("reps", "reps"), ("decode_piece", "decode_piece"),
-                      ("decode_tokens", "decode_tokens"), ("exact_max", "exact_max")):
-        val = getattr(a, flag)
-        if val is not None:
-            if val < 1:
-                raise SystemExit(f"--{flag.replace('_', '-')}: expected an int >= 1, got {val}")
-            over[key] = val
-    sz = replace(sz, **{k: v for k, v in over.items() if v})
-    try:
-        from bsbr import BankConfig
-        BankConfig(slots_per_level=tuple(sz.bank))
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"--bank: {exc}") from None
-    if a.preset == "h100" and not torch.cuda.is_available():
-        raise SystemExit("--preset h100: needs a CUDA GPU (run without it for the CPU smoke)")
-    dev = torch.device("cuda" if a.preset == "h100" else "cpu")
-    dtype = getattr(torch, sz.dtype)
-    if dev.type == "cpu":
-        print("CPU smoke: tiny sizes; the timings mean nothing (run --preset h100 on a GPU)")
-    meta = run_meta(dev, preset=a.preset, sizes=asdict(sz), methods=methods,
+def make_meta(sz: Sizes, dev) -> dict:
+    return run_meta(dev, preset=sz.preset, sizes=asdict(sz), methods=list(sz.methods),
                     notes=["peak bytes: CUDA max_memory_allocated over one call, inputs "
                            "included; CPU: process RSS (rough)",
-                           "ms: CUDA do_bench median; CPU wall-clock median",
+                           "ms: the harness's time_call (CUDA do_bench median; CPU wall-clock "
+                           "median)",
                            "bsbr meta dim = head dim; flex_swa window = sizes.window; fla_nsa: "
                            f"{NSA_BLOCK}-token blocks, top_k blocks, 16 query heads per kv "
                            "head, no sliding branch"])
-    out = Path(a.out)
-    b = Bench(out, meta)
+
+
+def main(argv=None) -> dict:
+    sz = parse(argv)
+    dev = torch.device("cuda" if sz.preset == "h100" else "cpu")
+    dtype = getattr(torch, sz.dtype)
+    if dev.type == "cpu":
+        print("CPU smoke: tiny sizes; the timings mean nothing (run --preset h100 on a GPU)")
+    out = Path(sz.out)
+    b = Bench(out, make_meta(sz, dev))
     b.save()
     check_against_reference(b, sz, dev, dtype)
-    tune_T = a.tune_T if a.tune_T is not None else (32768 if a.preset == "h100" else 0)
-    if tune_T < 0:
-        raise SystemExit(f"--tune-T: expected an int >= 0, got {tune_T}")
     launch = None
-    if tune_T and "bsbr" in methods and dev.type == "cuda":
-        launch = tune_launch(b, sz, dev, dtype, tune_T)
-    profile_T = a.profile_T if a.profile_T is not None else (32768 if a.preset == "h100" else 0)
-    if profile_T < 0:
-        raise SystemExit(f"--profile-T: expected an int >= 0, got {profile_T}")
-    if profile_T and "bsbr" in methods and dev.type == "cuda":
-        profile_bsbr(b, sz, dev, dtype, profile_T, launch)
-    bench_kernels(b, sz, methods, dev, dtype, a.kernel_deadline_s, launch)
+    if sz.tune_T and "bsbr" in sz.methods and dev.type == "cuda":
+        launch = tune_launch(b, sz, dev, dtype, sz.tune_T)
+    if sz.profile_T and "bsbr" in sz.methods and dev.type == "cuda":
+        profile_bsbr(b, sz, dev, dtype, sz.profile_T, launch)
+    bench_kernels(b, sz, list(sz.methods), dev, dtype, sz.kernel_deadline_s, launch)
     b.save()
-    if not a.no_decode:
+    if not sz.no_decode:
         bench_decode(b, sz, dev, dtype)
     b.save()
     plot(b.data, out / "bench_bsbr.png")
-    (out / "bench_bsbr.md").write_text(markdown(b.data))
+    write_text(out / "bench_bsbr.md", markdown(b.data))
     print(markdown(b.data))
     print(f"wrote {out}/bench_bsbr.json, bench_bsbr.md and bench_bsbr.png")
     return b.data

@@ -1,4 +1,9 @@
-"""Sparse against dense BDH decoding (issue #15): the "sparse" item of `experiments.bench_bdh`.
+"""Sparse against dense BDH decoding: the "sparse" item of `experiments.bench_bdh`.
+
+    python -m experiments.bench_sparse [--checkpoint PATH] [--out DIR]
+
+(the same as ``python -m experiments.bench_bdh --items sparse``; on a CPU a smoke of a tiny
+model, 10 to 20 s, measured on a 2-core CPU shared with other work).
 
 For each weight set (a trained checkpoint from `experiments.train` when --checkpoint is given,
 and random weights, labelled as such), each prompt length and each batch size:
@@ -26,26 +31,7 @@ import dataclasses
 
 import torch
 
-from .measure import PeakMemory, cuda_kernel_profile
-
-CHECKPOINT_FIX = "pass a checkpoint written by `python -m experiments.train --model bdh`"
-
-
-def load_trained_bdh(path: str, device, dtype):
-    """(model in eval mode with dropout 0, info) from a `experiments.train` BDH checkpoint."""
-    from bdh import BDH, BDHConfig
-
-    from .results import load_torch
-    saved = load_torch(path, "training checkpoint", map_location="cpu", fix=CHECKPOINT_FIX)
-    cfg = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(cfg, dict) or cfg.get("model") != "bdh" or "model" not in saved:
-        raise SystemExit(f"--checkpoint: {path} is not a BDH training checkpoint; {CHECKPOINT_FIX}")
-    model = BDH(BDHConfig(**{**cfg.get("bdh", {}), "dropout": 0.0}))
-    model.load_state_dict(saved["model"])
-    val = saved.get("log", {}).get("val") or [{}]
-    info = {"checkpoint": str(path), "step": saved.get("step"),
-            "val_loss": val[-1].get("loss"), "bdh": cfg.get("bdh", {})}
-    return model.to(device, dtype).eval(), info
+from .harness import PeakMemory, cuda_kernel_profile
 
 
 def make_prompts(B: int, P: int, device, text: bytes | None, seed: int = 0) -> torch.Tensor:
@@ -80,7 +66,7 @@ def decode_greedy(model, state, first, n: int, sparse: bool, launch=None):
     dec = _decoder(model, state, sparse, launch)
     nxt = dec.step(first).argmax(-1, keepdim=True)            # step 1 (and capture): untimed
     out = torch.empty(first.shape[0], n, dtype=torch.long, device=first.device)
-    with PeakMemory(first.device) as m:                       # synchronises on entry and exit
+    with PeakMemory(first.device) as m:          # the n steps' interval, synchronised
         for i in range(n):
             out[:, i:i + 1] = nxt
             nxt = dec.step(nxt).argmax(-1, keepdim=True)
@@ -156,3 +142,20 @@ def bench_sparse_decode(b, model, weights: str, P: int, B: int, new_tokens: int,
                 print(f"  {label:15s} {k['us_total']:8.1f} us/step  x{k['calls']:<3d} "
                       f"{k['name'][:70]}")
         b.add(row)
+
+
+def main(argv=None) -> list[dict]:
+    """`experiments.bench_bdh` with its sparse item only (its flags, checked the same way)."""
+    import sys
+
+    from .bench_bdh import main as bench_bdh_main
+    from .harness import fail
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--items" or a.startswith("--items=") for a in argv):
+        fail("--items: experiments.bench_sparse runs the sparse item only (use "
+             "experiments.bench_bdh for the others)")
+    return bench_bdh_main(["--items", "sparse", *argv])
+
+
+if __name__ == "__main__":
+    main()

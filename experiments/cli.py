@@ -323,6 +323,14 @@ def option(kind: Kind, help: str, *, shown: str | None = None) -> dict:
     return {"kind": kind, "help": help, "shown": shown}
 
 
+def threads_field():
+    """The ``threads`` field every experiment has: torch's intra-op threads, one in the CPU
+    presets (see `experiments.timing.torch_threads`)."""
+    return dataclasses.field(default=None, metadata=option(
+        Optional(Int(1)), "torch intra-op threads",
+        shown="1 with --preset cpu, torch's default with --preset h100"))
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -366,7 +374,7 @@ def build_parser(cls, presets: dict, *, prog: str, description: str) -> argparse
     names = {f.name for f in dataclasses.fields(cls)}
     if presets and "preset" in names:
         default = _field_default(next(f for f in dataclasses.fields(cls) if f.name == "preset"))
-        p.add_argument("--preset", choices=list(presets), default=default,
+        p.add_argument("--preset", default=default, metavar="{" + ",".join(presets) + "}",
                        help=f"the defaults of every flag (default: {default})")
     for f in _options(cls):
         kind = f.metadata["kind"]
@@ -382,25 +390,31 @@ def build_parser(cls, presets: dict, *, prog: str, description: str) -> argparse
 
 # ----------------------------------------------------------------------------- checking
 
-def validate(cfg) -> None:
-    """Convert and check every option field of ``cfg`` in place, then ``cfg.check()`` if it has
-    one. Raises ValueError: ``--flag: expected ..., got ...``."""
+def validate(cfg, rules: bool = True) -> None:
+    """Convert and check every option field of ``cfg`` in place, then (``rules``) the rules
+    between fields, ``cfg.check()``, if it has one. Raises ValueError: ``--flag: expected ...,
+    got ...``."""
     for f in _options(type(cfg)):
         try:
             setattr(cfg, f.name, f.metadata["kind"].convert(getattr(cfg, f.name)))
         except ValueError as exc:
             raise ValueError(f"{flag_name(f.name)}: {exc}") from None
-    if hasattr(cfg, "check"):
+    if rules and hasattr(cfg, "check"):
         cfg.check()
 
 
 def parse_config(cls, presets: dict, argv=None, *, prog: str, description: str, derive=None):
-    """The config of a command line: the field defaults, the preset's, the flags given, checked
-    by `validate`; then ``derive(cfg)`` (defaults computed from the other fields) and `validate`
-    again. A bad command line exits with status 2 and one line naming the flag."""
+    """The config of a command line: the field defaults, the preset's, the flags given, each
+    field checked by `validate`; then ``derive(cfg)`` (defaults computed from the other fields,
+    which it may take as checked) and `validate` again, with the rules between fields. A bad
+    command line exits with status 2 and one line naming the flag."""
     parser = build_parser(cls, presets, prog=prog, description=description)
     given = vars(parser.parse_args(argv))
     preset = given.pop("preset", None)
+    try:
+        preset = None if preset is None else Choice(presets).convert(preset)
+    except ValueError as exc:
+        parser.error(f"--preset: {exc}")
     cfg = cls(**({"preset": preset} if preset is not None else {}),
               **(presets.get(preset, {}) if preset is not None else {}))
     fields = {f.name: f for f in _options(cls)}
@@ -414,7 +428,7 @@ def parse_config(cls, presets: dict, argv=None, *, prog: str, description: str, 
                 setattr(cfg, name, kind.from_text(text, getattr(cfg, name)))
             except ValueError as exc:
                 raise ValueError(f"{flag_name(name)}: {exc}") from None
-        validate(cfg)
+        validate(cfg, rules=derive is None)
         if derive is not None:
             derive(cfg)
             validate(cfg)

@@ -19,11 +19,12 @@
    per chunk. (Positions past the trained block reuse the trained position embeddings, tiled:
    this step measures memory only.)
 
-Outputs in --out: convert_gpt2.json, convert_gpt2.md, convert_gpt2.png.
+Outputs in --out: convert_gpt2.json, convert_gpt2.md, convert_gpt2.png. The default CPU run
+(a 2-layer byte GPT-2, 400 steps, one torch thread) takes about 30 s (measured on a 2-core CPU
+shared with other work).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import math
@@ -42,7 +43,9 @@ from glassbrain.hf import RecurrentCache, cache_nbytes
 from bsbr.convert import convert
 
 from .data import ByteBatcher, load_corpus
-from .results import markdown_table, run_meta, write_json
+from .harness import (Device, Float, Int, Ints, Optional, OutDir, PeakMemory, default_out,
+                      markdown_table, option, parse_config, run_meta, save_figure, threads_field,
+                      torch_threads, write_json, write_text)
 
 EVAL_SEED = 10_000
 KINDS = ("hebbian", "bsbr")
@@ -51,35 +54,57 @@ CACHE_KW = ("cache" if "cache" in inspect.signature(GPT2Model.forward).parameter
             else "past_key_values")
 
 
+def check_bank(slots) -> None:
+    from bsbr import BankConfig
+    if slots is not None:
+        try:
+            BankConfig(slots_per_level=tuple(slots))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--bsbr-bank: {exc}") from None
+
+
 @dataclass
 class ConvertConfig:
     preset: str = "cpu"
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata=option(Device(), "where to train"))
+    threads: int | None = threads_field()
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
     block_size: int = 128
     batch_size: int = 8
-    steps: int = 400
+    steps: int = field(default=400, metadata=option(
+        Int(1), "training steps of the original GPT-2"))
     lr: float = 3e-3
-    finetune_frac: float = 0.1
+    finetune_frac: float = field(default=0.1, metadata=option(
+        Float(0, 0.1, lo_open=True), "fine-tune steps after conversion, as a fraction of "
+                                     "--steps"))
     finetune_lr: float = 1e-3
     weight_decay: float = 0.1
     eval_batches: int = 8
-    chunk_size: int = 16              # BSBR chunk (shorter than the block, so routing matters)
-    top_k: int | None = None
-    bsbr_bank: list | None = None     # None: the exact bank; e.g. [8, 4, 4]: the bounded one
-    contexts: list = field(default_factory=lambda: [256, 1024, 4096])
+    chunk_size: int = field(default=16, metadata=option(
+        Int(1), "BSBR chunk size (shorter than the block, so routing matters)"))
+    top_k: int | None = field(default=None, metadata=option(
+        Optional(Int(1)), "BSBR routed chunks per token", shown="all"))
+    bsbr_bank: tuple | None = field(default=None, metadata=option(
+        Optional(Ints(1)), "slots per level of the bounded BSBR bank, e.g. 8,4,4",
+        shown="the exact, growing bank"))
+    contexts: tuple = field(default=(256, 1024, 4096), metadata=option(
+        Ints(1), "context lengths of the decode-memory table"))
     autocast: str = "none"            # "none" | "bfloat16" (CUDA)
     seed: int = 1337
-    out: str = "runs/convert_gpt2"
+    out: str = field(default=default_out("convert_gpt2"), metadata=option(
+        OutDir(), "output folder"))
+
+    def check(self) -> None:
+        check_bank(self.bsbr_bank)
 
 
 PRESETS = {
-    "cpu": dict(),
+    "cpu": dict(threads=1),
     "h100": dict(device="cuda", n_layer=6, n_embd=384, n_head=6, block_size=512, batch_size=32,
                  steps=3000, lr=1e-3, finetune_lr=3e-4, eval_batches=16, chunk_size=64,
-                 contexts=[1024, 8192, 65536], autocast="bfloat16"),
+                 contexts=(1024, 8192, 65536), autocast="bfloat16"),
 }
 
 
@@ -161,15 +186,11 @@ def decode_cache_bytes(model, context: int, cfg: ConvertConfig, text: bytes) -> 
         piece = ids[:, a:min(a + cfg.block_size, context)]
         with autocast_ctx(cfg):
             model(input_ids=piece, use_cache=True, **{CACHE_KW: cache})
-    cuda = torch.device(cfg.device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    with autocast_ctx(cfg):
+    with PeakMemory(cfg.device) as m, autocast_ctx(cfg):
         model(input_ids=ids[:, context:context + 1], use_cache=True, **{CACHE_KW: cache})
     row = {"context": context, "cache_bytes": cache_nbytes(cache)}
-    if cuda:
-        row["decode_peak_bytes"] = torch.cuda.max_memory_allocated()
+    if torch.device(cfg.device).type == "cuda":           # the CPU's RSS says nothing here
+        row["decode_peak_bytes"] = m.peak
     return row
 
 
@@ -192,13 +213,17 @@ def extend_positions(model: GPT2LMHeadModel, n_positions: int) -> None:
 def convert_opts(kind: str, cfg: ConvertConfig) -> dict:
     if kind != "bsbr":
         return {}
-    return {"chunk_size": cfg.chunk_size, "top_k": cfg.top_k, "bank": cfg.bsbr_bank}
+    bank = None if cfg.bsbr_bank is None else list(cfg.bsbr_bank)
+    return {"chunk_size": cfg.chunk_size, "top_k": cfg.top_k, "bank": bank}
 
 
 def run(cfg: ConvertConfig, corpus: dict | None = None) -> dict:
     corpus = corpus if corpus is not None else load_corpus("shakespeare")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    with torch_threads(cfg.threads):
+        return _run(cfg, corpus)
+
+
+def _run(cfg: ConvertConfig, corpus: dict) -> dict:
     t0 = time.time()
     base = build_gpt2(cfg)
     params = sum(p.numel() for p in base.parameters())
@@ -248,7 +273,6 @@ def run(cfg: ConvertConfig, corpus: dict | None = None) -> dict:
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "convert_gpt2.json", result)
     meta = result["meta"]
     acc = result["acceptance"]
@@ -268,7 +292,12 @@ def write_outputs(result: dict, out: Path) -> None:
                                                       "decode_peak_bytes")
                                           if any(c in r for r in result["memory"])]),
     ]
-    (out / "convert_gpt2.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "convert_gpt2.md", "\n".join(lines) + "\n")
+    plot(result, out / "convert_gpt2.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Validation losses (bars) and the decode cache bytes against the context."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,45 +327,13 @@ def write_outputs(result: dict, out: Path) -> None:
     ax2.set_title("decode memory held by the HF cache")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "convert_gpt2.png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def config_from_args(argv=None) -> ConvertConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: a 2-layer byte GPT-2, about 30 s; h100: 6 layers, width 384")
-    p.add_argument("--device", help="override the preset's device")
-    p.add_argument("--steps", type=int, help="training steps of the original GPT-2 "
-                   "(preset default)")
-    p.add_argument("--finetune-frac", type=float,
-                   help="fine-tune steps after conversion, as a fraction of --steps (<= 0.1)")
-    p.add_argument("--chunk-size", type=int, help="BSBR chunk size (preset default)")
-    p.add_argument("--top-k", type=int, help="BSBR routed chunks per token (default: all)")
-    p.add_argument("--bsbr-bank", help="slots per level of the bounded BSBR bank, e.g. 8,4,4 "
-                   "(default: the exact, growing bank)")
-    p.add_argument("--contexts", help="comma-separated context lengths for the memory table")
-    p.add_argument("--out", help="output folder (default runs/convert_gpt2)")
-    a = p.parse_args(argv)
-    cfg = ConvertConfig(preset=a.preset, **PRESETS[a.preset])
-    for name in ("device", "steps", "finetune_frac", "chunk_size", "top_k", "out"):
-        if getattr(a, name) is not None:
-            setattr(cfg, name, getattr(a, name))
-    try:
-        if a.contexts:
-            cfg.contexts = [int(c) for c in a.contexts.split(",")]
-        if a.bsbr_bank:
-            cfg.bsbr_bank = [int(c) for c in a.bsbr_bank.split(",")]
-    except ValueError:
-        raise SystemExit(f"--contexts / --bsbr-bank: expected comma-separated integers, got "
-                         f"{a.contexts!r} / {a.bsbr_bank!r}")
-    if not 0 < cfg.finetune_frac <= 0.1:
-        raise SystemExit(f"--finetune-frac: expected a fraction in (0, 0.1], "
-                         f"got {cfg.finetune_frac}")
-    if cfg.steps < 1:
-        raise SystemExit(f"--steps: expected >= 1, got {cfg.steps}")
-    return cfg
+    return parse_config(ConvertConfig, PRESETS, argv, prog="python -m experiments.convert_gpt2",
+                        description=__doc__.split("\n\n")[0])
 
 
 def main(argv=None, corpus=None) -> dict:

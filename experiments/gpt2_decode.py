@@ -13,15 +13,14 @@ done with care? Times one-token decode steps of the same GPT-2 several ways, in 
 and records a torch.profiler table (self CUDA and CPU time per op) of the plain loop's first
 steps, which names the cost. Writes JSON, a Markdown table and a bar chart.
 
-    python -m experiments.gpt2_decode                       # CPU: a tiny GPT-2, in seconds
+    python -m experiments.gpt2_decode                       # CPU: a tiny GPT-2, about 10 s
     python -m experiments.gpt2_decode --preset h100         # GPT-2 124M shape, 1k and 16k context
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,38 +29,52 @@ import torch
 from baselines import GPT2LM, gpt2_config
 from baselines.gpt2_decode import GPT2StaticDecoder, make_static_cache
 
-from .results import markdown_table, run_meta, write_json
+from .harness import (DECODE_POLICY, Int, Ints, Optional, OutDir, default_out, markdown_table,
+                      option, parse_config, run_meta, save_figure, sync, time_call,
+                      torch_threads, write_json, write_text)
 
-PRESETS = {
-    "cpu": dict(device="cpu", n_layer=2, n_embd=64, n_head=2, contexts=[64, 256], steps=8,
-                variants=["dynamic/sdpa", "dynamic/sdpa#2", "dynamic/eager", "static/efficient"],
-                profile_steps=4),
-    "h100": dict(device="cuda", n_layer=12, n_embd=768, n_head=12, contexts=[1024, 16384],
-                 steps=32, profile_steps=8,
-                 variants=["dynamic/sdpa", "dynamic/sdpa#2", "dynamic/no-cudnn", "dynamic/eager",
-                           "static/efficient", "static/compiled"]),
-}
+VARIANTS = ("dynamic/sdpa", "dynamic/sdpa#2", "dynamic/no-cudnn", "dynamic/eager",
+            "static/efficient", "static/compiled")
 
 
 @dataclass
 class DecodeConfig:
     preset: str = "cpu"
     device: str = "cpu"
+    threads: int | None = None
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 2
     dtype: str = "bfloat16"
-    contexts: list = field(default_factory=lambda: [64, 256])
-    steps: int = 8
+    contexts: tuple = field(default=(64, 256), metadata=option(
+        Ints(1), "comma list of prompt lengths"))
+    steps: int | None = field(default=None, metadata=option(
+        Optional(Int(1)), "at least this many decode steps timed one by one per variant",
+        shown=f"the harness's {DECODE_POLICY.min_reps}"))
     profile_steps: int = 4
-    variants: list = field(default_factory=list)
-    out: str = "runs/gpt2_decode"
+    variants: tuple = ()
+    out: str = field(default=default_out("gpt2_decode"), metadata=option(
+        OutDir(), "output folder"))
     seed: int = 0
 
+    def check(self) -> None:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--preset: h100 needs a CUDA GPU")
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    def policy(self):
+        """Decode steps timed one by one; static/compiled records its CUDA graphs in the
+        three warm-up steps."""
+        return dataclasses.replace(DECODE_POLICY.with_min_reps(self.steps),
+                                   warmup=max(3, DECODE_POLICY.warmup))
+
+
+PRESETS = {
+    "cpu": dict(device="cpu", threads=1, n_layer=2, n_embd=64, n_head=2, contexts=(64, 256),
+                variants=("dynamic/sdpa", "dynamic/sdpa#2", "dynamic/eager",
+                          "static/efficient"), profile_steps=4),
+    "h100": dict(device="cuda", n_layer=12, n_embd=768, n_head=12, contexts=(1024, 16384),
+                 steps=32, profile_steps=8, variants=VARIANTS),
+}
 
 
 def build(cfg: DecodeConfig, attn: str, n_positions: int) -> GPT2LM:
@@ -72,38 +85,34 @@ def build(cfg: DecodeConfig, attn: str, n_positions: int) -> GPT2LM:
     return GPT2LM(gcfg).to(cfg.device, dt).eval()
 
 
-def time_dynamic(model: GPT2LM, prompt, steps: int, dev, sdpa_ctx=contextlib.nullcontext):
-    """ms per token of the plain loop (GPT2LM's streaming state = HF DynamicCache)."""
+def time_dynamic(model: GPT2LM, prompt, dev, policy, sdpa_ctx=contextlib.nullcontext):
+    """Median ms per token of the plain loop (GPT2LM's streaming state = HF DynamicCache)."""
     with torch.no_grad(), sdpa_ctx():
         logits, st = model(prompt, return_state=True)
-        nxt = logits[:, -1:].argmax(-1)
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            logits, st = model(nxt, state=st, return_state=True)
-            nxt = logits[:, -1:].argmax(-1)
-        sync(dev)
-    return (time.perf_counter() - t0) / steps * 1e3
+        loop = {"state": st, "next": logits[:, -1:].argmax(-1)}
+
+        def step():
+            logits, loop["state"] = model(loop["next"], state=loop["state"], return_state=True)
+            loop["next"] = logits[:, -1:].argmax(-1)
+        return time_call(step, dev, policy=policy).median_ms
 
 
-def time_static(model: GPT2LM, prompt, steps: int, dev, compiled: bool, warm: int = 3):
-    """ms per token through a StaticCache (fixed shapes), after ``warm`` untimed steps (the
-    compiled step records its CUDA graph there)."""
+def time_static(model: GPT2LM, prompt, dev, compiled: bool, policy):
+    """Median ms per token through a StaticCache (fixed shapes), sized for the policy's
+    calls."""
     dec = GPT2StaticDecoder(model.hf, "auto", compile_step=compiled)
     P = prompt.shape[1]
-    cache = make_static_cache(model.hf, prompt.shape[0], P + warm + steps + 1)
+    cache = make_static_cache(model.hf, prompt.shape[0], P + policy.warmup + policy.max_reps + 1)
     from baselines.gpt2_decode import sdpa_context
     with torch.no_grad(), sdpa_context("auto", dev):
         logits = dec._call(dec.hf, prompt, cache, 0)
-        nxt = logits[:, -1:].argmax(-1)
-        for i in range(warm):
-            nxt = dec._call(dec._step, nxt, cache, P + i)[:, -1:].argmax(-1)
-        sync(dev)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            nxt = dec._call(dec._step, nxt, cache, P + warm + i)[:, -1:].argmax(-1)
-        sync(dev)
-    return (time.perf_counter() - t0) / steps * 1e3
+        loop = {"next": logits[:, -1:].argmax(-1), "position": P}
+
+        def step():
+            loop["next"] = dec._call(dec._step, loop["next"], cache,
+                                     loop["position"])[:, -1:].argmax(-1)
+            loop["position"] += 1
+        return time_call(step, dev, policy=policy).median_ms
 
 
 def no_cudnn():
@@ -143,15 +152,19 @@ def profile_plain(model: GPT2LM, prompt, steps: int, dev, top: int = 12) -> list
 
 
 def run(cfg: DecodeConfig) -> dict:
-    dev = torch.device(cfg.device)
-    rows = []
-    n_pos = max(cfg.contexts) + 256
+    with torch_threads(cfg.threads):
+        return _run(cfg)
+
+
+def _run(cfg: DecodeConfig) -> dict:
+    dev, policy = torch.device(cfg.device), cfg.policy()
+    rows, profile = [], None
+    n_pos = max(cfg.contexts) + policy.warmup + policy.max_reps + 1
     models = {"sdpa": build(cfg, "sdpa", n_pos)}
     if any(v.endswith("#2") for v in cfg.variants):
         models["sdpa#2"] = copy.deepcopy(models["sdpa"])
     if "dynamic/eager" in cfg.variants:
         models["eager"] = build(cfg, "eager", n_pos)
-    profile = None
     for P in cfg.contexts:
         prompt = torch.randint(0, 256, (1, P), device=dev)
         for var in cfg.variants:
@@ -161,10 +174,9 @@ def run(cfg: DecodeConfig) -> dict:
                     m = models["eager" if how == "eager" else
                                ("sdpa#2" if how.endswith("#2") else "sdpa")]
                     ctx = no_cudnn() if how == "no-cudnn" else contextlib.nullcontext
-                    ms = time_dynamic(m, prompt, cfg.steps, dev, ctx)
+                    ms = time_dynamic(m, prompt, dev, policy, ctx)
                 else:
-                    ms = time_static(models["sdpa"], prompt, cfg.steps, dev,
-                                     compiled=how == "compiled")
+                    ms = time_static(models["sdpa"], prompt, dev, how == "compiled", policy)
                 note = ""
             except Exception as exc:                               # noqa: BLE001
                 ms, note = None, f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -174,7 +186,8 @@ def run(cfg: DecodeConfig) -> dict:
         if profile is None:
             # A fresh model: the plain loop's first steps at a new KV length, as a user sees.
             profile = profile_plain(build(cfg, "sdpa", n_pos), prompt, cfg.profile_steps, dev)
-    return {"meta": run_meta(dev, config=asdict(cfg)), "rows": rows, "profile": profile}
+    return {"meta": run_meta(dev, config=asdict(cfg), timing=dataclasses.asdict(policy)),
+            "rows": rows, "profile": profile}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -199,32 +212,13 @@ def plot(result: dict, path: Path) -> None:
                  f"commit {m.get('commit') or 'unknown'}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
 def parse(argv=None) -> DecodeConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: a tiny GPT-2 in seconds; h100: the 124M shape on CUDA")
-    p.add_argument("--contexts", default=None, help="comma-separated prompt lengths")
-    p.add_argument("--steps", type=int, default=None, help="timed decode steps per variant")
-    p.add_argument("--out", default="runs/gpt2_decode", help="output folder")
-    a = p.parse_args(argv)
-    cfg = DecodeConfig(preset=a.preset, out=a.out, **PRESETS[a.preset])
-    if a.contexts:
-        try:
-            cfg.contexts = [int(x) for x in a.contexts.split(",")]
-        except ValueError:
-            p.error(f"--contexts: expected comma-separated integers, got {a.contexts!r}")
-    if a.steps is not None:
-        if a.steps < 1:
-            p.error(f"--steps: expected >= 1, got {a.steps}")
-        cfg.steps = a.steps
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        p.error("--preset h100 needs a CUDA GPU")
-    return cfg
+    return parse_config(DecodeConfig, PRESETS, argv, prog="python -m experiments.gpt2_decode",
+                        description=__doc__.split("\n")[0])
 
 
 def main(argv=None) -> dict:
@@ -234,7 +228,7 @@ def main(argv=None) -> dict:
     write_json(out / "gpt2_decode.json", result)
     md = markdown_table(result["rows"]) + "\n\nProfile of the plain loop's first steps:\n\n" + \
         markdown_table(result["profile"]) + "\n"
-    (out / "gpt2_decode.md").write_text(md)
+    write_text(out / "gpt2_decode.md", md)
     plot(result, out / "gpt2_decode.png")
     print(md)
     return result

@@ -17,7 +17,8 @@ import math
 import torch
 
 from .cli import (Choice, Device, Flag, Float, InDir, InFile, Int, Ints, KeyValues, Names,
-                  Optional, OutDir, Text, fail, option, parse_config, validate)
+                  Optional, OutDir, Text, build_parser, fail, option, parse_config,
+                  threads_field, validate)
 from .measure import PeakMemory, cuda_kernel_profile, free_memory, is_oom, rss_bytes
 from .results import (commit_label, default_out, load_torch, markdown_table, run_meta,
                       save_figure, save_torch, write_json, write_text)
@@ -47,7 +48,8 @@ def loglog_slope(xs, ys) -> float | None:
 
 
 __all__ = ["Choice", "Device", "Flag", "Float", "InDir", "InFile", "Int", "Ints", "KeyValues",
-           "Names", "Optional", "OutDir", "Text", "fail", "option", "parse_config", "validate",
+           "Names", "Optional", "OutDir", "Text", "build_parser", "fail", "option",
+           "parse_config", "threads_field", "validate",
            "PeakMemory", "cuda_kernel_profile", "free_memory", "is_oom", "rss_bytes",
            "commit_label", "default_out", "load_torch", "markdown_table", "run_meta",
            "save_figure", "save_torch", "write_json", "write_text", "DECODE_POLICY", "POLICY",

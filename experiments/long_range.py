@@ -1,6 +1,6 @@
-"""Long-range memory tasks (issue #13): which token mixer remembers what, at which state size?
+"""Long-range memory tasks: which token mixer remembers what, at which state size?
 
-    python -m experiments.long_range                                  # CPU: about two minutes
+    python -m experiments.long_range                                  # CPU: about 40 s
     python -m experiments.long_range --mixers softmax,deltanet --steps 200
     python -m experiments.long_range --preset h100                    # MQAR, vocab 8192, T=256
     python -m experiments.long_range --preset h100 --curriculum full --vocab 512 \
@@ -25,7 +25,6 @@ OUT/long_range.md and OUT/long_range.png (accuracy vs length per mixer; accuracy
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -40,8 +39,10 @@ from tqdm import tqdm
 from baselines.lm import MIXERS, MixerLM, MixerLMConfig
 
 from . import tasks as T
-from .results import (default_out, load_torch, markdown_table, run_meta, save_figure, save_torch,
-                      write_json, write_text)
+from .harness import (Choice, Device, Flag, Float, Int, Ints, Names, Optional, OutDir,
+                      build_parser as config_parser, default_out, load_torch, markdown_table,
+                      option, parse_config, run_meta, save_figure, save_torch, threads_field,
+                      torch_threads, write_json, write_text)
 
 EVAL_SEED = 20_000          # eval batches: the same in every run and for every mixer
 
@@ -49,43 +50,100 @@ EVAL_SEED = 20_000          # eval batches: the same in every run and for every 
 @dataclass
 class LongRangeConfig:
     preset: str = "cpu"
-    device: str = "cpu"
-    mixers: tuple = MIXERS
-    curriculum: str = "cpu"
-    eval_tasks: tuple = tuple(T.TASKS)
-    eval_lengths: tuple = (32, 64, 128, 256)
-    vocab: int = 64
-    d_model: int = 32
-    n_layer: int = 2
-    n_head: int = 2
-    window: int = 16                  # sliding-window mixer
-    short_conv: int = 4               # causal short convolution before every mixer (0: none)
-    chunk: int = 16                   # BSBR chunk size
-    hebbian_neurons: int = 0          # N per head of the bdh mixer (0: BDHAttention's default)
-    hebbian_heads: int = 0            # heads of the bdh mixer (0: n_head)
-    hebbian_rope: int = 1             # 1: RoPE on the bdh mixer's neurons (BDH); 0: off
-    steps: int = 200
-    batch_size: int = 16
-    eval_batch: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    threshold: float = 0.9
-    window_reports: int = 3
-    log_every: int = 10
-    ckpt_every: int = 0
-    seed: int = 0
-    max_minutes: float | None = None
-    jobs: int = 1
-    resume: bool = False
-    out: str = field(default_factory=lambda: default_out("long_range"))
+    device: str = field(default="cpu", metadata=option(Device(), "cpu, cuda or cuda:i"))
+    threads: int | None = threads_field()
+    mixers: tuple = field(default=MIXERS, metadata=option(
+        Names(MIXERS), "comma list of token mixers"))
+    curriculum: str = field(default="cpu", metadata=option(
+        Choice(tuple(T.CURRICULA)), "phases of length / task mix"))
+    eval_tasks: tuple = field(default=tuple(T.TASKS), metadata=option(
+        Names(tuple(T.TASKS)), "comma list of tasks to score"))
+    eval_lengths: tuple = field(default=(32, 64, 128, 256), metadata=option(
+        Ints(4), "comma list of context lengths to score at (include some longer than the "
+                 "curriculum trains on)"))
+    vocab: int = field(default=64, metadata=option(
+        Int(1), "vocabulary size of every task and model"))
+    d_model: int = field(default=32, metadata=option(
+        Int(1), "model width (the same for every mixer)"))
+    n_layer: int = field(default=2, metadata=option(Int(1), "blocks per model"))
+    n_head: int = field(default=2, metadata=option(Int(1), "heads per mixer"))
+    window: int = field(default=16, metadata=option(
+        Int(1), "window of the sliding-window mixer (tokens)"))
+    short_conv: int = field(default=4, metadata=option(
+        Int(0), "width of the causal depthwise convolution in front of every mixer (0: none; "
+                "without it no mixer sees positions, and MQAR stalls at ~20%)"))
+    chunk: int = field(default=16, metadata=option(
+        Int(1), "chunk size of the BSBR mixer (tokens)"))
+    hebbian_neurons: int = field(default=0, metadata=option(
+        Int(0), "neurons per head of the bdh mixer (0: BDHAttention's 16·d_model/heads); its "
+                "state is n_layer·heads·N·d_model floats against linear attention's "
+                "n_layer·n_head·(d_model/n_head)², so N = d_model/(n_head·heads) gives equal "
+                "states"))
+    hebbian_heads: int = field(default=0, metadata=option(
+        Int(0), "heads of the bdh mixer (0: --n-head). Its values are the whole d_model-wide "
+                "input, so at equal state its key width N is d_model/n_head (linear "
+                "attention's head width) with 1 head, d_model/n_head² with n_head"))
+    hebbian_rope: int = field(default=1, metadata=option(
+        Int(0, 1), "1: the bdh mixer rotates its neurons by position (RoPE, as BDH); 0: no "
+                   "RoPE, q = k = relu(x @ encoder) (an ablation: does position rotation cost "
+                   "content recall?)"))
+    hebbian_untie: str = field(default="none", metadata=option(
+        Choice(("none", "q", "v", "qv")), "the bdh mixer's untied ablations (not BDH): q, its "
+                                          "own query encoder (q ≠ k); v, a value projection "
+                                          "(v = x W_v, not x); qv, both"))
+    steps: int = field(default=200, metadata=option(
+        Int(1), "optimizer steps per mixer (a resumed run continues up to this many)"))
+    batch_size: int = field(default=16, metadata=option(Int(1), "training sequences per step"))
+    eval_batch: int = field(default=16, metadata=option(
+        Int(1), "sequences per (task, length) evaluation"))
+    lr: float = field(default=3e-3, metadata=option(Float(0), "AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=option(Float(0), "AdamW weight decay"))
+    threshold: float = field(default=0.9, metadata=option(
+        Float(0, 1, lo_open=True), "curriculum: step up when the mean batch accuracy reaches "
+                                   "this"))
+    window_reports: int = field(default=3, metadata=option(
+        Int(1), "curriculum: over this many batches of a task"))
+    log_every: int = field(default=10, metadata=option(
+        Int(1), "steps between training-log entries"))
+    ckpt_every: int = field(default=0, metadata=option(
+        Int(0), "also checkpoint every this many steps (0: at the end and when stopped)"))
+    seed: int = field(default=0, metadata=option(
+        Int(0), "seed of the model initialisation, the task batches and the curriculum draws"))
+    max_minutes: float | None = field(default=None, metadata=option(
+        Optional(Float(0)), "stop cleanly (checkpoints kept) after this many minutes over all "
+                            "mixers; rerun with --resume to continue", shown="no limit"))
+    jobs: int = field(default=1, metadata=option(
+        Int(1), "train this many mixers at once, one spawned process each, sharing the device "
+                "(small models leave a GPU mostly idle; --max-minutes then applies to each)"))
+    resume: bool = field(default=False, metadata=option(
+        Flag(), "continue every mixer from OUT/<mixer>/ckpt/state.pt (from step 0 if absent)"))
+    out: str = field(default=default_out("long_range"), metadata=option(
+        OutDir(), "output folder"))
+
+    def check(self) -> None:
+        """The rules between flags: the width splits into heads, and every task fits the
+        vocabulary at every length it is trained or scored at."""
+        if self.d_model % self.n_head:
+            raise ValueError(f"--d-model: expected a multiple of --n-head {self.n_head}, "
+                             f"got {self.d_model}")
+        for ph in T.CURRICULA[self.curriculum]:
+            for task in ph.tasks:
+                if T.get_task(task).max_difficulty(ph.length, self.vocab) < 1:
+                    raise ValueError(f"--vocab: {self.vocab} is too small for {task} at length "
+                                     f"{ph.length} (curriculum {self.curriculum})")
+        for L in self.eval_lengths:
+            for task in self.eval_tasks:
+                if T.get_task(task).max_difficulty(L, self.vocab) < 1:
+                    raise ValueError(f"--eval-lengths: {task} does not fit length {L} with "
+                                     f"vocab {self.vocab}")
 
 
 PRESETS = {
-    "cpu": {},
-    # The issue's setting (Zoology MQAR): vocab 8192, train T=256 with 16 → 32 → 64 pairs,
-    # test (512, 128) and (1024, 256); d_model 128, 2 layers. Batch 256: a 7-minute H200 run at
-    # batch 64 left most mixers at 16 pairs (2026-12-04), and on the CPU batch 128 learned MQAR
-    # ~2× faster per step than batch 32 (softmax, 500 steps: 0.157 against 0.084 accuracy).
+    "cpu": dict(threads=1),
+    # The Zoology MQAR setting: vocab 8192, train T=256 with 16 → 32 → 64 pairs, test (512, 128)
+    # and (1024, 256); d_model 128, 2 layers. Batch 256: a 7-minute H200 run at batch 64 left
+    # most mixers at 16 pairs, and on the CPU batch 128 learned MQAR ~2× faster per step than
+    # batch 32 (softmax, 500 steps: 0.157 against 0.084 accuracy).
     "h100": dict(device="cuda", curriculum="mqar", eval_tasks=("mqar",),
                  eval_lengths=(256, 512, 1024), vocab=8192, d_model=128, n_layer=2, n_head=2,
                  window=64, chunk=64, steps=8000, batch_size=256, eval_batch=64, lr=1e-3,
@@ -98,153 +156,18 @@ FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LongRangeConfig)
 # A checkpoint resumes only a run with the same model, data and optimizer settings.
 RESUME_MUST_MATCH = ("curriculum", "vocab", "d_model", "n_layer", "n_head", "window",
                      "short_conv", "chunk", "hebbian_neurons", "hebbian_heads", "hebbian_rope",
+                     "hebbian_untie",
                      "batch_size", "lr", "weight_decay", "threshold", "window_reports", "seed")
 
-HELP = {
-    "device": "cpu, cuda or cuda:i",
-    "mixers": f"comma list of token mixers among {MIXERS}",
-    "curriculum": f"phases of length / task mix, one of {tuple(T.CURRICULA)}",
-    "eval_tasks": f"comma list of tasks to score, among {tuple(T.TASKS)}",
-    "eval_lengths": "comma list of context lengths to score at (include some longer than the "
-                    "curriculum trains on)",
-    "vocab": "vocabulary size of every task and model",
-    "d_model": "model width (the same for every mixer)",
-    "n_layer": "blocks per model",
-    "n_head": "heads per mixer",
-    "window": "window of the sliding-window mixer (tokens)",
-    "chunk": "chunk size of the BSBR mixer (tokens)",
-    "hebbian_neurons": "neurons per head of the bdh mixer (0: BDHAttention's 16·d_model/"
-                       "heads); its state is n_layer·heads·N·d_model floats against linear "
-                       "attention's n_layer·n_head·(d_model/n_head)², so N = d_model/(n_head·"
-                       "heads) gives equal states (issue #13's comparison)",
-    "hebbian_heads": "heads of the bdh mixer (0: --n-head). Its values are the whole "
-                     "d_model-wide input, so at equal state its key width N is d_model/n_head "
-                     "(linear attention's head width) with 1 head, d_model/n_head² with n_head",
-    "hebbian_rope": "1: the bdh mixer rotates its neurons by position (RoPE, as BDH); 0: "
-                    "no RoPE, q = k = relu(x @ encoder) (an ablation: does position "
-                    "rotation cost content recall?)",
-    "short_conv": "width of the causal depthwise convolution in front of every mixer (0: none; "
-                  "without it no mixer sees positions, and MQAR stalls at ~20%)",
-    "steps": "optimizer steps per mixer (a resumed run continues up to this many)",
-    "batch_size": "training sequences per step",
-    "eval_batch": "sequences per (task, length) evaluation",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "threshold": "curriculum: step up when the mean batch accuracy reaches this",
-    "window_reports": "curriculum: over this many batches of a task",
-    "log_every": "steps between training-log entries",
-    "ckpt_every": "also checkpoint every this many steps (0: at the end and when stopped)",
-    "seed": "seed of the model initialisation, the task batches and the curriculum draws",
-    "max_minutes": "stop cleanly (checkpoints kept) after this many minutes over all mixers; "
-                   "rerun with --resume to continue",
-    "jobs": "train this many mixers at once, one spawned process each, sharing the device "
-            "(small models leave a GPU mostly idle; --max-minutes then applies to each)",
-    "resume": "continue every mixer from OUT/<mixer>/ckpt/state.pt (from step 0 if absent)",
-    "out": "output folder",
-}
 
-
-def _shown(name: str) -> str:
-    if name == "max_minutes":
-        return "no limit"
-    f = {f.name: f for f in dataclasses.fields(LongRangeConfig)}[name]
-    base = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    per = {p: PRESETS[p].get(name, base) for p in sorted(PRESETS)}
-
-    def show(v):
-        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    if len({repr(v) for v in per.values()}) == 1:
-        return show(base)
-    return "; ".join(f"{show(v)} with --preset {p}" for p, v in per.items())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.long_range",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: tiny models and lengths for a laptop; h100: the issue's MQAR "
-                        "setting (vocab 8192, T=256 with 64 pairs, test at 512 and 1024)")
-    for f in dataclasses.fields(LongRangeConfig):
-        if f.name == "preset":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{HELP[f.name]} (default: {_shown(f.name)})".replace("%", "%%")
-        if f.name == "resume":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
-        else:
-            kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
-    return p
-
-
-def _names(text: str, allowed, flag: str, p) -> tuple:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        p.error(f"{flag}: expected a comma list of {tuple(allowed)}, got {text!r}")
-    return items
+def build_parser():
+    return config_parser(LongRangeConfig, PRESETS, prog="python -m experiments.long_range",
+                         description=__doc__.split("\n\n")[0])
 
 
 def config_from_args(argv=None) -> LongRangeConfig:
-    p = build_parser()
-    a = vars(p.parse_args(argv))
-    cfg = LongRangeConfig(preset=a.pop("preset"))
-    cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
-    for key in ("mixers", "eval_tasks"):
-        if key in a:
-            allowed = MIXERS if key == "mixers" else tuple(T.TASKS)
-            a[key] = _names(a[key], allowed, "--" + key.replace("_", "-"), p)
-    if "eval_lengths" in a:
-        try:
-            a["eval_lengths"] = tuple(int(s) for s in a["eval_lengths"].split(",") if s.strip())
-        except ValueError:
-            p.error(f"--eval-lengths: expected a comma list of ints, got {a['eval_lengths']!r}")
-    cfg = dataclasses.replace(cfg, **a)
-    try:
-        check_config(cfg)
-    except ValueError as e:
-        p.error(str(e))
-    return cfg
-
-
-def check_config(cfg: LongRangeConfig) -> None:
-    """Raise ValueError naming the flag, the value and what was expected."""
-    for name in ("vocab", "d_model", "n_layer", "n_head", "window", "chunk", "steps",
-                 "batch_size", "eval_batch", "log_every", "window_reports", "jobs"):
-        v = getattr(cfg, name)
-        if v < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {v}")
-    for name in ("lr", "weight_decay", "ckpt_every", "short_conv", "hebbian_neurons",
-                 "hebbian_heads"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(cfg, name)}")
-    if cfg.hebbian_rope not in (0, 1):
-        raise ValueError(f"--hebbian-rope: expected 0 or 1, got {cfg.hebbian_rope}")
-    if not 0 < cfg.threshold <= 1:
-        raise ValueError(f"--threshold: expected a float in (0, 1], got {cfg.threshold}")
-    if cfg.max_minutes is not None and cfg.max_minutes < 0:
-        raise ValueError(f"--max-minutes: expected >= 0, got {cfg.max_minutes}")
-    if cfg.curriculum not in T.CURRICULA:
-        raise ValueError(f"--curriculum: expected one of {tuple(T.CURRICULA)}, "
-                         f"got {cfg.curriculum!r}")
-    if cfg.d_model % cfg.n_head:
-        raise ValueError(f"--d-model: expected a multiple of --n-head {cfg.n_head}, "
-                         f"got {cfg.d_model}")
-    if cfg.device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda[:i], got {cfg.device!r}")
-    if not cfg.eval_lengths or min(cfg.eval_lengths) < 4:
-        raise ValueError(f"--eval-lengths: expected lengths >= 4, got {cfg.eval_lengths}")
-    for ph in T.CURRICULA[cfg.curriculum]:
-        for task in ph.tasks:
-            if T.get_task(task).max_difficulty(ph.length, cfg.vocab) < 1:
-                raise ValueError(f"--vocab: {cfg.vocab} is too small for {task} at length "
-                                 f"{ph.length} (curriculum {cfg.curriculum})")
-    for L in cfg.eval_lengths:
-        for task in cfg.eval_tasks:
-            if T.get_task(task).max_difficulty(L, cfg.vocab) < 1:
-                raise ValueError(f"--eval-lengths: {task} does not fit length {L} with vocab "
-                                 f"{cfg.vocab}")
+    return parse_config(LongRangeConfig, PRESETS, argv, prog="python -m experiments.long_range",
+                        description=__doc__.split("\n\n")[0])
 
 
 def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
@@ -253,6 +176,10 @@ def build_model(cfg: LongRangeConfig, mixer: str) -> MixerLM:
         hebbian["n_head"] = cfg.hebbian_heads
     if not cfg.hebbian_rope:
         hebbian["rope"] = False
+    if "q" in cfg.hebbian_untie:
+        hebbian["query_encoder"] = True
+    if "v" in cfg.hebbian_untie:
+        hebbian["value_proj"] = True
     kw = {"sliding": {"window": cfg.window}, "bsbr": {"chunk_size": cfg.chunk},
           "bdh": hebbian}.get(mixer, {})
     torch.manual_seed(cfg.seed)        # the same embedding / MLP initialisation for every mixer
@@ -291,95 +218,135 @@ def evaluate(model, cfg: LongRangeConfig) -> tuple[list, dict]:
     return rows, state_bytes
 
 
+def read_mixer_checkpoint(cfg: LongRangeConfig, mixer: str) -> dict | None:
+    """The checkpoint --resume continues ``mixer`` from (None without --resume or a file);
+    refused when it was written with other settings. The bdh mixer was called "hebbian": its
+    older checkpoints resume (and save under bdh/ from then on)."""
+    path = checkpoint_path(cfg, mixer)
+    old = Path(cfg.out) / "hebbian" / "ckpt" / "state.pt"
+    if mixer == "bdh" and not path.exists() and old.exists():
+        path = old
+    if not cfg.resume or not path.exists():
+        return None
+    saved = load_torch(path, "long_range checkpoint", map_location="cpu",
+                       fix="delete it to train this mixer from step 0")
+    # A setting the checkpoint predates had its default then.
+    was = {k: saved["config"].get(k, FIELD_DEFAULTS.get(k)) for k in RESUME_MUST_MATCH}
+    diff = [k for k in RESUME_MUST_MATCH if was[k] != getattr(cfg, k)]
+    if diff:
+        raise SystemExit(f"--resume: {path} was written with other settings: "
+                         + ", ".join(f"--{k.replace('_', '-')} {was[k]!r} "
+                                     f"(now {getattr(cfg, k)!r})" for k in diff))
+    return saved
+
+
+def checkpoint_path(cfg: LongRangeConfig, mixer: str) -> Path:
+    return Path(cfg.out) / mixer / "ckpt" / "state.pt"
+
+
+class MixerRun:
+    """One mixer's training session: model, optimizer, curriculum, step and log."""
+
+    def __init__(self, cfg: LongRangeConfig, mixer: str, saved: dict | None):
+        self.cfg, self.mixer = cfg, mixer
+        self.model = build_model(cfg, mixer)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
+        self.cur = T.Curriculum(T.CURRICULA[cfg.curriculum], cfg.vocab, cfg.threshold,
+                                cfg.window_reports)
+        self.log = {"mixer": mixer, "params": self.model.num_params(), "status": "running",
+                    "train": [], "events": [], "sessions": []}
+        self.step = 0
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.opt.load_state_dict(saved["optimizer"])
+            self.cur.load_state_dict(saved["curriculum"])
+            self.log, self.step = saved["log"], saved["step"]
+            self.log["mixer"] = mixer
+
+    def save(self, status: str) -> None:
+        log = self.log
+        log["status"] = status
+        log["sessions"][-1]["end_step"] = self.step
+        log["curriculum"] = self.cur.position()
+        save_torch({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "curriculum": self.cur.state_dict(), "step": self.step, "log": log,
+                    "config": asdict(self.cfg)}, checkpoint_path(self.cfg, self.mixer))
+
+    def score(self, status: str) -> dict:
+        self.log["eval"], self.log["state_bytes"] = evaluate(self.model, self.cfg)
+        self.save(status)
+        return self.log
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step on a curriculum batch: (loss, accuracy, length)."""
+        cfg, step = self.cfg, self.step
+        task, L, d = self.cur.sample(np.random.default_rng([cfg.seed, step]))
+        x, y, m = T.make(task, cfg.batch_size, L, d, cfg.vocab, seed=batch_seed(cfg, step))
+        x, y, m = x.to(cfg.device), y.to(cfg.device), m.to(cfg.device)
+        # The head runs on the answer rows only (about 1/4 of the positions in MQAR): with vocab
+        # 8192 the full [B, T, V] logits were most of a training step's GPU work.
+        ans = self.model.head(self.model.features(x)[m])
+        loss = F.cross_entropy(ans.float(), y[m])
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            self.save("diverged")
+            raise RuntimeError(f"{self.mixer}: loss is {loss_value} at step {step}; "
+                               f"checkpoint kept")
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        acc = float((ans.detach().argmax(-1) == y[m]).float().mean())
+        event = self.cur.update(task, acc)
+        self.step += 1
+        if event != "hold":
+            self.log["events"].append({"step": self.step, "event": event, **self.cur.position()})
+        return loss_value, acc, L
+
+
 def run_mixer(cfg: LongRangeConfig, mixer: str, deadline: float | None) -> dict:
     """Train (or resume) one mixer, then evaluate it; returns its result entry."""
     if str(cfg.device).startswith("cuda"):
         # TF32 for the float32 torch matmuls (embedding, MLPs, head; PyTorch's default is full
         # float32 on the SIMT units). The mixers' Triton kernels pick their own precision.
         torch.backends.cuda.matmul.allow_tf32 = True
-    ckpt = Path(cfg.out) / mixer / "ckpt" / "state.pt"
-    # The bdh mixer was called "hebbian": its older checkpoints resume (and save under bdh/).
-    old_ckpt = Path(cfg.out) / "hebbian" / "ckpt" / "state.pt"
-    resume_from = old_ckpt if mixer == "bdh" and not ckpt.exists() and old_ckpt.exists() else ckpt
-    model = build_model(cfg, mixer)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cur = T.Curriculum(T.CURRICULA[cfg.curriculum], cfg.vocab, cfg.threshold, cfg.window_reports)
-    log = {"mixer": mixer, "params": model.num_params(), "status": "running", "train": [],
-           "events": [], "sessions": []}
-    step = 0
-    if cfg.resume and resume_from.exists():
-        saved = load_torch(resume_from, "long_range checkpoint", map_location="cpu",
-                           fix="delete it to train this mixer from step 0")
-        # A setting the checkpoint predates had its default then.
-        was = {k: saved["config"].get(k, FIELD_DEFAULTS.get(k)) for k in RESUME_MUST_MATCH}
-        diff = [k for k in RESUME_MUST_MATCH if was[k] != getattr(cfg, k)]
-        if diff:
-            raise SystemExit(f"--resume: {resume_from} was written with other settings: "
-                             + ", ".join(f"--{k.replace('_', '-')} {was[k]!r} "
-                                         f"(now {getattr(cfg, k)!r})" for k in diff))
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        cur.load_state_dict(saved["curriculum"])
-        log, step = saved["log"], saved["step"]
-        log["mixer"] = mixer
-        if log["status"] == "finished" and step >= cfg.steps and "eval" in log:
-            return log                                  # nothing left to do
-        log.pop("eval", None)                           # scores of an earlier step: stale
-        log.pop("state_bytes", None)
-    log["sessions"].append({"start_step": step, "date": run_meta(cfg.device)["date"]})
+    saved = read_mixer_checkpoint(cfg, mixer)
+    if saved is not None and saved["log"]["status"] == "finished" \
+            and saved["step"] >= cfg.steps and "eval" in saved["log"]:
+        return {**saved["log"], "mixer": mixer}              # nothing left to do
+    with torch_threads(cfg.threads):
+        run = MixerRun(cfg, mixer, saved)
+        run.log.pop("eval", None)                          # scores of an earlier step: stale
+        run.log.pop("state_bytes", None)
+        run.log["sessions"].append({"start_step": run.step,
+                                    "date": run_meta(cfg.device)["date"]})
+        return train_mixer(run, deadline)
 
-    def save(status):
-        log["status"] = status
-        log["sessions"][-1]["end_step"] = step
-        log["curriculum"] = cur.position()
-        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "curriculum": cur.state_dict(), "step": step, "log": log,
-                    "config": asdict(cfg)}, ckpt)
 
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"long_range {mixer}", unit="step")
+def train_mixer(run: MixerRun, deadline: float | None) -> dict:
+    cfg = run.cfg
+    run.model.train()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"long_range {run.mixer}", unit="step")
     acc_sum, loss_sum, n = 0.0, 0.0, 0
-    while step < cfg.steps:
+    while run.step < cfg.steps:
         if deadline is not None and time.time() > deadline:
             # Score what it has learned so far (a resumed run drops these scores and trains on).
-            log["eval"], log["state_bytes"] = evaluate(model, cfg)
-            save("interrupted")
             bar.close()
-            print(f"{mixer}: time limit reached at step {step}; scored as it is; rerun with "
-                  f"--resume to continue")
-            return log
-        task, L, d = cur.sample(np.random.default_rng([cfg.seed, step]))
-        x, y, m = T.make(task, cfg.batch_size, L, d, cfg.vocab, seed=batch_seed(cfg, step))
-        x, y, m = x.to(cfg.device), y.to(cfg.device), m.to(cfg.device)
-        # The head runs on the answer rows only (about 1/4 of the positions in MQAR): with vocab
-        # 8192 the full [B, T, V] logits were most of a training step's GPU work.
-        ans = model.head(model.features(x)[m])
-        loss = F.cross_entropy(ans.float(), y[m])
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            save("diverged")
-            raise RuntimeError(f"{mixer}: loss is {loss_value} at step {step}; checkpoint kept")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        acc = float((ans.detach().argmax(-1) == y[m]).float().mean())
-        event = cur.update(task, acc)
-        step += 1
-        if event != "hold":
-            log["events"].append({"step": step, "event": event, **cur.position()})
-        acc_sum, loss_sum, n = acc_sum + acc, loss_sum + loss_value, n + 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log["train"].append({"step": step, "loss": loss_sum / n, "acc": acc_sum / n,
-                                 "phase": cur.phase, "length": L})
+            print(f"{run.mixer}: time limit reached at step {run.step}; scored as it is; "
+                  f"rerun with --resume to continue")
+            return run.score("interrupted")
+        loss, acc, L = run.train_step()
+        acc_sum, loss_sum, n = acc_sum + acc, loss_sum + loss, n + 1
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            run.log["train"].append({"step": run.step, "loss": loss_sum / n,
+                                     "acc": acc_sum / n, "phase": run.cur.phase, "length": L})
             bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{acc_sum / n:.2f}", T=L)
             acc_sum, loss_sum, n = 0.0, 0.0, 0
         bar.update(1)
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save("running")
+        if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
+            run.save("running")
     bar.close()
-    log["eval"], log["state_bytes"] = evaluate(model, cfg)
-    save("finished")
-    return log
+    return run.score("finished")
 
 
 def summary_rows(result: dict) -> list[dict]:
@@ -417,12 +384,14 @@ def plot(result: dict, path: Path) -> None:
         sb = r.get("state_bytes", {})
         pts = [(sb.get(str(L)), a) for L, a in zip(lengths, accs) if sb.get(str(L))]
         if pts:
-            a2.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, label=mixer)
+            a2.plot([p[0] / 1024 for p in pts], [p[1] for p in pts], "-o", ms=4, label=mixer)
     if train_max:
         a1.axvline(train_max, color="grey", ls=":", lw=1, label=f"longest trained (T={train_max})")
-    a1.set(xscale="log", xlabel="context length T", ylabel="accuracy (mean over tasks)",
+    a1.set_xscale("log", base=2)
+    a1.set(xlabel="context length T", ylabel="accuracy (mean over tasks)",
            ylim=(-0.02, 1.02), title="accuracy vs length")
-    a2.set(xscale="log", xlabel="state bytes after one sequence (per layer stack)",
+    a2.set_xscale("log", base=2)
+    a2.set(xlabel="state after one sequence (KiB, the whole layer stack)",
            ylabel="accuracy (mean over tasks)", ylim=(-0.02, 1.02),
            title="accuracy vs state size (one point per length)")
     for a in (a1, a2):
@@ -466,8 +435,8 @@ def write_outputs(result: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     cfg = config_from_args(argv)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    for mixer in cfg.mixers:                  # refuse a mismatched checkpoint before any work
+        read_mixer_checkpoint(cfg, mixer)
     deadline = None if cfg.max_minutes is None else time.time() + 60 * cfg.max_minutes
     out = Path(cfg.out)
     result = {"meta": run_meta(cfg.device), "config": asdict(cfg),

@@ -2,7 +2,7 @@
 the preset's BDH by parameter count) on the same bytes, with the same steps, batches, optimizer
 and seed, and compares their loss curves.
 
-    python -m experiments.quality                       # CPU: tiny models, about two minutes
+    python -m experiments.quality                       # CPU: tiny models, about 25 s
     python -m experiments.quality --steps 400           # longer
     python -m experiments.quality --preset h100         # the official BDH size on a GPU
 
@@ -12,40 +12,53 @@ the train and validation curves, tokens/s), OUT/quality.md and OUT/quality.png.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .results import markdown_table, run_meta, save_figure, write_json, write_text
-from .train import PRESETS, TrainConfig, train
+from .harness import (Flag, Float, Int, Names, Optional, OutDir, default_out, markdown_table,
+                      option, parse_config, run_meta, save_figure, validate, write_json,
+                      write_text)
+from .train import PRESETS as TRAIN_PRESETS
+from .train import TrainConfig, train
 
 MODELS = ("bsbr", "bdh", "gpt2")
 
 
-def parse(argv=None) -> tuple[list[str], TrainConfig, str]:
-    p = argparse.ArgumentParser(prog="python -m experiments.quality",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="training sizes (experiments.train presets)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per model")
-    p.add_argument("--eval-every", type=int, default=20, help="validation every N steps")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop each model after this long (continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT")
-    p.add_argument("--out", default="runs/quality", help="output folder")
-    a = p.parse_args(argv)
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
-    if bad or not models:
-        p.error(f"--models: unknown {bad or a.models!r}; expected a comma list of {MODELS}")
-    if a.steps < 1 or a.eval_every < 1:
-        p.error(f"--steps and --eval-every must be >= 1, got {a.steps}, {a.eval_every}")
-    base = TrainConfig(preset=a.preset, **PRESETS[a.preset])
-    base = dataclasses.replace(base, steps=a.steps, eval_every=a.eval_every,
-                               max_minutes=a.max_minutes, resume=a.resume)
-    return models, base, a.out
+@dataclass
+class QualityConfig:
+    preset: str = "cpu"
+    models: tuple = field(default=MODELS, metadata=option(
+        Names(MODELS), "comma list of the models to train"))
+    steps: int = field(default=60, metadata=option(Int(1), "optimizer steps per model"))
+    eval_every: int = field(default=20, metadata=option(Int(1), "validation every N steps"))
+    max_minutes: float | None = field(default=None, metadata=option(
+        Optional(Float(0)), "stop each model after this long (continue with --resume)",
+        shown="no limit"))
+    resume: bool = field(default=False, metadata=option(
+        Flag(), "continue from the checkpoints in --out"))
+    out: str = field(default=default_out("quality"), metadata=option(OutDir(), "output folder"))
+
+    def train_config(self) -> TrainConfig:
+        """What every model trains with: experiments.train's preset of the same name, with
+        these steps, evaluations and time limit."""
+        base = TrainConfig(preset=self.preset, **TRAIN_PRESETS[self.preset])
+        return dataclasses.replace(base, steps=self.steps, eval_every=self.eval_every,
+                                   max_minutes=self.max_minutes, resume=self.resume)
+
+    def check(self) -> None:
+        try:
+            validate(self.train_config())
+        except ValueError as exc:
+            raise ValueError(f"--preset: {self.preset} trains with {exc}") from None
+
+
+PRESETS = {name: {} for name in TRAIN_PRESETS}        # the training sizes are train's presets
+
+
+def parse(argv=None) -> QualityConfig:
+    return parse_config(QualityConfig, PRESETS, argv, prog="python -m experiments.quality",
+                        description=__doc__.split("\n\n")[0])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -71,8 +84,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None, corpus=None) -> dict:
-    models, base, out = parse(argv)
-    out = Path(out)
+    cfg = parse(argv)
+    models, base, out = cfg.models, cfg.train_config(), Path(cfg.out)
     result = {"meta": run_meta(base.device, preset=base.preset, steps=base.steps,
                                batch_size=base.batch_size, block_size=base.block_size),
               "models": {}}

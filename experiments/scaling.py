@@ -19,8 +19,9 @@ bdh / bsbr when they import), batch B, width d_model, n_head heads. At every T:
 --long-lengths add stream + decode points for the mixers with a bounded state (--long-mixers:
 linear, deltanet, bdh, sliding by default), e.g. up to 1M tokens on a GPU.
 
-Timing: CUDA, the median of `triton.testing.do_bench`; CPU, the median wall-clock of --reps
-runs after one warm-up. Memory: CUDA, `torch.cuda.max_memory_allocated` (reset before each
+Timing: `experiments.timing.time_call`, the harness's one policy (CUDA: the median of
+`triton.testing.do_bench`; CPU: the median wall clock of at least 5 calls (--reps) and 0.1 s
+after one warm-up call). Memory: CUDA, `torch.cuda.max_memory_allocated` (reset before each
 point; weights and inputs included); CPU, the process's peak resident set size sampled every ms
 (process-wide and sticky across points: rough). An out-of-memory error is a data point
 ("oom": true) and ends that mixer's sweep of that pass; so does any other error ("error") and a
@@ -31,12 +32,11 @@ squares.
 
 Outputs DIR/scaling.json ({"meta", "points", "slopes"}, rewritten after every point),
 DIR/scaling.md (tables) and DIR/scaling.png (log-log: fwd, fwd+bwd, decode ms, decode memory).
+
+The default CPU run takes about 30 s (measured on a 2-core CPU shared with other work).
 """
 from __future__ import annotations
 
-import argparse
-import math
-import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -47,8 +47,10 @@ from tqdm import tqdm
 
 from baselines import build_mixer
 
-from .measure import PeakMemory, free_memory, is_oom, rss_bytes
-from .results import commit_label, markdown_table, run_meta, save_figure, write_json
+from .harness import (Choice, Device, Float, Int, Ints, Names, Optional, OutDir, PeakMemory, POLICY,
+                      commit_label, default_out, free_memory, is_oom, loglog_slope, markdown_table,
+                      option, parse_config, rss_bytes, run_meta, save_figure, threads_field,
+                      time_call, torch_threads, write_json, write_text)
 
 ALL_MIXERS = ("softmax", "linear", "sliding", "deltanet", "bdh", "bsbr")
 PASSES = ("fwd", "fwd_bwd", "stream", "decode")
@@ -57,55 +59,71 @@ PASSES = ("fwd", "fwd_bwd", "stream", "decode")
 @dataclass
 class ScalingConfig:
     preset: str = "cpu"
-    device: str = "cpu"
-    dtype: str = "float32"
-    mixers: tuple = ALL_MIXERS
-    passes: tuple = PASSES
-    lengths: tuple = (128, 256, 512, 1024, 2048)
-    long_lengths: tuple = (8192,)
-    long_mixers: tuple = ("linear", "deltanet", "bdh", "sliding")
-    d_model: int = 64
-    n_head: int = 2
-    batch: int = 1
-    stream_chunk: int = 256
-    reps: int = 3
-    max_point_s: float = 60.0
-    threads: int | None = None
-    deadline_s: float | None = None
-    out: str = "runs/scaling"
+    device: str = field(default="cpu", metadata=option(Device(), "where to measure"))
+    dtype: str = field(default="float32", metadata=option(
+        Choice(("float32", "float16", "bfloat16")), "dtype of the layer and its inputs"))
+    mixers: tuple = field(default=ALL_MIXERS, metadata=option(
+        Names(ALL_MIXERS), "comma list of token mixers"))
+    passes: tuple = field(default=PASSES, metadata=option(Names(PASSES), "comma list of passes"))
+    lengths: tuple = field(default=(128, 256, 512, 1024, 2048), metadata=option(
+        Ints(1), "context lengths T of every pass"))
+    long_lengths: tuple = field(default=(8192,), metadata=option(
+        Ints(1, empty=True), "longer T, streamed and decoded only, by --long-mixers"))
+    long_mixers: tuple = field(default=("linear", "deltanet", "bdh", "sliding"), metadata=option(
+        Names(ALL_MIXERS, empty=True), "the bounded-state mixers that run --long-lengths"))
+    d_model: int = field(default=64, metadata=option(Int(1), "layer width"))
+    n_head: int = field(default=2, metadata=option(Int(1), "heads"))
+    batch: int = field(default=1, metadata=option(Int(1), "batch size"))
+    stream_chunk: int = field(default=256, metadata=option(
+        Int(1), "tokens per piece of the stream pass"))
+    reps: int | None = field(default=None, metadata=option(
+        Optional(Int(1)), "at least this many timed calls per point on the CPU",
+        shown=f"the harness's {POLICY.min_reps} (and {POLICY.budget_s:g} s)"))
+    max_point_s: float = field(default=60.0, metadata=option(
+        Float(0), "a point that takes longer ends its mixer/pass sweep (the first excepted)"))
+    threads: int | None = threads_field()
+    deadline_s: float | None = field(default=None, metadata=option(
+        Optional(Float(0)), "start no new point after this many seconds",
+        shown="no limit; 540 with --preset h100"))
+    window: int | None = field(default=None, metadata=option(
+        Optional(Int(1)), "the sliding window's w (tokens)",
+        shown="64 with --preset cpu, 1024 with --preset h100"))
+    out: str = field(default=default_out("scaling"), metadata=option(OutDir(), "output folder"))
     mixer_kwargs: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"--d-model: expected a multiple of --n-head {self.n_head}, got "
+                             f"{self.d_model}")
+
+    def policy(self):
+        """How every repeated call is timed: the harness's policy, with --reps."""
+        return POLICY.with_min_reps(self.reps)
 
 
 PRESETS = {
     # Tiny layers: every mixer and pass at 128 … 2048 tokens (stream / decode of the
-    # bounded-state mixers to 8192) in well under a minute on a laptop CPU.
+    # bounded-state mixers to 8192).
     "cpu": dict(device="cpu", dtype="float32", lengths=(128, 256, 512, 1024, 2048),
                 long_lengths=(8192,),
-                d_model=64, n_head=2, stream_chunk=256, reps=3, max_point_s=20.0, threads=1,
+                d_model=64, n_head=2, stream_chunk=256, max_point_s=20.0, threads=1,
                 mixer_kwargs={"sliding": {"window": 64}, "bsbr": {"chunk_size": 64}}),
     # A GPT-2-small-wide layer (768 = 12 × 64) in bf16: 1k … 128k for every mixer, and streaming
     # / decoding up to 1M tokens for the bounded-state mixers.
     "h100": dict(device="cuda", dtype="bfloat16",
                  lengths=tuple(1024 * 2 ** i for i in range(8)),
                  long_lengths=(262144, 524288, 1048576), d_model=768, n_head=12,
-                 stream_chunk=8192, reps=5, max_point_s=120.0, deadline_s=540.0,
-                 mixer_kwargs={"sliding": {"window": 1024}, "bsbr": {"chunk_size": 256, "top_k": 8}}),
+                 stream_chunk=8192, max_point_s=120.0, deadline_s=540.0,
+                 mixer_kwargs={"sliding": {"window": 1024},
+                               "bsbr": {"chunk_size": 256, "top_k": 8}}),
 }
 
 
 # ---------------------------------------------------------------- measuring
-def time_ms(fn, device: torch.device, reps: int) -> float:
-    """Median milliseconds of fn(): do_bench on CUDA, wall clock on the CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=10, rep=max(50, 20 * reps), return_mode="median"))
-    fn()                                                             # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def time_ms(fn, device: torch.device, policy=POLICY) -> float:
+    """Median milliseconds of fn() through the harness (do_bench on CUDA, the wall clock on
+    the CPU)."""
+    return time_call(fn, device, policy=policy).median_ms
 
 
 def release(device: torch.device, collect: bool = False) -> None:
@@ -127,11 +145,11 @@ def peak_bytes(fn, device: torch.device) -> tuple[int, int, float]:
     return int(m.peak), int(base), m.seconds
 
 
-def time_and_peak(fn, device: torch.device, reps: int) -> tuple[float, int, int]:
+def time_and_peak(fn, device: torch.device, policy=POLICY) -> tuple[float, int, int]:
     """(median ms, peak bytes, base bytes). The peak comes from one extra run: on CUDA do_bench
     allocates its own L2-flush buffer, and on the CPU the memory-sampling thread would slow the
     timed runs (it takes the GIL every millisecond)."""
-    ms = time_ms(fn, device, reps)
+    ms = time_ms(fn, device, policy)
     peak, base, _ = peak_bytes(fn, device)
     return ms, peak, base
 
@@ -186,10 +204,10 @@ def measure_point(attn, pass_name: str, T: int, cfg: ScalingConfig, device, dtyp
         def fn():
             with torch.no_grad():
                 attn(x, state=state, return_state=True)
-        ms, peak, base = time_and_peak(fn, device, max(cfg.reps, 5))
+        ms, peak, base = time_and_peak(fn, device, cfg.policy())
         return {"ms": ms, "peak_bytes": peak, "base_bytes": base,
                 "state_bytes": int(state.nbytes())}
-    ms, peak, base = time_and_peak(fn, device, cfg.reps)
+    ms, peak, base = time_and_peak(fn, device, cfg.policy())
     if pass_name == "fwd_bwd":
         for p in attn.parameters():
             p.grad = None
@@ -197,19 +215,6 @@ def measure_point(attn, pass_name: str, T: int, cfg: ScalingConfig, device, dtyp
 
 
 # ---------------------------------------------------------------- fitting and reporting
-def fit_slope(xs, ys) -> float | None:
-    """Least-squares slope of log(y) against log(x); None with fewer than two usable points."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
-    if len({p[0] for p in pts}) < 2:
-        return None
-    if len({p[1] for p in pts}) == 1:
-        return 0.0                                  # exactly flat (a fixed-size state)
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-
-
 TAIL_POINTS = 3
 
 
@@ -222,16 +227,17 @@ def slopes(points: list[dict]) -> dict:
                   and p.get("ms") is not None]
             if not ok:
                 continue
-            res[pass_name] = fit_slope([p["T"] for p in ok], [p["ms"] for p in ok])
+            res[pass_name] = loglog_slope([p["T"] for p in ok], [p["ms"] for p in ok])
             # The tail: the three longest T, where the work, not launch and dispatch overhead,
             # sets the time (the all-T fit mixes both regimes at small T).
             tail = sorted(ok, key=lambda p: p["T"])[-TAIL_POINTS:]
-            res[pass_name + "_tail"] = fit_slope([p["T"] for p in tail], [p["ms"] for p in tail])
+            res[pass_name + "_tail"] = loglog_slope([p["T"] for p in tail],
+                                                    [p["ms"] for p in tail])
             if pass_name == "decode":
-                res["decode_peak_bytes"] = fit_slope([p["T"] for p in ok],
+                res["decode_peak_bytes"] = loglog_slope([p["T"] for p in ok],
                                                      [p["peak_bytes"] for p in ok])
                 # A constant state fits slope 0 exactly (log of equal values).
-                res["state_bytes"] = fit_slope([p["T"] for p in ok],
+                res["state_bytes"] = loglog_slope([p["T"] for p in ok],
                                                [p["state_bytes"] for p in ok])
         out[mixer] = res
     return out
@@ -345,16 +351,8 @@ def build(name: str, cfg: ScalingConfig, device, dtype):
 
 def run(cfg: ScalingConfig) -> dict:
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
-    out = Path(cfg.out)
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        # Tiny CPU shapes gain nothing from intra-op threads, and on a busy machine the
-        # threads' barriers cost more than the work: one thread gives steadier timings.
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _sweep(cfg, device, dtype, out)
-    finally:
-        torch.set_num_threads(threads_before)
+    with torch_threads(cfg.threads):
+        return _sweep(cfg, device, dtype, Path(cfg.out))
 
 
 def _sweep(cfg: ScalingConfig, device, dtype, out: Path) -> dict:
@@ -414,55 +412,23 @@ def _sweep(cfg: ScalingConfig, device, dtype, out: Path) -> dict:
                                      for (a, b), v in stopped.items()}
         write_json(out / "scaling.json", result)
     result["meta"]["not_run"] = not_run                   # left out by --deadline-s
-    out.mkdir(parents=True, exist_ok=True)
     md = markdown(result)
-    (out / "scaling.md").write_text(md)
+    write_text(out / "scaling.md", md)
     plot(result["points"], out / "scaling.png", result["meta"])
     write_json(out / "scaling.json", result)
     return result
 
 
+def with_window(cfg: ScalingConfig) -> None:
+    """--window goes to the sliding mixer's arguments."""
+    if cfg.window is not None:
+        cfg.mixer_kwargs = {**cfg.mixer_kwargs, "sliding": {
+            **cfg.mixer_kwargs.get("sliding", {}), "window": cfg.window}}
+
+
 def parse_args(argv=None) -> ScalingConfig:
-    ints = lambda s: tuple(int(v) for v in s.split(",") if v)          # noqa: E731
-    names = lambda s: tuple(v for v in s.split(",") if v)              # noqa: E731
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--device")
-    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--mixers", type=names, help=f"comma list of {ALL_MIXERS}")
-    ap.add_argument("--passes", type=names, help=f"comma list of {PASSES}")
-    ap.add_argument("--lengths", type=ints)
-    ap.add_argument("--long-lengths", type=ints)
-    ap.add_argument("--long-mixers", type=names)
-    ap.add_argument("--d-model", type=int)
-    ap.add_argument("--n-head", type=int)
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--stream-chunk", type=int)
-    ap.add_argument("--reps", type=int)
-    ap.add_argument("--max-point-s", type=float)
-    ap.add_argument("--deadline-s", type=float,
-                    help="start no new point after this many seconds (h100 preset: 540)")
-    ap.add_argument("--window", type=int, help="the sliding window's w (tokens)")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU preset: 1)")
-    ap.add_argument("--out")
-    args = ap.parse_args(argv)
-    cfg = ScalingConfig(preset=args.preset, **PRESETS[args.preset])
-    for key, val in vars(args).items():
-        if key not in ("preset", "window") and val is not None:
-            setattr(cfg, key, val)
-    if args.window is not None:
-        cfg.mixer_kwargs = {**cfg.mixer_kwargs,
-                            "sliding": {**cfg.mixer_kwargs.get("sliding", {}),
-                                        "window": args.window}}
-    bad = [m for m in cfg.mixers if m not in ALL_MIXERS]
-    if bad:
-        ap.error(f"--mixers: unknown {bad}; expected names from {ALL_MIXERS}")
-    bad = [p for p in cfg.passes if p not in PASSES]
-    if bad:
-        ap.error(f"--passes: unknown {bad}; expected names from {PASSES}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {cfg.device}: CUDA is not available")
-    return cfg
+    return parse_config(ScalingConfig, PRESETS, argv, prog="python -m experiments.scaling",
+                        description=__doc__.split("\n\n")[0], derive=with_window)
 
 
 def main(argv=None) -> dict:

@@ -24,30 +24,31 @@ sparsity_loss.png. Results are written as they are made; with --resume a run tha
 (--max-minutes, or a lost machine) continues from its checkpoints and keeps what it recorded.
 --max-minutes is one deadline for the whole command (both models), so a run fits a fixed slot;
 the figures and the table of what exists so far are written whenever the command stops.
+
+The default CPU run (120 steps per model, one torch thread) takes 35 to 50 s (measured on a
+2-core CPU shared with other work).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import train as tr
-from .data import ByteBatcher, load_corpus
 from glassbrain.atomic_file import atomic_write
 
-from .results import default_out, markdown_table, run_meta, save_figure, write_json, write_text
+from . import train as tr
+from .data import ByteBatcher, load_corpus
+from .harness import (Device, Flag, Float, Int, Ints, Names, Optional, OutDir, default_out,
+                      markdown_table, option, parse_config, run_meta, save_figure, validate,
+                      write_json, write_text)
 
 N_SAMPLE = 64            # neurons shown in the heatmaps
 SHOW_TOKENS = 128        # tokens shown in the heatmaps
 GELU_EPS = 1e-4
-
-
-def default_record_steps(steps: int) -> list[int]:
-    return sorted({s for s in (0, 100, 500) if s < steps} | {steps})
 
 
 def eval_batch(corpus, block_size: int, device) -> torch.Tensor:
@@ -71,8 +72,10 @@ def gpt2_mlp_stats(acts: list[torch.Tensor]) -> list[dict]:
     out = []
     for layer, a in enumerate(acts):
         a = a.float()
-        out.append({"layer": layer, "name": "mlp", "density": float((a.abs() > GELU_EPS).float().mean())})
-        out.append({"layer": layer, "name": "mlp_exact_zero", "density": float((a == 0).float().mean())})
+        out.append({"layer": layer, "name": "mlp",
+                    "density": float((a.abs() > GELU_EPS).float().mean())})
+        out.append({"layer": layer, "name": "mlp_exact_zero",
+                    "density": float((a == 0).float().mean())})
     return out
 
 
@@ -204,9 +207,11 @@ def table(result: dict) -> str:
         rows[key][f"step {r['step']}"] = r["density"]
     body = markdown_table(list(rows.values()),
                           ["model", "name", "layer"] + [f"step {s}" for s in steps])
-    val = [f"{m} final val loss {max((r for r in result['loss'] if r['model'] == m and r['split'] == 'val'), key=lambda r: r['step'])['loss']:.4f}"
-           for m in ("bdh", "gpt2") if any(r["model"] == m and r["split"] == "val"
-                                            for r in result["loss"])]
+    val = []
+    for m in ("bdh", "gpt2"):
+        vals = [r for r in result["loss"] if r["model"] == m and r["split"] == "val"]
+        if vals:
+            val.append(f"{m} final val loss {max(vals, key=lambda r: r['step'])['loss']:.4f}")
     legend = ("density = fraction of activations on one fixed held-out batch that count as "
               "active. BDH xs, ys, xy: fraction > 0 (ReLU outputs; xy = xs·ys before dropout). "
               f"GPT-2 mlp: fraction of MLP GELU outputs with |a| > {GELU_EPS:g}; "
@@ -215,50 +220,148 @@ def table(result: dict) -> str:
     return body + "\n\n" + legend + "\n\n" + "; ".join(val)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- config
 
-def build_parser() -> argparse.ArgumentParser:
-    # Flags whose default comes from --preset use SUPPRESS and state it in their help.
-    late = argparse.SUPPRESS
-    p = argparse.ArgumentParser(prog="python -m experiments.sparsity",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=late,
-                   help="where to train (default: cpu with --preset cpu, cuda with --preset h100)")
-    p.add_argument("--steps", type=int, default=late,
-                   help="training steps per model (default: "
-                        + ", ".join(f"{tr.PRESETS[k]['steps']} with --preset {k}"
-                                    for k in sorted(tr.PRESETS)) + ")")
-    p.add_argument("--out", default=default_out("sparsity"),
-                   help="output folder (gitignored by default; the committed figures are "
-                        "rewritten only with --out results/sparsity)")
-    p.add_argument("--preset", choices=sorted(tr.PRESETS), default="cpu",
-                   help="cpu: tiny models, about a minute on a laptop; h100: the official BDH "
-                        "training setting")
-    p.add_argument("--record-steps", default=late,
-                   help="comma list of steps at which densities and heatmaps are recorded "
-                        "(default: 0,100,500 and the final step, clipped to --steps)")
-    p.add_argument("--models", default="bdh,gpt2", help="comma list of bdh, gpt2")
-    p.add_argument("--ckpt-dir", default=late,
-                   help="training checkpoints, one per model (default: <out>/ckpt)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints and keep the records in --out")
-    p.add_argument("--max-minutes", type=float, default=late,
-                   help="stop (with checkpoints) after this long, both models together; "
-                        "rerun the same command with --resume (default: no limit)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--seed", type=int, default=late,
-                   help=f"training seed (default: {tr.TrainConfig.seed})")
-    p.add_argument("--bdh", default=late, metavar="K=V,...",
-                   help="BDHConfig fields over the preset's (the GPT-2 is matched to this BDH); "
-                        "default: the preset's")
-    return p
+@dataclass
+class SparsityConfig:
+    preset: str = "cpu"
+    device: str = field(default="cpu", metadata=option(Device(), "where to train"))
+    steps: int = field(default=120, metadata=option(Int(1), "training steps per model"))
+    out: str = field(default=default_out("sparsity"), metadata=option(
+        OutDir(), "output folder (gitignored by default; the committed figures are rewritten "
+                  "only with --out results/sparsity)"))
+    record_steps: tuple | None = field(default=None, metadata=option(
+        Optional(Ints(0)), "comma list of steps at which densities and heatmaps are recorded "
+                           "(steps past --steps are dropped; the final step is always "
+                           "recorded)",
+        shown="0, a quarter, half and all of --steps; with --preset h100 0,100,500 and the "
+              "final step"))
+    models: tuple = field(default=("bdh", "gpt2"), metadata=option(
+        Names(("bdh", "gpt2")), "comma list of bdh, gpt2"))
+    ckpt_dir: str | None = field(default=None, metadata=option(
+        Optional(OutDir()), "training checkpoints, one per model", shown="<out>/ckpt"))
+    resume: bool = field(default=False, metadata=option(
+        Flag(), "continue from the checkpoints and keep the records in --out"))
+    max_minutes: float | None = field(default=None, metadata=option(
+        Optional(Float(0)), "stop (with checkpoints) after this long, both models together; "
+                            "rerun the same command with --resume", shown="no limit"))
+    compile: bool = field(default=False, metadata=option(
+        Flag(), "torch.compile the training forward"))
+    seed: int = field(default=tr.TrainConfig.seed, metadata=option(Int(0), "training seed"))
+    bdh: dict = field(default_factory=dict, metadata=option(
+        tr.BDH_OVERRIDES, "BDHConfig fields over the preset's (the GPT-2 is matched to this "
+                          "BDH)", shown="experiments.train's preset of the same name"))
+
+    def check(self) -> None:
+        validate(train_config(self))         # what the two training runs will be given
 
 
-def parse(argv=None):
-    absent = ("device", "steps", "record_steps", "ckpt_dir", "max_minutes", "seed", "bdh")
-    return build_parser().parse_args(argv,
-                                     namespace=argparse.Namespace(**dict.fromkeys(absent)))
+PRESETS = {
+    # Tiny models (experiments.train's cpu preset) for fewer steps than a training run.
+    "cpu": dict(device="cpu", steps=120, bdh=tr.PRESETS["cpu"]["bdh"]),
+    # The official BDH training setting.
+    "h100": dict(device="cuda", steps=3000, bdh=tr.PRESETS["h100"]["bdh"]),
+}
+
+
+def default_record_steps(steps: int) -> list[int]:
+    if steps >= 1000:
+        return sorted({s for s in (0, 100, 500) if s < steps} | {steps})
+    return sorted({0, steps // 4, steps // 2, steps})
+
+
+def train_config(cfg: SparsityConfig) -> tr.TrainConfig:
+    """The experiments.train settings both models train with: its preset of the same name,
+    with this command's BDH, steps, device, seed and paths."""
+    base = tr.TrainConfig(preset=cfg.preset, **tr.PRESETS[cfg.preset])
+    base.bdh = dict(cfg.bdh)
+    base.device, base.steps, base.seed, base.compile = cfg.device, cfg.steps, cfg.seed, \
+        cfg.compile
+    base.ckpt_dir = cfg.ckpt_dir or str(Path(cfg.out) / "ckpt")
+    base.resume, base.max_minutes = cfg.resume, cfg.max_minutes
+    return base
+
+
+def parse(argv=None, bdh_sizes: dict | None = None) -> SparsityConfig:
+    """The config of a command line; ``bdh_sizes`` replaces the preset's BDH (--bdh applies
+    over it)."""
+    presets = PRESETS if bdh_sizes is None else {
+        name: {**preset, "bdh": bdh_sizes} for name, preset in PRESETS.items()}
+    return parse_config(SparsityConfig, presets, argv, prog="python -m experiments.sparsity",
+                        description=__doc__.split("\n\n")[0])
+
+
+# ----------------------------------------------------------------------------- the run
+
+def new_result(base: tr.TrainConfig, record_steps: list[int], path: Path, resume: bool) -> dict:
+    """The result so far (read back with --resume), its metadata brought up to this run."""
+    result = (json.loads(path.read_text()) if resume and path.exists() else
+              {"meta": run_meta(base.device, preset=base.preset, record_steps=record_steps,
+                                gelu_threshold=GELU_EPS, heatmap_layer="last",
+                                definition="density = fraction of activations > 0 (BDH); "
+                                           "|GELU| > 1e-4 and == 0 (GPT-2); fixed held-out "
+                                           "batch of 4×block_size validation bytes, eval "
+                                           "mode, float32"),
+               "records": [], "loss": []})
+    result["meta"].update(
+        steps=base.steps, record_steps=record_steps,
+        tokens_per_step=base.batch_size * base.block_size * base.grad_accum,
+        train_config={k: v for k, v in tr.asdict(base).items()
+                      if k not in ("model", "out", "resume", "max_minutes")},
+        heatmap={"layer": "last", "tokens": SHOW_TOKENS, "neurons": N_SAMPLE,
+                 "neuron_sample": "sorted torch.randperm(width, generator seed 0)[:64]"})
+    return result
+
+
+def record_hook(m: str, x, out: Path, result: dict, record_steps: list[int]):
+    """The training hook that records model ``m``'s densities and heatmap at the record steps
+    (each once, also across --resume)."""
+    done = {r["step"] for r in result["records"] if r["model"] == m}
+
+    def hook(step, model, log):
+        if step not in record_steps or step in done:
+            return
+        g = torch.Generator().manual_seed(0)              # the same neurons at every step
+        if m == "bdh":
+            C = model.config
+            ids = torch.randperm(C.n_head * C.N, generator=g)[:N_SAMPLE].sort().values
+            recs, heat = bdh_record(model, x, ids.tolist())
+        else:
+            width = model.hf.config.n_inner or 4 * model.hf.config.n_embd
+            ids = torch.randperm(width, generator=g)[:N_SAMPLE].sort().values
+            recs, heat = gpt2_record(model, x, ids)
+        atomic_write(out / "heatmaps" / f"{m}_step{step}.npy", lambda f: np.save(f, heat))
+        result["records"].extend({"model": m, "step": step, **r} for r in recs)
+        done.add(step)
+        write_json(out / "sparsity.json", result)
+    return hook
+
+
+def drop_orphan_records(result: dict, m: str, ckpt_dir: str) -> None:
+    """Records without the checkpoint they came from belong to another run (say, a committed
+    result in --out): this run trains from step 0 and records afresh."""
+    if not (Path(ckpt_dir) / f"{m}.pt").exists() and any(
+            r["model"] == m for r in result["records"]):
+        print(f"--resume: no {m} checkpoint in {ckpt_dir}; dropping {m}'s old records")
+        result["records"] = [r for r in result["records"] if r["model"] != m]
+        result["loss"] = [r for r in result["loss"] if r["model"] != m]
+
+
+def add_training_log(result: dict, m: str, log: dict) -> None:
+    """Model ``m``'s parameter count, status, speed and loss curves, from its training log."""
+    meta, rm = log["meta"], result["meta"]
+    rm[f"{m}_params"] = meta["params"]
+    if "matched_to_bdh_params" in meta:
+        rm[f"{m}_matched_to_bdh_params"] = meta["matched_to_bdh_params"]
+    rm[f"{m}_status"] = log["status"]
+    rm[f"{m}_config"] = {k: v for k, v in meta.items() if k.endswith("_config")}
+    if "peak_memory_bytes" in meta:
+        rm[f"{m}_peak_memory_bytes"] = meta["peak_memory_bytes"]
+    if log["train"]:
+        rm[f"{m}_tok_s_median"] = float(np.median([r["tok_s"] for r in log["train"]]))
+    result["loss"] = [r for r in result["loss"] if r["model"] != m]
+    result["loss"] += [{"model": m, "step": r["step"], "split": split, "loss": r["loss"]}
+                       for split in ("train", "val") for r in log[split]]
 
 
 def finish(out: Path, result: dict, complete: bool) -> None:
@@ -279,102 +382,24 @@ def finish(out: Path, result: dict, complete: bool) -> None:
 
 
 def main(argv=None, corpus=None, bdh_sizes: dict | None = None) -> dict:
-    a = parse(argv)
+    cfg = parse(argv, bdh_sizes)
     # One deadline for both models: the command as a whole must fit its time slot.
-    deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
-    out = Path(a.out)
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-    for m in models:
-        if m not in ("bdh", "gpt2"):
-            raise SystemExit(f"--models: expected bdh and/or gpt2, got {m!r}")
-    base = tr.TrainConfig(preset=a.preset, **tr.PRESETS[a.preset])
-    if a.device:
-        base.device = a.device
-    if a.steps is not None:
-        base.steps = a.steps
-    base.bdh = dict(bdh_sizes if bdh_sizes is not None else base.bdh)
-    if a.bdh:
-        base.bdh.update(tr.parse_overrides(a.bdh, tr.bdh_fields()))
-    if a.seed is not None:
-        base.seed = a.seed
-    base.compile = a.compile
-    base.ckpt_dir = a.ckpt_dir or str(out / "ckpt")
-    base.resume, base.max_minutes = a.resume, a.max_minutes
-    tr.check_config(base)
-    try:
-        wanted = {int(s) for s in a.record_steps.split(",") if s.strip()} if a.record_steps \
-            else set(default_record_steps(base.steps))
-    except ValueError:
-        raise SystemExit(f"--record-steps: expected a comma list of ints, "
-                         f"got {a.record_steps!r}") from None
-    record_steps = sorted(s for s in wanted | {base.steps} if 0 <= s <= base.steps)
-
+    deadline = None if cfg.max_minutes is None else time.time() + 60 * cfg.max_minutes
+    base = train_config(cfg)
+    record_steps = sorted(s for s in set(cfg.record_steps or default_record_steps(cfg.steps))
+                          | {cfg.steps} if s <= cfg.steps)
+    out = Path(cfg.out)
     (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     corpus = corpus if corpus is not None else load_corpus("shakespeare")
-    path = out / "sparsity.json"
-    result = (json.loads(path.read_text()) if a.resume and path.exists() else
-              {"meta": run_meta(base.device, preset=a.preset, record_steps=record_steps,
-                                gelu_threshold=GELU_EPS, heatmap_layer="last",
-                                definition="density = fraction of activations > 0 (BDH); "
-                                           "|GELU| > 1e-4 and == 0 (GPT-2); fixed held-out "
-                                           "batch of 4×block_size validation bytes, eval "
-                                           "mode, float32"),
-               "records": [], "loss": []})
-    result["meta"].update(
-        steps=base.steps, record_steps=record_steps,
-        tokens_per_step=base.batch_size * base.block_size * base.grad_accum,
-        train_config={k: v for k, v in tr.asdict(base).items()
-                      if k not in ("model", "out", "resume", "max_minutes")},
-        heatmap={"layer": "last", "tokens": SHOW_TOKENS, "neurons": N_SAMPLE,
-                 "neuron_sample": "sorted torch.randperm(width, generator seed 0)[:64]"})
+    result = new_result(base, record_steps, out / "sparsity.json", cfg.resume)
     x = eval_batch(corpus, base.block_size, base.device)
-
-    for m in models:
-        cfg = tr.TrainConfig(**{**tr.asdict(base), "model": m, "out": str(out / f"train_{m}")})
-        if not (Path(base.ckpt_dir) / f"{m}.pt").exists() and any(
-                r["model"] == m for r in result["records"]):
-            # Records without the checkpoint they came from belong to another run (say, a
-            # committed result in DIR): this run trains from step 0 and records afresh.
-            print(f"--resume: no {m} checkpoint in {base.ckpt_dir}; dropping {m}'s old records")
-            result["records"] = [r for r in result["records"] if r["model"] != m]
-            result["loss"] = [r for r in result["loss"] if r["model"] != m]
-        done = {r["step"] for r in result["records"] if r["model"] == m}
-
-        def hook(step, model, log, m=m, done=done):
-            if step not in record_steps or step in done:
-                return
-            g = torch.Generator().manual_seed(0)          # the same neurons at every step
-            if m == "bdh":
-                C = model.config
-                ids = torch.randperm(C.n_head * C.N, generator=g)[:N_SAMPLE].sort().values
-                recs, heat = bdh_record(model, x, ids.tolist())
-            else:
-                width = model.hf.config.n_inner or 4 * model.hf.config.n_embd
-                ids = torch.randperm(width, generator=g)[:N_SAMPLE].sort().values
-                recs, heat = gpt2_record(model, x, ids)
-            atomic_write(out / "heatmaps" / f"{m}_step{step}.npy", lambda f: np.save(f, heat))
-            result["records"].extend({"model": m, "step": step, **r} for r in recs)
-            done.add(step)
-            write_json(path, result)
-
-        log = tr.train(cfg, corpus, hook=hook, deadline=deadline)
-        meta = log["meta"]
-        result["meta"][f"{m}_params"] = meta["params"]
-        if "matched_to_bdh_params" in meta:
-            result["meta"][f"{m}_matched_to_bdh_params"] = meta["matched_to_bdh_params"]
-        result["meta"][f"{m}_status"] = log["status"]
-        result["meta"][f"{m}_config"] = {k: v for k, v in meta.items() if k.endswith("_config")}
-        if "peak_memory_bytes" in meta:
-            result["meta"][f"{m}_peak_memory_bytes"] = meta["peak_memory_bytes"]
-        if log["train"]:
-            result["meta"][f"{m}_tok_s_median"] = float(np.median([r["tok_s"]
-                                                                   for r in log["train"]]))
-        result["loss"] = [r for r in result["loss"] if r["model"] != m]
-        result["loss"] += [{"model": m, "step": r["step"], "split": "train", "loss": r["loss"]}
-                           for r in log["train"]]
-        result["loss"] += [{"model": m, "step": r["step"], "split": "val", "loss": r["loss"]}
-                           for r in log["val"]]
-        write_json(path, result)
+    for m in cfg.models:
+        drop_orphan_records(result, m, base.ckpt_dir)
+        run = tr.TrainConfig(**{**tr.asdict(base), "model": m, "out": str(out / f"train_{m}")})
+        log = tr.train(run, corpus, hook=record_hook(m, x, out, result, record_steps),
+                       deadline=deadline)
+        add_training_log(result, m, log)
+        write_json(out / "sparsity.json", result)
         if log["status"] != "finished":
             print(f"{m} stopped at the time limit; rerun the same command with --resume")
             finish(out, result, complete=False)

@@ -1,4 +1,4 @@
-"""Synthetic long-range memory tasks (issue #13), seeded and CPU-cheap.
+"""Synthetic long-range memory tasks, seeded and CPU-cheap.
 
 Every task module has ``make(batch, length, difficulty=None, vocab=128, seed=0)`` returning
 (input_ids [B,T] long, targets [B,T] long, loss_mask [B,T] bool): targets are the next tokens

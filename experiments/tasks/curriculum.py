@@ -1,7 +1,7 @@
 """A curriculum over context length, task mix and difficulty, driven by accuracy.
 
-Phases grow the context length and the task mix (the issue's plan: 512 copy+mqar, 1024
-+infill, 2048+ all five; scaled down to 32/64/128 for a CPU). Inside a phase every task climbs a
+Phases grow the context length and the task mix (on a GPU: 512 copy+mqar, 1024 +infill, 2048+
+all five; scaled down to 32/64/128 for a CPU). Inside a phase every task climbs a
 ladder of difficulty levels, fractions of the task's ``default_difficulty`` at the phase's
 length (e.g. MQAR at T=256: 16, 32, 64 pairs). A task steps up a level once its mean accuracy
 over the last ``window`` reports is >= ``threshold``, and the window restarts; the curriculum
@@ -24,13 +24,13 @@ class Phase:
 
 
 CURRICULA = {
-    # The issue's plan on a GPU.
+    # Longer contexts and more tasks, phase by phase, on a GPU.
     "full": (Phase(512, ("copy", "mqar")), Phase(1024, ("copy", "mqar", "infill")),
              Phase(2048, ("copy", "mqar", "infill", "needle", "multihop"))),
-    # The same plan, scaled down for a CPU minute.
+    # The same plan, scaled down for a CPU.
     "cpu": (Phase(32, ("copy", "mqar")), Phase(64, ("copy", "mqar", "infill")),
             Phase(128, ("copy", "mqar", "infill", "needle", "multihop"))),
-    # The issue's MQAR setting: T=256, 16 → 32 → 64 pairs.
+    # Zoology's MQAR setting: T=256, 16 → 32 → 64 pairs.
     "mqar": (Phase(256, ("mqar",)),),
 }
 

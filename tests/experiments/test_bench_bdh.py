@@ -100,16 +100,47 @@ def test_bench_bdh_sparse_item_with_a_trained_checkpoint(tmp_path):
     assert saved["meta"]["checkpoint"]["step"] == 2
 
 
-def test_bench_bdh_sparse_refuses_a_foreign_checkpoint(tmp_path):
+def test_bench_bdh_sparse_refuses_a_foreign_checkpoint(tmp_path, capsys):
     from glassbrain.atomic_file import save_checked
     save_checked({"model": {}, "config": {"model": "gpt2"}}, tmp_path / "g.pt")
-    with pytest.raises(SystemExit, match="not a BDH training checkpoint"):
+    with pytest.raises(SystemExit) as e:
         bench_bdh.main(["--items", "sparse", "--checkpoint", str(tmp_path / "g.pt"),
                         "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--checkpoint: " in err and "not a BDH training checkpoint" in err
+    assert not (tmp_path / "out").exists()                    # refused before any output
 
 
-def test_bench_bdh_bad_flags(tmp_path):
-    with pytest.raises(SystemExit, match="--items"):
-        bench_bdh.main(["--items", "train,fly", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--official-bdh"):
-        bench_bdh.main(["--official-bdh", str(tmp_path), "--out", str(tmp_path)])
+@pytest.mark.parametrize("flags, words", [
+    (["--items", "train,fly"], "--items: expected a comma list of train, prefill"),
+    (["--checkpoint", "/missing.pt"], "--checkpoint: expected an existing file, got '/missing.pt'"),
+    (["--reps", "0"], "--reps: expected an int >= 1"),
+])
+def test_bench_bdh_bad_flags(tmp_path, flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_bdh.main(flags + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and not (tmp_path / "out").exists(), err
+
+
+def test_official_folder_without_bdh_py_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_bdh.main(["--official-bdh", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "--official-bdh: expected a folder holding bdh.py" in capsys.readouterr().err
+    (tmp_path / "bdh.py").write_text("X = 1\n")               # a bdh.py without the classes
+    with pytest.raises(SystemExit):
+        bench_bdh.main(["--official-bdh", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "defines no BDH" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_sparse_is_the_sparse_item(tmp_path, capsys, monkeypatch):
+    from experiments import bench_sparse
+    seen = []
+    monkeypatch.setattr(bench_bdh, "main", lambda argv: seen.append(argv) or [])
+    bench_sparse.main(["--out", str(tmp_path)])
+    assert seen == [["--items", "sparse", "--out", str(tmp_path)]]
+    with pytest.raises(SystemExit):
+        bench_sparse.main(["--items", "train"])
+    assert "--items: experiments.bench_sparse runs the sparse item only" in \
+        capsys.readouterr().err

@@ -110,15 +110,21 @@ def test_cpu_smoke_writes_the_json_contract(tmp_path):
     assert (tmp_path / "bench_bsbr.png").stat().st_size > 10_000
 
 
-def test_bad_flags(tmp_path):
-    with pytest.raises(SystemExit, match="--methods"):
-        bench_bsbr.main(["--methods", "bsbr,flash", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--lengths"):
-        bench_bsbr.main(["--lengths", "32,x", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--bank.*slots_per_level"):
-        bench_bsbr.main(["--bank", "1,2", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--chunk"):
-        bench_bsbr.main(["--chunk", "0", "--out", str(tmp_path)])
+@pytest.mark.parametrize("flags, words", [
+    (["--methods", "bsbr,flash"], "--methods: expected a comma list of bsbr"),
+    (["--lengths", "32,x"], "--lengths: expected a comma list of ints >= 1, got '32,x'"),
+    (["--bank", "1,2"], "--bank: BankConfig.slots_per_level"),
+    (["--chunk", "0"], "--chunk: expected an int >= 1, got '0'"),
+    (["--reps", "0"], "--reps: expected an int >= 1"),
+    (["--preset", "h100"], "--preset: h100 needs a CUDA GPU"),
+])
+def test_bad_flags(tmp_path, flags, words, capsys):
+    if flags[0] == "--preset" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        bench_bsbr.main(flags + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and not (tmp_path / "out").exists(), err
 
 
 def test_kernel_deadline_leaves_time_for_the_decode_sweep(tmp_path):

@@ -115,7 +115,7 @@ def test_bad_flags_exit_with_a_clear_message(flags, words, capsys):
 
 
 def test_presets_and_help():
-    cfg = long_range.config_from_args(["--preset", "h100"])
+    cfg = long_range.config_from_args(["--preset", "h100", "--device", "cpu"])
     assert cfg.vocab == 8192 and cfg.curriculum == "mqar" and cfg.eval_lengths == (256, 512, 1024)
     assert 64 <= cfg.d_model <= 128 and cfg.n_layer == 2
     cpu = long_range.config_from_args([])

@@ -1,5 +1,4 @@
 """The memory-wall CLI: JSON contract, flat BDH state, growing GPT-2 cache, OOM handling."""
-import argparse
 import io
 import json
 import os
@@ -11,7 +10,7 @@ import torch
 from experiments import memory_wall
 
 KEYS = {"model", "mode", "context", "peak_bytes", "state_bytes", "ms_per_token", "oom"}
-EXTRA = {"baseline_bytes", "held_bytes"}
+EXTRA = {"baseline_bytes", "held_bytes", "ms_p20", "ms_p80", "timed_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,8 @@ def test_rss_budget_counts_as_oom():
 
 def test_killed_worker_is_an_oom_point(monkeypatch):
     """A CPU worker killed by a signal (the OOM killer) ends its sweep with an OOM point."""
-    line = json.dumps({"point": memory_wall._point("gpt2-eager", "prefill", 1024, 1, None, 1.0),
+    line = json.dumps({"point": memory_wall.make_point("gpt2-eager", "prefill", 1024, 1, None,
+                                                        1.0),
                        "context_peak": None})
 
     class Killed:
@@ -114,25 +114,23 @@ def test_killed_worker_is_an_oom_point(monkeypatch):
 
     monkeypatch.setattr(memory_wall.subprocess, "Popen", Killed)
     points = []
-    why = memory_wall._run_job_in_subprocess(memory_wall.WallConfig(max_tokens=8192),
-                                             "gpt2-eager", "prefill",
-                                             lambda p, c: points.append(p), 10.0)
+    why = memory_wall.run_job_in_subprocess(memory_wall.WallConfig(max_tokens=8192),
+                                            "gpt2-eager", "prefill",
+                                            lambda p, c: points.append(p), 10.0)
     assert [(p["context"], p["oom"]) for p in points] == [(1024, False), (2048, True)]
     assert "signal 9" in why
 
 
 def test_bad_flags_fail_clearly(capsys):
-    with pytest.raises(SystemExit, match="max-tokens"):
-        memory_wall.main(["--max-tokens", "100"])
-    capsys.readouterr()
-    for models in ("bdhh", "bdh,mamba", ","):
-        with pytest.raises(SystemExit) as e:                # argparse: usage + message, exit 2
-            memory_wall.main(["--models", models])
+    for flags, words in ((["--max-tokens", "100"], "--max-tokens: expected an int >= 1024"),
+                         (["--models", "bdhh"], "--models: expected a comma list of bdh, gpt2"),
+                         (["--models", "bdh,mamba"], "got 'bdh,mamba'"),
+                         (["--models", ","], "--models: expected a comma list")):
+        with pytest.raises(SystemExit) as e:
+            memory_wall.main(flags)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert "argument --models: unknown model" in err, err
-        assert "expected a comma list of bdh, gpt2, gpt2-sdpa, gpt2-eager, gpt2-25m" in err
-        assert "Traceback" not in err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
 
 
 def test_bad_model_name_from_the_command_line_has_no_traceback(tmp_path):
@@ -141,8 +139,32 @@ def test_bad_model_name_from_the_command_line_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.memory_wall", "--models", "bdhh",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown model 'bdhh'; expected a comma list of bdh, gpt2" in proc.stderr
-    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+    assert proc.stderr == ("error: --models: expected a comma list of bdh, gpt2, gpt2-sdpa, "
+                           "gpt2-eager, gpt2-25m, gpt2-static, got 'bdhh'\n")
+    assert not any(tmp_path.iterdir())
+
+
+def test_decode_is_timed_step_by_step_through_the_harness(monkeypatch):
+    """Every decode point's ms/token is the median of the harness's stepwise timing, with at
+    least --decode-steps steps; GPT-2's position table holds the context plus every step the
+    policy may take."""
+    seen = []
+    real = memory_wall.time_call
+
+    def spy(fn, device, policy):
+        seen.append(policy)
+        return real(fn, device, policy=policy)
+    monkeypatch.setattr(memory_wall, "time_call", spy)
+    cfg = memory_wall.parse(["--max-tokens", "2048", "--decode-steps", "3", "--models", "gpt2"])
+    points = []
+    memory_wall.sweep("gpt2-sdpa", "decode", cfg, lambda p, c: points.append(p))
+    assert [p["context"] for p in points] == [1024, 2048] and len(seen) == 2
+    assert all(s.stepwise and s.min_reps == 3 for s in seen)
+    for p in points:
+        assert 3 <= p["timed_steps"] <= seen[0].max_reps
+        assert p["ms_p20"] <= p["ms_per_token"] <= p["ms_p80"]
+    assert memory_wall.n_positions(cfg) == 2048 + memory_wall.decode_tokens(cfg) + 1
+    assert memory_wall.decode_tokens(cfg) == cfg.decode_warmup + seen[0].warmup + seen[0].max_reps
 
 
 def test_default_output_is_runs_not_the_committed_results():
@@ -153,14 +175,42 @@ def test_default_output_is_runs_not_the_committed_results():
 
 
 def test_help_shows_every_default(capsys):
-    p = memory_wall.build_parser()
-    assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
-    assert not [a.dest for a in p._actions if not a.help]
     with pytest.raises(SystemExit):
         memory_wall.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: runs/memory_wall)" in text
+    assert "(default: runs/memory_wall)" in text and "(default: 80% of physical memory)" in text
     assert "1024 with --preset cpu, 16384 with --preset h100" in text and "None" not in text
+    for flag in ("--device", "--max-tokens", "--models", "--decode-steps", "--time-budget-s",
+                 "--deadline-s", "--rss-budget-gb", "--threads", "--out", "--preset"):
+        assert flag in text
+
+
+def test_figure_plots_memory_above_the_baseline_in_mib(run, tmp_path):
+    """The memory panel's points are peak − baseline in MiB (not the whole process), every
+    size panel is in MiB, and the context axis has base-2 ticks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _, res = run
+    captured = []
+    real_save = memory_wall.save_figure
+
+    def keep(fig, path, **kw):
+        captured.append(fig)
+        return real_save(fig, path, **kw)
+    memory_wall.save_figure = keep
+    try:
+        memory_wall.plot(res["points"], tmp_path / "f.png", res["meta"])
+    finally:
+        memory_wall.save_figure = real_save
+    ax_m, ax_s, _ = captured[0].axes
+    line = next(ln for ln in ax_m.get_lines() if ln.get_label() == "gpt2-eager prefill")
+    want = [max((p["peak_bytes"] - p["baseline_bytes"]) / 2**20, memory_wall.FLOOR_MIB)
+            for p in res["points"] if p["model"] == "gpt2-eager"]
+    assert list(line.get_ydata()) == pytest.approx(want)
+    assert "MiB" in ax_m.get_ylabel() and ax_s.get_ylabel() == "MiB"
+    assert ax_m.xaxis.get_transform().base == 2
+    plt.close(captured[0])
 
 
 def test_figure_title_never_says_commit_none(run, monkeypatch):

@@ -1,6 +1,5 @@
 """Result writing: atomic files with the ordinary mode, checksummed torch files, Markdown
 tables, the commit stamp, and default output folders that never touch the committed results/."""
-import argparse
 import hashlib
 import io
 import json
@@ -93,34 +92,17 @@ def test_git_commit_ignores_an_enclosing_repository(tmp_path, monkeypatch):
     assert results.git_commit() is None and calls == []
 
 
-def _default_args(monkeypatch, main, argv=()):
-    """The namespace a CLI's parser produces for ``argv`` (the run itself is not started)."""
-    class Parsed(Exception):
-        pass
-
-    seen = {}
-    real = argparse.ArgumentParser.parse_args
-
-    def parse_args(self, args=None, namespace=None):
-        ns = real(self, args, namespace)
-        if "out" in vars(ns) and not vars(ns).get("_worker"):
-            seen.update(vars(ns))
-            raise Parsed
-        return ns
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-    with pytest.raises(Parsed):
-        main(list(argv))
-    return seen
-
-
-@pytest.mark.parametrize("module,expected", [
-    ("memory_wall", "runs/memory_wall"), ("sparsity", "runs/sparsity"),
-    ("bench_kernels", "runs/bench_kernels"), ("bench_bdh", "runs/bench_bdh")])
-def test_default_outputs_are_gitignored_runs_not_results(monkeypatch, module, expected):
+@pytest.mark.parametrize("module,parse,expected", [
+    ("memory_wall", "parse", "runs/memory_wall"), ("sparsity", "parse", "runs/sparsity"),
+    ("bench_kernels", "parse", "runs/bench_kernels"), ("bench_bdh", "parse", "runs/bench_bdh"),
+    ("bench_bsbr", "parse", "runs/bench_bsbr"), ("scaling", "parse_args", "runs/scaling"),
+    ("gpt2_decode", "parse", "runs/gpt2_decode"), ("quality", "parse", "runs/quality"),
+    ("convert_gpt2", "config_from_args", "runs/convert_gpt2"),
+    ("long_range", "config_from_args", "runs/long_range")])
+def test_default_outputs_are_gitignored_runs_not_results(module, parse, expected):
     import importlib
-    main = importlib.import_module(f"experiments.{module}").main
-    assert _default_args(monkeypatch, main)["out"] == expected
+    mod = importlib.import_module(f"experiments.{module}")
+    assert getattr(mod, parse)([]).out == expected
     ignored = open(os.path.join(os.path.dirname(results.__file__), "..", ".gitignore")).read()
     assert "/runs/" in ignored.split()
     assert results.default_out(module) == expected

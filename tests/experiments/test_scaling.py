@@ -73,20 +73,24 @@ def test_oom_is_recorded_and_ends_the_sweep(tmp_path, monkeypatch):
     assert math.isfinite(res["slopes"]["linear"]["fwd_bwd"])
 
 
-def test_fit_slope_recovers_power_laws():
+def test_loglog_slope_recovers_power_laws():
+    from experiments.harness import loglog_slope
     Ts = [64, 128, 256, 1024]
-    assert scaling.fit_slope(Ts, [3 * T ** 2 for T in Ts]) == pytest.approx(2.0)
-    assert scaling.fit_slope(Ts, [5.0] * 4) == 0.0
-    assert scaling.fit_slope([64], [1.0]) is None
-    assert scaling.fit_slope(Ts, [1.0, None, 0.0, 4.0]) == pytest.approx(math.log(4) /
-                                                                        math.log(16))
+    assert loglog_slope(Ts, [3 * T ** 2 for T in Ts]) == pytest.approx(2.0)
+    assert loglog_slope(Ts, [5.0] * 4) == 0.0
+    assert loglog_slope([64], [1.0]) is None
+    assert loglog_slope(Ts, [1.0, None, 0.0, 4.0]) == pytest.approx(math.log(4) / math.log(16))
 
 
-def test_bad_arguments_exit():
-    with pytest.raises(SystemExit):
-        scaling.parse_args(["--mixers", "softmax,mamba"])
-    with pytest.raises(SystemExit):
-        scaling.parse_args(["--passes", "train"])
+def test_bad_arguments_exit(capsys):
+    for flags, words in ((["--mixers", "softmax,mamba"], "--mixers: expected a comma list"),
+                         (["--passes", "train"], "--passes: expected a comma list"),
+                         (["--lengths", "-5"], "--lengths: expected a comma list of ints >= 1"),
+                         (["--reps", "0"], "--reps: expected an int >= 1, got '0'"),
+                         (["--d-model", "33"], "--d-model: expected a multiple of --n-head")):
+        with pytest.raises(SystemExit) as e:
+            scaling.parse_args(flags)
+        assert e.value.code == 2 and words in capsys.readouterr().err
     cfg = scaling.parse_args(["--preset", "h100", "--device", "cpu", "--lengths", "8"])
     assert cfg.d_model == 768 and cfg.lengths == (8,) and cfg.long_lengths[-1] == 2 ** 20
 

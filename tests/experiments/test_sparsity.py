@@ -1,5 +1,4 @@
 """The sparsity experiment: JSON contract, figures, and the GPT-2 density definition."""
-import argparse
 import json
 import os
 import stat
@@ -91,14 +90,11 @@ def test_density_plot_is_a_mean_over_layers_with_a_min_max_band():
 
 def test_default_output_is_runs_and_every_flag_has_help(capsys):
     assert sparsity.parse([]).out == "runs/sparsity"
-    p = sparsity.build_parser()
-    assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
-    assert not [a.dest for a in p._actions if not a.help]
     with pytest.raises(SystemExit):
         sparsity.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: runs/sparsity)" in text and "(default: <out>/ckpt)" in text
-    assert "300 with --preset cpu, 3000 with --preset h100" in text and "None" not in text
+    assert "120 with --preset cpu, 3000 with --preset h100" in text and "None" not in text
 
 
 def test_resume_keeps_records_and_does_not_duplicate(run, tmp_path):
@@ -157,13 +153,23 @@ def test_one_deadline_for_both_models_then_resume(run, tmp_path, monkeypatch):
         sorted(full["loss"], key=lambda r: (r["model"], r["split"], r["step"]))
 
 
-def test_bad_flags_fail_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="--models"):
-        sparsity.main(["--models", "bdh,mamba", "--out", str(tmp_path)], corpus=CORPUS)
-    with pytest.raises(SystemExit, match="--record-steps"):
-        sparsity.main(["--record-steps", "0,ten", "--out", str(tmp_path)], corpus=CORPUS)
-    with pytest.raises(SystemExit, match="--steps"):
-        sparsity.main(["--steps", "0", "--out", str(tmp_path)], corpus=CORPUS)
+@pytest.mark.parametrize("flags, words", [
+    (["--models", "bdh,mamba"], "--models: expected a comma list of bdh, gpt2"),
+    (["--record-steps", "0,ten"], "--record-steps: expected a comma list of ints >= 0"),
+    (["--record-steps", "-5"], "--record-steps: expected a comma list of ints >= 0, got '-5'"),
+    (["--steps", "0"], "--steps: expected an int >= 1, got '0'"),
+    (["--bdh", "n_head=3"], "--bdh: "),
+])
+def test_bad_flags_fail_clearly(tmp_path, flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        sparsity.main(flags + ["--out", str(tmp_path / "out")], corpus=CORPUS)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and not (tmp_path / "out").exists(), err
+
+
+def test_default_record_steps_spread_over_the_run():
+    assert sparsity.default_record_steps(120) == [0, 30, 60, 120]
+    assert sparsity.default_record_steps(3000) == [0, 100, 500, 3000]
 
 
 def test_resume_without_checkpoints_records_afresh(run, tmp_path):
