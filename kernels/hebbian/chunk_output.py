@@ -60,11 +60,11 @@ def chunk_hebbian_fwd_o_kernel(q, k, v, h, o, log2g, chunks, scale, T, t0, NTS, 
         b_A *= b_D
     b_A = tl.where(m_A, b_A, 0.)
     p_v, s_v = _row(v, i_b, i_h % HV, HV, T, V, BTHK)
-    b_v = tl.load(p_v + t_s * s_v + (o_i[:, None] * s_v + o_v[None, :]),
+    b_v = tl.load(p_v + t_s.to(tl.int64) * s_v + (o_i[:, None] * s_v + o_v[None, :]),
                   mask=m_t[:, None] & m_v[None, :], other=0.)
     b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
     p_o, s_o = _row(o, i_b, i_h, H, T, V, BTHK)
-    tl.store(p_o + t_s * s_o + (o_i[:, None] * s_o + o_v[None, :]),
+    tl.store(p_o + t_s.to(tl.int64) * s_o + (o_i[:, None] * s_o + o_v[None, :]),
              (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
@@ -123,12 +123,12 @@ def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, hc0, hct, log2g, seqs, sc
         m_t = o_i < T_end - t_s
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_q = tl.load((p_q + t_s * s_q) + o_tk, mask=m_tk, other=0.)
+        b_q = tl.load((p_q + t_s.to(tl.int64) * s_q) + o_tk, mask=m_tk, other=0.)
         if SAME_QK:                             # BDH: q is k, so one load serves both
             b_kt = tl.trans(b_q)
         else:
-            b_kt = tl.trans(tl.load((p_k + t_s * s_q) + o_tk, mask=m_tk, other=0.))
-        b_v = tl.load((p_v + t_s * s_v) + o_tv, mask=m_tv, other=0.)
+            b_kt = tl.trans(tl.load((p_k + t_s.to(tl.int64) * s_q) + o_tk, mask=m_tk, other=0.))
+        b_v = tl.load((p_v + t_s.to(tl.int64) * s_v) + o_tv, mask=m_tv, other=0.)
         b_o = tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
         b_A = tl.dot(b_q, b_kt, input_precision=PREC)
         if HAS_DECAY:
@@ -136,7 +136,7 @@ def chunk_hebbian_fwd_fused_kernel(q, k, v, o, h0, ht, hc0, hct, log2g, seqs, sc
             b_A *= b_D
         b_A = tl.where(m_A, b_A, 0.)
         b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)) * scale
-        p_ot = (p_o + t_s * s_o) + o_to
+        p_ot = (p_o + t_s.to(tl.int64) * s_o) + o_to
         if ATOMIC:
             tl.atomic_add(p_ot, b_o, mask=m_tv, sem="relaxed")
         else:

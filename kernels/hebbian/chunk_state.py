@@ -106,9 +106,9 @@ def chunk_hebbian_fwd_h_kernel(k, v, h, h0, ht, hc0, hct, log2g, seqs, T, t0, NT
         m_t = o_i < T_end - t_s
         # K_cᵀ tile [BK, BT] and V_c tile [BT, BV]; rows past the end load as 0. The chunk's
         # start goes into the (int64) base pointer; in-tile offsets stay small int32.
-        b_kt = tl.load(p_k + t_s * s_k + (o_i[None, :] * s_k + o_k[:, None]),
+        b_kt = tl.load(p_k + t_s.to(tl.int64) * s_k + (o_i[None, :] * s_k + o_k[:, None]),
                        mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_v = tl.load(p_v + t_s * s_v + (o_i[:, None] * s_v + o_v[None, :]),
+        b_v = tl.load(p_v + t_s.to(tl.int64) * s_v + (o_i[:, None] * s_v + o_v[None, :]),
                       mask=m_t[:, None] & m_v[None, :], other=0.)
         b_h = _chunk_state_update(b_h, b_kt, b_v, m_t, o_i, T_end, t_s, b_lg, BT, HAS_DECAY,
                                   PREC)
@@ -155,9 +155,9 @@ def chunk_hebbian_bwd_dh_kernel(q, do, dh, dht, dh0, dhct, dhc0, log2g, seqs, sc
         p_dh = dh + ((i_b * H + i_h) * NTS + slot0 + i_t) * K * V
         tl.store(p_dh + o_kv, b_dh.to(p_dh.dtype.element_ty), mask=m_kv)
         m_t = o_i < T_end - t_s
-        b_qt = tl.load(p_q + t_s * s_q + (o_i[None, :] * s_q + o_k[:, None]),
+        b_qt = tl.load(p_q + t_s.to(tl.int64) * s_q + (o_i[None, :] * s_q + o_k[:, None]),
                        mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_do = tl.load(p_do + t_s * s_do + (o_i[:, None] * s_do + o_v[None, :]),
+        b_do = tl.load(p_do + t_s.to(tl.int64) * s_do + (o_i[:, None] * s_do + o_v[None, :]),
                        mask=m_t[:, None] & m_v[None, :], other=0.)
         if HAS_DECAY:
             L = tl.minimum(T_end - t_s, BT)

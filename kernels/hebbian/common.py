@@ -83,14 +83,16 @@ def _chunk_span(chunks, i_t, T, t0, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
 def _walk(seqs, i_n, T, t0, NTS, IS_VARLEN: tl.constexpr):
     """What the state kernels' program for state row i_n walks in this segment: (first token,
     end of its sequence, chunks, buffer slot of the first, state row, starts from the carry,
-    ends in the carry). Dense: row i_n, tokens t0 … of every row, no carries; varlen: row i_n
+    ends in the carry). Token positions stay int32 (masks on them cost half the registers of
+    int64 ones; positions < 2^31 are checked on the host): cast them at the address. Dense: row i_n, tokens t0 … of every row, no carries; varlen: row i_n
     of the segment's sequence table (schedule.py)."""
     if IS_VARLEN:
         p = seqs + 8 * i_n
-        return (tl.load(p).to(tl.int64), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3),
+        return (tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3),
                 tl.load(p + 4).to(tl.int64), tl.load(p + 5) & 1, tl.load(p + 5) & 2)
     else:
-        return t0.to(tl.int64), T, NTS, 0, i_n, 0, 0
+        zero = NTS * 0                          # a tensor zero: the tuple's types match varlen's
+        return t0, T, NTS, zero, i_n, zero, zero
 
 
 @triton.jit
