@@ -3,7 +3,8 @@
 ``time_call(fn, device)`` times a callable that can be repeated:
 
 * CUDA: the per-call times of `triton.testing.do_bench` (its L2 flush between calls, CUDA
-  events, ``warmup_ms`` of untimed calls, then ``rep_ms`` of timed ones);
+  events, ``warmup_ms`` of untimed calls, then ``rep_ms`` of timed ones; a call so slow that
+  this holds fewer than ``min_reps`` of them is timed again for ``min_reps`` calls);
 * CPU: ``warmup`` untimed calls, then calls timed one by one with the wall clock until there
   are at least ``min_reps`` and ``budget_s`` has passed (at most ``max_reps``).
 
@@ -33,8 +34,9 @@ import torch
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """How many calls `time_call` makes. The CUDA fields are do_bench's; the others the
-    wall-clock loop's (the CPU's, and a stepwise policy's on any device)."""
+    """How many calls `time_call` makes. ``warmup_ms`` and ``rep_ms`` are do_bench's (CUDA);
+    ``warmup``, ``budget_s`` and ``max_reps`` the wall-clock loop's (the CPU's, and a stepwise
+    policy's on any device); ``min_reps`` holds for both."""
     warmup_ms: float = 25.0         # CUDA: untimed calls for this long
     rep_ms: float = 100.0           # CUDA: timed calls for this long
     warmup: int = 1                 # wall clock: untimed calls
@@ -119,6 +121,11 @@ def _do_bench(fn, policy: TimingPolicy, grad_to_none, cuda_graph: bool) -> Timin
         return Timing.of(list(times), "do_bench_cudagraph")
     times = do_bench(fn, warmup=policy.warmup_ms, rep=policy.rep_ms, grad_to_none=grads,
                      return_mode="all")
+    if len(times) < policy.min_reps:
+        # A call slower than rep_ms gets a single timed run from do_bench: time again for
+        # long enough to hold min_reps of them.
+        rep = 1.2 * policy.min_reps * statistics.median(times)
+        times = do_bench(fn, warmup=0, rep=rep, grad_to_none=grads, return_mode="all")
     return Timing.of(list(times), "do_bench")
 
 

@@ -28,6 +28,35 @@ def test_cpu_timing_makes_the_warmup_then_at_least_min_reps_calls():
     assert t.min_ms <= t.p20_ms <= t.median_ms <= t.p80_ms <= t.max_ms
 
 
+def test_cuda_times_a_slow_call_again_for_min_reps(monkeypatch):
+    """On CUDA the per-call times are do_bench's; a call slower than rep_ms (one timed run) is
+    timed again for min_reps calls. A CUDA graph goes through do_bench_cudagraph. (Faked
+    here: the CPU has no CUDA events.)"""
+    import triton.testing
+    reps = []
+
+    def fake_bench(fn, warmup=25, rep=100, grad_to_none=None, return_mode="mean"):
+        assert return_mode == "all"
+        reps.append(rep)
+        return [250.0] if len(reps) == 1 else [240.0] * 6
+
+    def fake_graph(fn, rep=20, grad_to_none=None, return_mode="mean"):
+        reps.append(("graph", rep))
+        return [1.0, 2.0, 3.0]
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake_graph)
+    t = time_call(lambda: None, "cuda", policy=TimingPolicy(min_reps=5))
+    assert reps == [100.0, pytest.approx(1.2 * 5 * 250.0)]
+    assert (t.median_ms, t.reps, t.method) == (240.0, 6, "do_bench")
+    t = time_call(lambda: None, "cuda", cuda_graph=True)
+    assert reps[-1] == ("graph", POLICY.rep_ms) and t.method == "do_bench_cudagraph"
+    calls, fn = counting()                       # stepwise: the wall clock, also on CUDA
+    monkeypatch.setattr(timing, "sync", lambda device: None)
+    t = time_call(fn, "cuda", policy=TimingPolicy(warmup=1, min_reps=2, budget_s=0.0,
+                                                  stepwise=True))
+    assert len(calls) == 3 and t.method == "wall clock"
+
+
 def test_grads_are_cleared_before_every_call():
     x = torch.randn(4, requires_grad=True)
     seen = []
