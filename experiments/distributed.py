@@ -212,6 +212,10 @@ class DataParallel:
         names = [n for n, _ in model.named_parameters()]
         set_optimizer_state_dict(model, opt, _name_keyed(saved["optimizer"], names),
                                  options=self._options())
+        # The group settings exactly as saved (the distributed loader turns tuples into lists,
+        # e.g. AdamW's betas), as load_state_dict on one process leaves them.
+        for group, saved_group in zip(opt.param_groups, saved["optimizer"]["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
 
     def meta(self) -> dict:
         """What a run's metadata adds: nothing for one process."""
@@ -221,6 +225,28 @@ class DataParallel:
 
 
 SINGLE = DataParallel()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its run (or the only process): the one that prints."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return torchrun_world()[0] == 0
+
+
+def world_size() -> int:
+    """Processes in this run: the process group's, else torchrun's environment's (1 without)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return torchrun_world()[1]
+
+
+def check_fsdp(fsdp: bool, world: int | None = None) -> None:
+    """ValueError for --fsdp on one process (nothing to shard over)."""
+    world = world_size() if world is None else world
+    if fsdp and world == 1:
+        raise ValueError("--fsdp: shards over the processes of torchrun; one process has "
+                         "nothing to shard over (run under torchrun --nproc-per-node N > 1)")
 
 
 def start(device: str, fsdp: bool = False) -> DataParallel:
@@ -236,7 +262,5 @@ def start(device: str, fsdp: bool = False) -> DataParallel:
                 raise ValueError(f"--device: under torchrun each process takes the GPU of its "
                                  f"LOCAL_RANK; pass --device cuda, got {device!r}")
             init_process_group(device_type, rank, world, local_rank)
-    if fsdp and world == 1:
-        raise ValueError("--fsdp: shards over the processes of torchrun; one process has "
-                         "nothing to shard over (run under torchrun --nproc-per-node N > 1)")
+    check_fsdp(fsdp, world)
     return SINGLE if world == 1 else DataParallel(rank, world, fsdp)

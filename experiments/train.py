@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .data import ByteBatcher, load_corpus
 from .harness import (Choice, Device, Flag, Float, Int, KeyValues, Optional, OutDir, Stopwatch,
                       default_out, load_torch, option, parse_config, run_meta, save_torch,
@@ -62,7 +63,9 @@ class TrainConfig:
     threads: int | None = threads_field()
     steps: int = field(default=300, metadata=option(
         Int(1), "optimizer steps in all (a resumed run continues up to this many)"))
-    batch_size: int = field(default=8, metadata=option(Int(1), "sequences per micro-batch"))
+    batch_size: int = field(default=8, metadata=option(
+        Int(1), "sequences per micro-batch (under torchrun the global one: each process takes "
+                "its share)"))
     block_size: int = field(default=64, metadata=option(Int(1), "bytes per training sequence"))
     grad_accum: int = field(default=1, metadata=option(Int(1), "micro-batches per optimizer step"))
     lr: float = field(default=1e-3, metadata=option(Float(0, lo_open=True), "AdamW learning rate"))
@@ -81,6 +84,9 @@ class TrainConfig:
         Flag(), "torch.compile the training forward"))
     grad_checkpoint: bool = field(default=False, metadata=option(
         Flag(), "gradient checkpointing of the BDH layers (less memory, more compute)"))
+    fsdp: bool = field(default=False, metadata=option(
+        Flag(), "under torchrun: shard parameters, gradients and optimizer state over the "
+                "processes (FSDP2) instead of replicating them (DDP)"))
     out: str | None = field(default=None, metadata=option(
         Optional(OutDir()), "folder of the JSON log (train_log.json)",
         shown="runs/train/<model>"))
@@ -104,6 +110,7 @@ class TrainConfig:
         if (self.resume or self.max_minutes is not None) and not self.ckpt_dir:
             raise ValueError("--ckpt-dir: --resume and --max-minutes need a folder for the "
                              "checkpoint that carries the run across sessions, got none")
+        distributed.check_fsdp(self.fsdp)
 
 
 PRESETS = {
@@ -232,29 +239,33 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, corpus: dict, hook, saved: dict | None):
         self.cfg, self.corpus, self.hook = cfg, corpus, hook
+        # Under torchrun: this rank's place (one process: changes nothing; see distributed).
+        self.dp = distributed.start(cfg.device, cfg.fsdp)
         self.device = torch.device(cfg.device)
         self.model, info = build_model(cfg)
+        trained = self.dp.wrap(self.model)          # before the optimizer: FSDP shards in place
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
-        self.batches = ByteBatcher(corpus["train"], cfg.block_size, cfg.batch_size,
-                                   seed=cfg.seed, device=cfg.device)
+        self.batches = self.dp.shard(ByteBatcher(corpus["train"], cfg.block_size,
+                                                 cfg.batch_size, seed=cfg.seed,
+                                                 device=cfg.device), cfg.batch_size)
         self.ctx = autocast_context(cfg)
-        meta = run_meta(cfg.device, config=asdict(cfg), **info)
+        meta = run_meta(cfg.device, config=asdict(cfg), **info, **self.dp.meta())
         self.log = {"meta": meta, "train": [], "val": [], "sessions": [], "status": "running"}
         self.step = 0
         if saved is not None:
             # load_state_dict copies weights and optimizer state onto the parameters' device.
-            self.model.load_state_dict(saved["model"])
-            self.opt.load_state_dict(saved["optimizer"])
+            self.dp.load(self.model, self.opt, saved)
             self.batches.load_state_dict(saved["batches"])
             _set_rng_state(saved["rng"], self.device)
             self.log, self.step = saved["log"], saved["step"]
             self.log.setdefault("sessions", [])
         # Each session (a first run, then every --resume) says where and from which step it ran.
         self.log["sessions"].append({"start_step": self.step, "date": meta["date"],
-                                     "device": meta["device"], "commit": meta["commit"]})
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+                                     "device": meta["device"], "commit": meta["commit"],
+                                     **self.dp.meta()})
+        self.forward = torch.compile(trained) if cfg.compile else trained
 
     def finished(self) -> bool:
         return self.log["status"] == "finished" and self.step >= self.cfg.steps
@@ -268,10 +279,14 @@ class Run:
                                                    torch.cuda.max_memory_allocated(self.device))
         ckpt = checkpoint_path(cfg)
         if ckpt is not None:
-            save_torch({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                        "batches": self.batches.state_dict(), "rng": _rng_state(self.device),
-                        "step": self.step, "log": log, "config": asdict(cfg)}, ckpt)
-        if cfg.out:
+            # Every rank gathers (under FSDP the states are sharded); rank 0 writes.
+            state = {"model": self.dp.model_state(self.model),
+                     "optimizer": self.dp.optimizer_state(self.model, self.opt)}
+            if self.dp.is_main:
+                save_torch({**state, "batches": self.batches.state_dict(),
+                            "rng": _rng_state(self.device), "step": self.step, "log": log,
+                            "config": asdict(cfg)}, ckpt)
+        if cfg.out and self.dp.is_main:
             write_json(Path(cfg.out) / "train_log.json", log)
 
     def call_hook(self) -> None:
@@ -286,18 +301,21 @@ class Run:
             return                       # already done (a finished run extended with --steps)
         self.log["val"].append({"step": self.step, **evaluate(self.model, self.corpus["val"],
                                                               self.cfg, self.ctx)})
-        if self.cfg.out:                 # the log on disk grows as the run goes
+        if self.cfg.out and self.dp.is_main:    # the log on disk grows as the run goes
             write_json(Path(self.cfg.out) / "train_log.json", self.log)
 
     def train_step(self) -> float:
         """One optimizer step (all micro-batches); returns the mean loss."""
         cfg, loss_sum = self.cfg, 0.0
+        self.dp.seed_step(cfg.seed, self.step)
+        weight = self.dp.loss_weight(cfg.batch_size)    # 1 on one process
         for _ in range(cfg.grad_accum):
             x, y = self.batches.next()
             with self.ctx:
                 _, loss = self.forward(x, y)
-            (loss / cfg.grad_accum).backward()
+            (loss * weight / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
+        loss_sum = self.dp.global_mean(loss_sum, cfg.batch_size, self.device)
         if not math.isfinite(loss_sum):
             self.save("diverged")
             raise RuntimeError(f"loss is {loss_sum} at step {self.step}; checkpoint kept")
@@ -336,7 +354,8 @@ def train(cfg: TrainConfig, corpus: dict | None = None, hook=None,
         run = Run(cfg, corpus, hook, saved)
         if saved is not None:
             run.log["status"] = "running"
-            print(f"resuming {cfg.model} from {checkpoint_path(cfg)} at step {run.step}")
+            if run.dp.is_main:
+                print(f"resuming {cfg.model} from {checkpoint_path(cfg)} at step {run.step}")
         return loop(run, deadline)
 
 
@@ -346,9 +365,10 @@ def loop(run: Run, deadline: float | None) -> dict:
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     seconds, tokens = 0.0, 0                # tok/s counts training steps only, not evals/hooks
     run.model.train()
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.model}", unit="step")
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.model}", unit="step",
+               disable=not run.dp.is_main)
     while run.step < cfg.steps:
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and run.dp.any_rank(time.time() > deadline, run.device):
             run.save("interrupted")
             bar.close()
             print(f"{cfg.model}: time limit reached at step {run.step}; checkpoint in "
@@ -415,7 +435,8 @@ def summary(cfg: TrainConfig, log: dict) -> str:
 def main(argv=None, corpus=None) -> dict:
     cfg = config_from_args(argv)
     log = train(cfg, corpus)
-    print(summary(cfg, log))
+    if distributed.is_main_process():
+        print(summary(cfg, log))
     return log
 
 
