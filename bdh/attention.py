@@ -55,8 +55,10 @@ class HebbianRoPE(nn.Module):
 
     def forward(self, xs, v, *, position=0, state=None, output_final_state=False,
                 step=False, backend="auto", chunk_size=None, dense_max_tokens=1024,
-                recompute=False, step_launch=None):
-        """xs [B,nh,T,N], v [B,1,T,D]; state None or [B,nh,N,D] float32.
+                recompute=False, step_launch=None, qs=None):
+        """xs [B,nh,T,N], v [B,1,T,D]; state None or [B,nh,N,D] float32. qs: None (BDH: the
+        query is the key, RoPE(xs)) or the query neurons [B,nh,T,N] of an untied query (an
+        ablation, not BDH): q = RoPE(qs), k = RoPE(xs).
 
         step=True (T == 1, a state, no autograd) runs `hebbian_step` (its launch:
         ``step_launch``, a `kernels.StepLaunch` or None), which updates ``state`` in place:
@@ -64,27 +66,30 @@ class HebbianRoPE(nn.Module):
         Returns (a [B,nh,T,D] in xs's dtype, final state or None)."""
         if step:
             qk = self.rotate(xs, position)
+            q = qk if qs is None else self.rotate(qs, position)
             v = v.to(qk.dtype)
-            o, S = hebbian_step(qk[:, :, 0], qk[:, :, 0], v[:, :, 0], state, strict=True,
+            o, S = hebbian_step(q[:, :, 0], qk[:, :, 0], v[:, :, 0], state, strict=True,
                                 backend=backend, launch=step_launch)
             return o.unsqueeze(2), S
         if backend == "auto" and xs.is_cuda:
             backend = "dense" if xs.shape[2] <= dense_max_tokens else "triton"
-        if backend == "dense" and state is None and not output_final_state and self.rope:
+        if backend == "dense" and state is None and not output_final_state and self.rope \
+                and qs is None:
             # Training / plain forward of a short piece: the fused q = k form (saves xs, not
             # RoPE(xs); one product for dq + dk). It always recomputes RoPE in the backward.
             return rope_dense_attention(xs, v, position), None
 
-        def attend(xs, v, state):
+        def attend(xs, v, state, qs):
             qk = self.rotate(xs, position)
-            return hebbian_attention(qk, qk, v.to(qk.dtype), scale=1.0, strict=True,
+            q = qk if qs is None else self.rotate(qs, position)
+            return hebbian_attention(q, qk, v.to(qk.dtype), scale=1.0, strict=True,
                                      initial_state=state, output_final_state=output_final_state,
                                      chunk_size=chunk_size, backend=backend)
 
         if recompute and torch.is_grad_enabled():
             # Keep only xs (needed anyway for xy): RoPE and attention run again in the backward.
-            return checkpoint(attend, xs, v, state, use_reentrant=False)
-        return attend(xs, v, state)
+            return checkpoint(attend, xs, v, state, qs, use_reentrant=False)
+        return attend(xs, v, state, qs)
 
 
 class BDHAttention(nn.Module):
@@ -106,16 +111,24 @@ class BDHAttention(nn.Module):
 
     n_neurons: N per head; default 16·d_model/n_head (total neurons 16·d_model).
     rope: False drops RoPE (q = k = xs): an ablation for recall experiments, not BDH.
+    query_encoder: True unties the query from the key (an ablation, not BDH): a second encoder
+    gives qs = relu(x @ encoder_q) and q = RoPE(qs), while k = RoPE(xs) as before, so a query
+    can select other features of its token than the ones its key stored.
+    value_proj: True gives v = x @ W_v (D×D, shared by the heads) instead of v = x (an ablation,
+    not BDH). Either option keeps the state's shape; both are off by default.
     """
 
     def __init__(self, d_model: int, n_head: int = 4, n_neurons: int | None = None, *,
-                 backend: str = "auto", chunk_size: int | None = None, rope: bool = True):
+                 backend: str = "auto", chunk_size: int | None = None, rope: bool = True,
+                 query_encoder: bool = False, value_proj: bool = False):
         super().__init__()
         for name, val in (("d_model", d_model), ("n_head", n_head)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
-        if not isinstance(rope, bool):
-            raise ValueError(f"rope: expected True or False, got {rope!r}")
+        for name, val in (("rope", rope), ("query_encoder", query_encoder),
+                          ("value_proj", value_proj)):
+            if not isinstance(val, bool):
+                raise ValueError(f"{name}: expected True or False, got {val!r}")
         N = 16 * d_model // n_head if n_neurons is None else n_neurons
         if isinstance(N, bool) or not isinstance(N, int) or N < 2 or N % 2:
             raise ValueError(f"n_neurons: expected an even int >= 2, got {N!r}")
@@ -124,6 +137,9 @@ class BDHAttention(nn.Module):
         self.d_model, self.n_head, self.N = d_model, n_head, N
         self.backend, self.chunk_size = backend, chunk_size
         self.encoder = nn.Parameter(torch.empty(n_head, d_model, N).normal_(std=0.02))
+        self.encoder_q = (nn.Parameter(torch.empty(n_head, d_model, N).normal_(std=0.02))
+                          if query_encoder else None)
+        self.W_v = nn.Linear(d_model, d_model, bias=False) if value_proj else None
         self.attn = HebbianRoPE(N, rope)
         self.out_proj = nn.Linear(n_head * d_model, d_model, bias=False)
         nn.init.normal_(self.out_proj.weight, std=0.02 / math.sqrt(n_head))
@@ -133,6 +149,10 @@ class BDHAttention(nn.Module):
                "N": self.N}
         if not self.attn.rope:          # only then: states saved before the option still load
             cfg["rope"] = False
+        if self.encoder_q is not None:
+            cfg["query_encoder"] = True
+        if self.W_v is not None:
+            cfg["value_proj"] = True
         return cfg
 
     def init_state(self, batch_size: int, device=None) -> BDHState:
@@ -158,10 +178,12 @@ class BDHAttention(nn.Module):
         step = T == 1 and S is not None and not torch.is_grad_enabled()
         if step:
             S = S.clone()   # hebbian_step updates in place; the caller's state stays as it was
-        v = x.unsqueeze(1)                                         # [B,1,T,D]
-        xs = torch.relu(v @ self.encoder)                          # [B,nh,T,N]
+        x1 = x.unsqueeze(1)                                        # [B,1,T,D]
+        xs = torch.relu(x1 @ self.encoder)                         # [B,nh,T,N]
+        qs = None if self.encoder_q is None else torch.relu(x1 @ self.encoder_q)
+        v = x1 if self.W_v is None else self.W_v(x1)
         a, S_new = self.attn(xs, v, position=position, state=S, output_final_state=return_state,
-                             step=step, backend=self.backend, chunk_size=self.chunk_size)
+                             step=step, backend=self.backend, chunk_size=self.chunk_size, qs=qs)
         a = F.layer_norm(a, (D,))
         y = self.out_proj(a.transpose(1, 2).reshape(B, T, self.n_head * D))
         if not return_state:
