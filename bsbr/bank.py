@@ -12,11 +12,17 @@ The hierarchical state bank of BWR-DNC, with ``BankConfig.slots_per_level`` =
 F is only ever summed, so Σ_slots F (archive included) = Σ of every completed chunk's F.
 ``cfg = None`` is the exact bank: every chunk stays a slot of its own, nothing merges.
 
+The rows bank (`kernels.bsbr.bsbr_rows_step`, the transformers cache's layout) keeps the same
+slots per row in fixed regions with device-side counts; `bank_of_row` and `rows_of_banks` move
+between the two, and `fresh_bank` is a whole prompt's pushes into an empty bank at once.
+
 All updates are out of place (the caller's state stays valid, autograd flows through F and h).
 """
 from __future__ import annotations
 
 import torch
+
+from kernels.bsbr import RowsLayout
 
 from .config import BankConfig
 from .state import BankState
@@ -145,3 +151,114 @@ def push_chunks(bank: BankState, F_new: torch.Tensor, h_new: torch.Tensor,
     s = torch.cat([blocks[lvl].s for lvl in order]
                   + [torch.zeros(B, H, pad, device=F_new.device, dtype=bank.salience.dtype)], 2)
     return BankState(F, h, s, levels, counts)
+
+
+def fresh_plan(m: int, cfg: BankConfig) -> list[tuple[int, int, int]]:
+    """Where ``m`` completed chunks end up when they enter an empty bounded bank in one call:
+    (level, first chunk, end chunk) per slot in the bank's order (the archive, level n_levels,
+    first). Every new slot's salience is 0, so a fold takes the oldest top slot and each slot
+    holds a contiguous run of chunks (the archive a prefix)."""
+    L, caps = cfg.n_levels, cfg.slots_per_level
+    levels = [[] for _ in caps]
+    archive = 0
+
+    def make_room(lvl: int):
+        nonlocal archive
+        if len(levels[lvl]) < caps[lvl]:
+            return
+        if lvl == L - 1:
+            archive = levels[lvl].pop(0)[1]
+        else:
+            make_room(lvl + 1)
+            first, second = levels[lvl].pop(0), levels[lvl].pop(0)
+            levels[lvl + 1].append((first[0], second[1]))
+
+    for j in range(m):
+        make_room(0)
+        levels[0].append((j, j + 1))
+    plan = [(L, 0, archive)] if archive else []
+    return plan + [(lvl, a, b) for lvl in range(L - 1, -1, -1) for a, b in levels[lvl]]
+
+
+def fresh_bank(F_new: torch.Tensor, h_new: torch.Tensor, cfg: BankConfig | None) -> BankState:
+    """`push_chunks` of the chunks F_new [B,H,m,K,V], h_new [B,H,m,M] into an empty bank, in
+    closed form (`fresh_plan`): a slot's F is the sum of its chunks' and h their mean (what the
+    pairwise merges and the count-weighted archive average give), salience 0. A prompt of m
+    chunks costs O(m) work instead of m pushes."""
+    sd = torch.float64 if F_new.dtype == torch.float64 else torch.float32
+    F_new, h_new = F_new.to(sd), h_new.to(sd)
+    B, H, m = F_new.shape[:3]
+    if cfg is None:
+        return BankState(F_new, h_new, F_new.new_zeros(B, H, m), (0,) * m, (1,) * m)
+    plan = fresh_plan(m, cfg)
+    pad = cfg.capacity - len(plan)
+    F = torch.stack([F_new[:, :, a:b].sum(2) for _, a, b in plan]
+                    + [F_new.new_zeros(B, H, *F_new.shape[3:])] * pad, 2)
+    h = torch.stack([h_new[:, :, a:b].mean(2) for _, a, b in plan]
+                    + [h_new.new_zeros(B, H, h_new.shape[3])] * pad, 2)
+    return BankState(F, h, F_new.new_zeros(B, H, cfg.capacity),
+                     tuple(lvl for lvl, _, _ in plan), tuple(b - a for _, a, b in plan))
+
+
+def rows_layout(cfg: BankConfig | None, capacity: int = 0):
+    """The `kernels.bsbr.RowsLayout` of a rows bank: the bounded bank's levels, or the exact
+    bank as one never-merging level of ``capacity`` slots."""
+    if cfg is None:
+        return RowsLayout((capacity,), bounded=False)
+    return RowsLayout(cfg.slots_per_level, True, cfg.salience_decay)
+
+
+def _row_slots(layout, counts: list[int]) -> list[int]:
+    """A row's used slots in the bank's order (archive, top level, ..., level 0)."""
+    slots = [0] if counts[0] else []
+    for lvl in range(layout.levels - 1, -1, -1):
+        a = layout.start(lvl)
+        slots += range(a, a + counts[1 + lvl])
+    return slots
+
+
+def bank_of_row(F, h, salience, counts: list[int], layout, cfg: BankConfig | None) -> BankState:
+    """Row ``b`` of a rows bank (F [1,H,S,K,V], h, salience: that row's slices; counts: its
+    counts read on the host) as a `BankState` in the host layout."""
+    slots = _row_slots(layout, counts)
+    L = layout.levels
+    levels = ((L,) if counts[0] else ()) + tuple(
+        lvl for lvl in range(L - 1, -1, -1) for _ in range(counts[1 + lvl]))
+    sizes = tuple(counts[0] if lvl == L else 2 ** lvl for lvl in levels)
+    index = torch.tensor(slots, dtype=torch.long, device=F.device)
+    Fs, hs, ss = (t.index_select(2, index) for t in (F, h, salience))
+    if cfg is not None:
+        pad = cfg.capacity - len(slots)
+        Fs = torch.cat([Fs, Fs.new_zeros(*Fs.shape[:2], pad, *Fs.shape[3:])], 2)
+        hs = torch.cat([hs, hs.new_zeros(*hs.shape[:2], pad, hs.shape[3])], 2)
+        ss = torch.cat([ss, ss.new_zeros(*ss.shape[:2], pad)], 2)
+    return BankState(Fs, hs, ss, levels, sizes)
+
+
+def rows_of_banks(banks: list, layout):
+    """Rows bank tensors (F [B,H,S,K,V], h, salience, counts [B,H,L+1] int32) holding the host
+    banks ``banks`` (one `BankState` of batch 1 per row) at ``layout``'s slots. Out of place
+    (differentiable in the banks' F and h)."""
+    F0 = banks[0].F
+    H = F0.shape[1]
+    S, L = layout.slots, layout.levels
+    rows_F, rows_h, rows_s, counts = [], [], [], []
+    for bank in banks:
+        arch = bank.counts[0] if bank.n and bank.levels[0] == L and layout.bounded else 0
+        per_level = [bank.levels.count(lvl) for lvl in range(L)] if layout.bounded \
+            else [bank.n]
+        row_counts = [arch] + per_level
+        index = torch.tensor(_row_slots(layout, row_counts), dtype=torch.long,
+                             device=F0.device)
+        n = len(index)
+
+        def place(t):
+            return t.new_zeros(1, H, S, *t.shape[3:]).index_copy(2, index, t[:, :, :n])
+
+        rows_F.append(place(bank.F))
+        rows_h.append(place(bank.h))
+        rows_s.append(place(bank.salience))
+        counts.append(row_counts)
+    counts = torch.tensor(counts, dtype=torch.int32, device=F0.device)
+    return (torch.cat(rows_F), torch.cat(rows_h), torch.cat(rows_s),
+            counts[:, None].expand(-1, H, -1).contiguous())

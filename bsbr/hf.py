@@ -53,13 +53,14 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from glassbrain.checks import check_int, check_optional_int
 from glassbrain.hf import (cache_layer, check_attention_call, compute_dtype, config_options,
-                           expand_kv_heads, padding_free_mask)
+                           expand_kv_heads, padding_mask)
 from kernels.bsbr import BACKENDS
 from kernels.bsbr.validate import TRITON_MAX_CHUNK
 
 from .config import BankConfig, check_long_scale, resolve_long_scale
-from .state import BSBRState
-from .stream import StreamSpec, bsbr_stream, empty_state
+from .state import BSBRRows, BSBRState
+from .stream import (StreamSpec, bsbr_stream, empty_state, padded_rows_attention, rows_continue,
+                     rows_grown, rows_prefill, rows_step)
 
 BSBR = "bsbr"
 DEFAULT_CHUNK_SIZE = 64
@@ -112,33 +113,37 @@ class BSBROptions:
                           self.top_k, self.bank, self.backend)
 
 
-def _empty(k, v, spec: StreamSpec) -> BSBRState:
-    B, H, _, D = k.shape
-    return empty_state(B, H, D, v.shape[-1], D, spec, device=k.device, dtype=k.dtype,
-                       meta_keys=False)
-
-
 def bsbr_attention_forward(module, query, key, value, attention_mask=None, scaling=None,
                            dropout=0.0, **kwargs):
     """transformers attention function "bsbr": q, k, v [B,H,T,D] → ([B,T,H,D], None)."""
-    check_attention_call(module, query, key, attention_mask, BSBR, kwargs)
+    valid = check_attention_call(module, query, key, attention_mask, BSBR, kwargs)
     opts = BSBROptions.from_config(module.config)
     layer = cache_layer(module, kwargs)
-    key, value = expand_kv_heads(query, key, value)
-    dtype = compute_dtype(query, key, value)
-    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    spec = opts.spec(q.shape[-1] ** -0.5 if scaling is None else scaling)
+    spec = opts.spec(query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if layer is not None and layer.state is not None and query.shape[2] == 1 \
+            and not torch.is_grad_enabled():
+        return _decode_step(query, key, value, layer, spec, valid), None
+    key, value_h = expand_kv_heads(query, key, value)
+    dtype = compute_dtype(query, key, value_h)
+    q, k, v = query.to(dtype), key.to(dtype), value_h.to(dtype)
     Tq = q.shape[2]
     if layer is not None:
-        state = layer.state
-        if state is None:
-            state = _empty(k, v, spec)
-        elif not isinstance(state, BSBRState) or state.hk is not None:
-            raise ValueError(f"cache: layer {layer.layer_idx} holds a state of another attention "
-                             f"({type(state).__name__}), not a BSBRState; use a fresh "
-                             f"RecurrentCache")
-        o, state = bsbr_stream(q, k, v, state, spec, inplace=not torch.is_grad_enabled())
-        layer.write_state(state)
+        rows = _checked_rows(layer, q, v)
+        new_valid = None if valid is None else valid[:, -Tq:]
+        if rows is None:
+            o, rows = rows_prefill(q, k, v, spec, new_valid)
+        else:
+            o, new = rows_continue(q, k, v, rows, spec, new_valid)
+            if torch.is_grad_enabled():
+                rows = new
+            else:                   # in place: the cache keeps its tensors while they fit
+                rows.assign_(new)
+        layer.write_state(rows)
+    elif valid is not None:
+        # No recurrent state (an ordinary KV cache, or none): every row runs from its first
+        # real token; queries for the history's positions are computed and dropped.
+        q_all = torch.cat([q.new_zeros(*q.shape[:2], k.shape[2] - Tq, q.shape[3]), q], 2)
+        o = padded_rows_attention(q_all, k, v, valid, spec)[:, -Tq:]
     else:
         state = None
         if k.shape[2] > Tq:
@@ -147,13 +152,53 @@ def bsbr_attention_forward(module, query, key, value, attention_mask=None, scali
             _, state = bsbr_stream(hist_k, hist_k, hist_v, _empty(k, v, spec), spec)
             k, v = k[:, :, -Tq:], v[:, :, -Tq:]
         o, _ = bsbr_stream(q, k, v, state, spec, keep_state=False)
-    return o.to(value.dtype).transpose(1, 2).contiguous(), None
+        o = o.transpose(1, 2)
+    return o.to(value.dtype).contiguous(), None
+
+
+def _empty(k, v, spec: StreamSpec) -> BSBRState:
+    B, H, _, D = k.shape
+    return empty_state(B, H, D, v.shape[-1], D, spec, device=k.device, dtype=k.dtype,
+                       meta_keys=False)
+
+
+def _checked_rows(layer, q, v) -> BSBRRows | None:
+    """The layer's `BSBRRows` (None before its first call), refused if it belongs to another
+    attention, batch or head shape."""
+    rows = layer.state
+    if rows is None:
+        return None
+    B, H, _, K = q.shape
+    if not isinstance(rows, BSBRRows) or rows.k.shape[:2] != (B, H) or rows.k.shape[3] != K \
+            or rows.v.shape[3] != v.shape[-1]:
+        raise ValueError(f"cache: layer {layer.layer_idx} holds a state of another attention or "
+                         f"batch ({type(rows).__name__}), not the BSBR rows of a [{B}, {H}, T, "
+                         f"{K}] call; use a fresh RecurrentCache")
+    return rows
+
+
+def _decode_step(query, key, value, layer, spec: StreamSpec, valid) -> torch.Tensor:
+    """One token per row: `bsbr.stream.rows_step` (grouped key/value heads read in place, o
+    written straight into the [B,1,H,V] layout the model reshapes), the state in place. An
+    exact bank first grows (on the host count of tokens seen, no device read) when a chunk
+    could complete beyond its capacity."""
+    rows = _checked_rows(layer, query, value)
+    B, H, _, _ = query.shape
+    if not rows.layout.bounded:
+        grown = rows_grown(rows, layer.get_seq_length() // rows.chunk_size)
+        if grown is not rows:
+            rows.assign_(grown)
+    out = torch.empty(B, 1, H, value.shape[-1], dtype=value.dtype, device=value.device)
+    rows_step(query[:, :, 0], key[:, :, 0], value[:, :, 0], rows, spec,
+              valid=None if valid is None else valid[:, -1], out=out[:, 0])
+    layer.write_state(rows)
+    return out
 
 
 def register() -> None:
     """Register "bsbr" with transformers (idempotent; importing bsbr does it)."""
     AttentionInterface.register(BSBR, bsbr_attention_forward)
-    AttentionMaskInterface.register(BSBR, padding_free_mask)
+    AttentionMaskInterface.register(BSBR, padding_mask)
 
 
 register()

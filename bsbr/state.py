@@ -9,6 +9,8 @@ A BSBR layer's memory of the past is
     (no meta-key buffer where the meta key source is the key itself, as in the transformers
     drop-in);
   * the position (tokens consumed), whose remainder mod C is how many of those are filled.
+`BSBRRows` holds the same for B rows at different positions, every count on the device (the
+layout of `kernels.bsbr.bsbr_rows_step`, for the transformers cache).
 With a bounded bank (`BankConfig`) the slot tensors are allocated at the bank's capacity, so
 `nbytes()` is the same at every position: O(slots · K · V) for any length.
 """
@@ -141,6 +143,70 @@ class BSBRState:
 
     def to(self, device) -> "BSBRState":
         return self.map_tensors(lambda t: t.to(device))
+
+
+@dataclasses.dataclass
+class BSBRRows:
+    """The BSBR states of B independent rows, each at its own position (a transformers cache's
+    layer over a padded batch), laid out for `kernels.bsbr.bsbr_rows_step`: every count on the
+    device, so a decode step reads nothing back to the host. The meta key source is the key
+    itself (the drop-in's routing: r = q, hk = k).
+
+    k [B,H,C-1,K], v [B,H,C-1,V]: the partial chunks, the first fill[b, h] tokens of each
+    filled; fill [B,H] int32. F [B,H,S,K,V], h [B,H,S,K], salience [B,H,S]: float32 slots, and
+    counts [B,H,L+1] int32 (the archive's chunks, then the used slots of each level), where
+    ``layout`` (a `kernels.bsbr.RowsLayout`) places them. bank: the bounded bank's BankConfig,
+    or None for the exact bank, whose single level the owner grows (`grown`).
+
+    With a bounded bank every tensor has one shape for the life of the state (``capturable``)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    fill: torch.Tensor
+    F: torch.Tensor
+    h: torch.Tensor
+    salience: torch.Tensor
+    counts: torch.Tensor
+    layout: object
+    bank: object = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.k.shape[2] + 1
+
+    @property
+    def capturable(self) -> bool:
+        return self.layout.bounded
+
+    def tensors(self) -> tuple:
+        return self.k, self.v, self.fill, self.F, self.h, self.salience, self.counts
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(*self.tensors())
+
+    def map_tensors(self, fn) -> "BSBRRows":
+        """A state with ``fn`` applied to each tensor (all batch first)."""
+        return BSBRRows(*(fn(t) for t in self.tensors()), self.layout, self.bank)
+
+    def clone(self) -> "BSBRRows":
+        return self.map_tensors(torch.Tensor.clone)
+
+    def assign_(self, other: "BSBRRows") -> None:
+        """Become ``other``: copied into this state's tensors where the shapes agree, taken over
+        where they do not (the exact bank grown)."""
+        for name, theirs in zip(("k", "v", "fill", "F", "h", "salience", "counts"),
+                                other.tensors()):
+            mine = getattr(self, name)
+            if theirs is mine:
+                continue
+            if mine.shape == theirs.shape:
+                mine.copy_(theirs)
+            else:
+                setattr(self, name, theirs)
+        self.layout, self.bank = other.layout, other.bank
 
 
 @dataclasses.dataclass

@@ -4,8 +4,11 @@ recurrent attention function makes, the "hebbian" attention function, and the ho
 
     import glassbrain.hf
     model.set_attn_implementation("hebbian")          # "bsbr" once `bsbr` is imported
-    glassbrain.hf.use_recurrent_cache(model)          # generate() keeps fixed-size states
+    glassbrain.hf.use_recurrent_cache(model)          # generate() keeps fixed-size states and
+                                                      # replays each decode step as a CUDA graph
     cache = glassbrain.hf.RecurrentCache(model.config)   # or pass one to generate / forward
+
+Padded batches (left or right) work: each row computes what it computes alone.
 """
 import transformers
 
@@ -25,13 +28,17 @@ except ImportError as exc:                         # pragma: no cover - depends 
                       f"{transformers.__version__}") from exc
 
 from .cache import (STATE_KWARG, RecurrentCache, RecurrentStateLayer, cache_layer, cache_nbytes,
-                    map_state, state_nbytes)
-from .checks import (check_attention_call, compute_dtype, config_options, expand_kv_heads,
-                     padding_free_mask)
+                    copy_state_, map_state, state_capturable, state_nbytes, state_signature,
+                    state_tensors)
+from .checks import (PaddingMask, check_attention_call, compute_dtype, config_options,
+                     expand_kv_heads, padding_mask)
 from .generation_hook import check_generation_hook, use_recurrent_cache
+from .graph import DECODE_MODES, CapturedStep, RecurrentDecoder
 from .hebbian import HEBBIAN, HebbianOptions, hebbian_attention_forward
 
 __all__ = ["STATE_KWARG", "RecurrentCache", "RecurrentStateLayer", "cache_layer", "cache_nbytes",
-           "map_state", "state_nbytes", "check_attention_call", "compute_dtype",
-           "config_options", "expand_kv_heads", "padding_free_mask", "check_generation_hook",
-           "use_recurrent_cache", "HEBBIAN", "HebbianOptions", "hebbian_attention_forward"]
+           "map_state", "state_nbytes", "state_tensors", "state_capturable", "copy_state_",
+           "state_signature", "check_attention_call", "compute_dtype", "config_options",
+           "expand_kv_heads", "PaddingMask", "padding_mask", "check_generation_hook",
+           "use_recurrent_cache", "DECODE_MODES", "CapturedStep", "RecurrentDecoder", "HEBBIAN",
+           "HebbianOptions", "hebbian_attention_forward"]

@@ -15,7 +15,14 @@ raises instead of silently losing those tokens.
 
 A state is fixed-size for Hebbian attention and the bounded BSBR bank, and the attention
 functions update it in place while autograd is off (the per-token path allocates nothing that
-outlives the call), so a later decode loop can keep its addresses.
+outlives the call, reads nothing back to the host, and keeps every per-row count on the device),
+so a decode step can be captured once as a CUDA graph and replayed (`glassbrain.hf.graph`).
+`capturable` says whether a layer's state is such a state; ``is_compileable`` stays False
+because transformers would then `torch.compile` the whole forward, tracing the attention
+functions' kernel wrappers: the graph decoder captures the step itself instead.
+
+A state is a tensor (Hebbian S') or an object with ``map_tensors(fn)`` (batch-first copies),
+``tensors()`` (every tensor, in a fixed order), ``nbytes()`` and ``capturable`` (a `bsbr` state).
 """
 from __future__ import annotations
 
@@ -42,6 +49,38 @@ def map_state(state, fn):
     if isinstance(state, torch.Tensor):
         return fn(state)
     return state.map_tensors(fn)
+
+
+def state_tensors(state) -> list:
+    """Every tensor of a layer state, in a fixed order (what copying a state in place pairs)."""
+    if state is None:
+        return []
+    if isinstance(state, torch.Tensor):
+        return [state]
+    return list(state.tensors())
+
+
+def state_capturable(state) -> bool:
+    """Whether a state keeps its shapes and addresses through decoding (a tensor always; an
+    object says so: the exact BSBR bank grows, so it cannot be captured)."""
+    if state is None:
+        return False
+    return True if isinstance(state, torch.Tensor) else bool(state.capturable)
+
+
+def copy_state_(dst, src) -> None:
+    """Copy ``src`` into ``dst`` in place (states of one layout: same tensors, same shapes)."""
+    for d, t in zip(state_tensors(dst), state_tensors(src), strict=True):
+        if d.shape != t.shape or d.dtype != t.dtype:
+            raise ValueError(f"state: cannot copy a {t.dtype} {list(t.shape)} tensor into a "
+                             f"{d.dtype} {list(d.shape)} one (another batch or layout)")
+        d.copy_(t)
+
+
+def state_signature(state) -> tuple:
+    """(type, shapes, dtypes, device) of a state: equal signatures copy into each other."""
+    return (type(state).__name__,) + tuple((tuple(t.shape), t.dtype, t.device)
+                                           for t in state_tensors(state))
 
 
 class RecurrentStateLayer(CacheLayerMixin):
@@ -88,6 +127,15 @@ class RecurrentStateLayer(CacheLayerMixin):
         """Called by the attention function with the state after this call's tokens."""
         self.state = state
         self.pending = False
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` tokens that a replayed CUDA graph fed (it runs no Python, so `update`
+        did not count them)."""
+        self.seen += n
+
+    @property
+    def capturable(self) -> bool:
+        return state_capturable(self.state)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -149,6 +197,17 @@ class RecurrentCache(Cache):
         """Bytes of attention state the cache holds (independent of the context for Hebbian)."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    @property
+    def capturable(self) -> bool:
+        """Every layer holds a fixed-size state (after the prompt): a decode step with this
+        cache can be captured as a CUDA graph."""
+        return bool(self.layers) and all(layer.capturable for layer in self.layers)
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` tokens fed to every layer by a replayed graph."""
+        for layer in self.layers:
+            layer.advance(n)
+
 
 def cache_layer(module, kwargs: dict) -> RecurrentStateLayer | None:
     """The recurrent cache layer that `update` put into this attention call's kwargs, or None
@@ -178,4 +237,5 @@ def cache_nbytes(cache) -> int:
 
 
 __all__ = ["STATE_KWARG", "RecurrentStateLayer", "RecurrentCache", "cache_layer", "cache_nbytes",
-           "map_state", "state_nbytes"]
+           "map_state", "state_nbytes", "state_tensors", "state_capturable", "copy_state_",
+           "state_signature"]

@@ -1,7 +1,7 @@
 """What every recurrent attention function inside a transformers model checks and shares: the
-mask function that keeps the model from building a [T,T] mask, the refusal of what a causal
-recurrent state cannot compute, grouped key/value heads, the kernels' dtype, and options read
-from the model config (each error names ``config.<option>``)."""
+mask function that hands the model's padding to the attention instead of a [T,T] mask, the
+refusal of what a causal recurrent state cannot compute, grouped key/value heads, the kernels'
+dtype, and options read from the model config (each error names ``config.<option>``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +10,27 @@ import torch
 from transformers.masking_utils import causal_mask_function
 
 
-def padding_free_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
-                      mask_function=causal_mask_function, attention_mask=None, **kwargs):
+@dataclasses.dataclass(frozen=True)
+class PaddingMask:
+    """Which tokens are real: ``valid`` [B, L] bool over the last L tokens a call's keys cover
+    (the model's 2-D attention mask, as `padding_mask` hands it to the attention function in
+    place of a [B,1,Tq,Tk] mask). A recurrent attention zeroes the padded tokens' share of its
+    state, so every row computes what it computes alone; no value is read back to the host."""
+    valid: torch.Tensor
+
+    def keys(self, Tk: int) -> torch.Tensor:
+        """[B, Tk] bool: the validity of the last Tk tokens (a call's keys)."""
+        if self.valid.shape[-1] < Tk:
+            raise ValueError(f"attention_mask: covers {self.valid.shape[-1]} tokens, fewer than "
+                             f"the {Tk} keys of this call")
+        return self.valid[:, self.valid.shape[-1] - Tk:]
+
+
+def padding_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+                 mask_function=causal_mask_function, attention_mask=None, **kwargs):
     """Mask function for "hebbian" and "bsbr": our attention is causal by construction, so no
-    [T,T] mask is built. Padding and other mask shapes cannot be honoured by a recurrent state."""
+    [T,T] mask is built. The model's 2-D mask (padding, left or right) becomes a `PaddingMask`
+    (None without one); other mask shapes cannot be honoured by a recurrent state."""
     if mask_function is not causal_mask_function:
         raise ValueError("attention mask: the hebbian/bsbr attention supports only a plain causal "
                          "mask, got a modified mask function (sliding window, packed sequences, "
@@ -24,27 +41,33 @@ def padding_free_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0
                          f"its state (a RecurrentCache, or a growing DynamicCache); this cache "
                          f"presents {int(kv_length)} key slots for {int(q_offset)} past + "
                          f"{int(q_length)} new tokens (a static or sliding-window cache?)")
-    # The one host sync per forward: padding would be absorbed into the state.
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("attention_mask: the hebbian/bsbr attention does not support padding "
-                         "(a recurrent state would absorb the pad tokens); got an attention_mask "
-                         "with zeros. Use unpadded batches (e.g. batch size 1 or equal lengths).")
-    return None
+    if attention_mask is None:
+        return None
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    if kv_length is not None and valid.shape[-1] > int(kv_length):
+        valid = valid[:, valid.shape[-1] - int(kv_length):]
+    return PaddingMask(valid)
 
 
-def check_attention_call(module, query, key, attention_mask, name: str, kwargs: dict) -> None:
-    """Reject what a causal recurrent attention cannot compute, with a clear message."""
+def check_attention_call(module, query, key, attention_mask, name: str, kwargs: dict):
+    """Reject what a causal recurrent attention cannot compute, with a clear message. Returns
+    the keys' validity [B, Tk] bool (a `PaddingMask`'s), or None when every key is real."""
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal", True) is False:
         raise ValueError(f"{name} attention: module {type(module).__name__} is not causal "
                          f"(cross-attention or bidirectional); only causal self-attention is "
                          f"supported")
     if attention_mask is None:
-        return
+        return None
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    if isinstance(attention_mask, PaddingMask):
+        valid = attention_mask.keys(Tk)
+        if valid.shape[0] not in (1, B):
+            raise ValueError(f"attention_mask: {valid.shape[0]} rows for a batch of {B}")
+        return valid.expand(B, Tk)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
-        raise ValueError(f"attention_mask: {name} attention accepts None or a 4-D causal mask, got "
-                         f"{type(attention_mask).__name__} of shape "
+        raise ValueError(f"attention_mask: {name} attention accepts None, a 2-D padding mask or a "
+                         f"4-D causal mask, got {type(attention_mask).__name__} of shape "
                          f"{list(getattr(attention_mask, 'shape', []))}")
-    Tq, Tk = query.shape[2], key.shape[2]
     allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     if allowed.shape[-2:] != (Tq, Tk):
         raise ValueError(f"attention_mask: expected [..., {Tq}, {Tk}] (queries, keys), got "
@@ -53,6 +76,7 @@ def check_attention_call(module, query, key, attention_mask, name: str, kwargs: 
     if not bool((allowed == causal).all()):
         raise ValueError(f"attention_mask: {name} attention supports only causal masks; got a 4-D "
                          f"mask that differs from the causal one (padding or a custom pattern)")
+    return None
 
 
 def expand_kv_heads(query, key, value):
@@ -101,5 +125,5 @@ def config_options(cls, config, prefix: str, overrides=None):
     return cls(**values)
 
 
-__all__ = ["padding_free_mask", "check_attention_call", "expand_kv_heads", "compute_dtype",
+__all__ = ["PaddingMask", "padding_mask", "check_attention_call", "expand_kv_heads", "compute_dtype",
            "config_options"]

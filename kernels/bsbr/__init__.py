@@ -3,6 +3,7 @@ attention plus a routed readout of per-chunk states. naive.py has the math, NOTE
 algorithm, costs and limits of the fast paths, launch.py the per-call launch choices, layout.py
 the two layouts of per-token tensors, varlen.py packed sequences (cu_seqlens)."""
 from .api import bsbr_attention, chunk_local_attention, chunk_states, routed_readout_step
+from .decode_rows import RowsLayout, bsbr_rows_step
 from .launch import BSBRLaunch, LocalLaunch, ReadoutLaunch, RoutingLaunch, StatesLaunch
 from .layout import LAYOUTS
 from .naive import (bsbr_attention_ref, chunk_local_attention_ref, chunk_states_ref,

@@ -1,6 +1,7 @@
 """Hebbian attention: a fixed-size K×V state per head (the BDH memory)."""
 from .api import BACKENDS, hebbian_attention, hebbian_step
 from .normalised import FEATURE_MAPS, check_normalised_options, normalised_hebbian_attention
+from .normalised_step import normalised_hebbian_step
 from .launches import (ChunkLaunch, CompactLaunch, EncodeGateLaunch, EncodeRopeLaunch,
                        ReduceLaunch, SparseStepLaunch, StepLaunch)
 from .naive import hebbian_quadratic, hebbian_recurrent
