@@ -94,7 +94,10 @@ PRESETS = {
                  timeout_s=540.0),
 }
 
-FIXED = dict(warmup=1, budget_s=0.0, stepwise=True)      # the same calls on every rank
+def fixed_calls(reps: int) -> TimingPolicy:
+    """One untimed call, then exactly ``reps`` timed ones: every rank makes the same calls (a
+    collective inside would wait forever for a rank that stopped early)."""
+    return TimingPolicy(warmup=1, min_reps=reps, max_reps=reps, budget_s=0.0, stepwise=True)
 
 
 def _slowest(value: float, device) -> float:
@@ -125,8 +128,7 @@ def train_point(cfg: ScalingDistConfig, dp: DataParallel, device) -> dict:
         opt.zero_grad(set_to_none=True)
 
     with PeakMemory(device) as mem:
-        timing = time_call(step, device, policy=TimingPolicy(min_reps=cfg.steps,
-                                                             max_reps=cfg.steps, **FIXED))
+        timing = time_call(step, device, policy=fixed_calls(cfg.steps))
     ms = _slowest(timing.median_ms, device)
     return {"world": dp.world_size, "step_ms": ms,
             "tok_s": dp.world_size * cfg.rank_batch * cfg.block_size / (ms / 1e3),
@@ -152,8 +154,7 @@ def cp_point(cfg: ScalingDistConfig, T: int, rank: int, world: int, device) -> d
 
     with PeakMemory(device) as mem:
         timing = time_call(fwd_bwd, device, grad_to_none=[qk, v],
-                           policy=TimingPolicy(min_reps=cfg.cp_reps, max_reps=cfg.cp_reps,
-                                               **FIXED))
+                           policy=fixed_calls(cfg.cp_reps))
     return {"world": world, "T": T, "tokens_per_rank": L, "oom": False,
             "ms": _slowest(timing.median_ms, device),
             "peak_bytes": int(_slowest(mem.peak, device))}
