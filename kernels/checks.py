@@ -49,3 +49,13 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     passed as query, key and value): one read may serve both."""
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype)
+
+
+LAYOUTS = ("bhtk", "bthk")      # [B, H, T, dim] (heads first, the kernels' order) or [B, T, H, dim]
+
+
+def check_layout(layout) -> bool:
+    """Whether ``layout`` is token-major ("bthk"); "bhtk" is the other layout taken."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    return layout == "bthk"

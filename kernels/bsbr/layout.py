@@ -16,15 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-LAYOUTS = ("bhtk", "bthk")
-
-
-def check_layout(layout) -> bool:
-    """Returns whether ``layout`` is token-major ("bthk")."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    return layout == "bthk"
-
+from ..checks import LAYOUTS, check_layout  # noqa: F401  (re-exported: one definition)
 
 def heads_first(x, bthk: bool):
     """The [B, H, T, dim] view of a caller's per-token tensor (None stays None)."""

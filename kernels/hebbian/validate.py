@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..checks import _shape, check_same_device, check_tensor
+from ..checks import _shape, check_layout, check_same_device, check_tensor
 from ..varlen import checked_offsets
 
 # The chunk cap: a [BT, BT] score tile and [BT, BV] accumulators sit in registers.
@@ -56,16 +56,6 @@ def check_state(name: str, state, B: int, H: int, K: int, V: int, rows: str = "B
                         f"got {state.dtype}")
     if _shape(state) != [B, H, K, V]:
         raise ValueError(f"{name}: expected shape {want}, got {_shape(state)}")
-
-
-LAYOUTS = ("bhtk", "bthk")
-
-
-def check_layout(layout) -> bool:
-    """Whether ``layout`` is "bthk" ([B,T,H,·]); "bhtk" ([B,H,T,·]) is the other one taken."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    return layout == "bthk"
 
 
 def _dims(layout: str, B, H, T, D: str, heads: str = "H") -> str:
