@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -29,12 +30,12 @@ KINDS = ("bdh", "bsbr")
 CORPUS = Path(__file__).with_name("corpus.txt")
 DEFAULT_BANK = (8, 4, 4)
 
-SMALL = {
+SMALL = MappingProxyType({      # read-only: the model each kind builds when none is given
     "bdh": lambda bank: BDH(BDHConfig(n_layer=2, n_embd=64, n_head=2,
                                       mlp_internal_dim_multiplier=16, dropout=0.0)),
     "bsbr": lambda bank: BSBRLM(BSBRLMConfig(n_layer=2, d_model=64, n_head=2, chunk_size=16,
                                              top_k=4, bank=BankConfig(bank))),
-}
+})
 
 
 @dataclasses.dataclass
