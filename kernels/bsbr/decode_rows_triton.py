@@ -305,7 +305,7 @@ def rows_step_triton(q, k, v, kbuf, vbuf, fill, F, h, salience, counts, layout, 
     BC = max(16, triton.next_power_of_2(max(layout.caps)))
     TOPK = BS if top_k is None or top_k >= S else top_k
     has_valid = valid is not None
-    valid_arg = valid.view(torch.int8) if has_valid else fill
+    valid_arg = valid.contiguous().view(torch.int8) if has_valid else fill
     G = H // k.shape[1]
     warps = 4 if BK * BV <= 4096 else 8
     _rows_attend[(B * H,)](
