@@ -7,7 +7,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     LONG_DESCRIPTION = f.read()
 
-# The design card fixes these top-level names. `kernels` is generic and could clash with
+# The project's layout fixes these top-level names. `kernels` is generic and could clash with
 # another distribution that installs a module of the same name: see README, "Architecture".
 TOP_LEVEL = ["kernels", "glassbrain", "bdh", "bsbr", "baselines", "experiments", "serve"]
 

@@ -4,10 +4,10 @@
 
 Why: the mixers here see content, not positions (no position embedding). Binding a key to the
 token after it — the step every associative-recall task needs — then has to be learned from
-the causal mask alone, which is slow: on MQAR (H200, 2026-12-04) every mixer without it sat at
-~20% train accuracy for 3,000+ steps. A width-k depthwise convolution in front of the mixer
-hands each position its k-1 predecessors, as the short convolutions of H3, Mamba, Zoology's
-models and fla's layers do. The state is the last k-1 inputs, a fixed size.
+the causal mask alone, which is slow: on MQAR (BENCHMARKS.md, long-range memory) every mixer
+without it sat at ~20% train accuracy for 3,000+ steps. A width-k depthwise convolution in
+front of the mixer hands each position its k-1 predecessors, as the short convolutions of H3,
+Mamba, Zoology's models and fla's layers do. The state is the last k-1 inputs, a fixed size.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The official BDH forward, transcribed readably in plain PyTorch (float64): the oracle.
 
-Written from the math in DESIGN.md ("BDH layer") and the official pathwaycom/bdh code's
-structure: dense scores with tril(-1), RoPE from float64 phases reduced mod 1, one set of
+Written from the BDH layer's math (the `bdh.model` docstring) and the official pathwaycom/bdh
+code's structure: dense scores with tril(-1), RoPE from float64 phases reduced mod 1, one set of
 weights shared by every layer, no dropout. It imports nothing else of ours, so the tests that
 compare `bdh.BDH` against it compare two independent implementations.
 

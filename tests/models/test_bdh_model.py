@@ -1,7 +1,7 @@
 """BDH model: official-format equivalence, gradients, causality, probes, input validation.
 
 The oracle is `bdh.naive`, our own plain-PyTorch transcription of the official BDH forward,
-written from the math in DESIGN.md ("BDH layer"): dense scores with tril(-1), RoPE from float64
+written from the BDH layer's math: dense scores with tril(-1), RoPE from float64
 phases, everything in float64. It shares no code with the rest of the `bdh` package.
 """
 

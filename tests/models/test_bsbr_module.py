@@ -19,7 +19,7 @@ def make(top_k=2, bank=None, dtype=torch.float64, **kw):
 
 
 def reference(attn: BSBRAttention, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's formula with the routed term scaled by the module's λ (local + λ·long),
+    """The BSBR formula (`bsbr.attention` docstring) with the routed term scaled by the module's λ (local + λ·long),
     computed by the naive kernel references in float64 from the module's weights (no streaming,
     no bank, one dense call)."""
     x = x.double()
@@ -59,7 +59,7 @@ def test_matches_float64_reference(top_k, bias):
 
 
 def test_long_scale_default_plain_and_errors():
-    """λ defaults to 1/(√K·C); λ = 1 is DESIGN.md's plain sum; both match the reference, and
+    """λ defaults to 1/(√K·C); λ = 1 is the plain sum; both match the reference, and
     they differ (the routed term is really scaled)."""
     assert make().long_scale == pytest.approx((D // H) ** -0.5 / C)
     assert make(scale=0.5).long_scale == pytest.approx(0.5 / C)

@@ -1,4 +1,4 @@
-"""The sparse decoding step (issue #15): device-side compaction of the active neurons, the
+"""The sparse decoding step: device-side compaction of the active neurons, the
 sparse Hebbian readout + update, the sparse decoder product, and a whole BDH decoding step
 through them, against float64 dense references and the model's dense step."""
 import pytest
