@@ -25,6 +25,19 @@ def _tensor_bytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
+def _assign_tensors(obj, other, names) -> None:
+    """``other``'s tensors ``names`` copied into ``obj``'s where the shapes agree (the buffers
+    keep their addresses), taken over where they do not."""
+    for name in names:
+        mine, theirs = getattr(obj, name), getattr(other, name)
+        if theirs is mine:
+            continue
+        if mine.shape == theirs.shape:
+            mine.copy_(theirs)
+        else:
+            setattr(obj, name, theirs)
+
+
 @dataclasses.dataclass
 class BankState:
     """Bank slots, per (batch, head). Only the first n = len(levels) slots are valid (the rest is
@@ -73,14 +86,7 @@ class BankState:
     def assign_(self, other: "BankState") -> None:
         """Become ``other``: its tensors copied into this bank's where the shapes agree (a
         bounded bank keeps its buffers), taken over where they do not (the exact bank grows)."""
-        for name in ("F", "h", "salience"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if theirs is mine:
-                continue
-            if mine.shape == theirs.shape:
-                mine.copy_(theirs)
-            else:
-                setattr(self, name, theirs)
+        _assign_tensors(self, other, ("F", "h", "salience"))
         self.levels, self.counts = other.levels, other.counts
 
 
@@ -197,15 +203,7 @@ class BSBRRows:
     def assign_(self, other: "BSBRRows") -> None:
         """Become ``other``: copied into this state's tensors where the shapes agree, taken over
         where they do not (the exact bank grown)."""
-        for name, theirs in zip(("k", "v", "fill", "F", "h", "salience", "counts"),
-                                other.tensors()):
-            mine = getattr(self, name)
-            if theirs is mine:
-                continue
-            if mine.shape == theirs.shape:
-                mine.copy_(theirs)
-            else:
-                setattr(self, name, theirs)
+        _assign_tensors(self, other, ("k", "v", "fill", "F", "h", "salience", "counts"))
         self.layout, self.bank = other.layout, other.bank
 
 

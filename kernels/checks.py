@@ -59,3 +59,19 @@ def check_layout(layout) -> bool:
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     return layout == "bthk"
+
+
+def check_decode_qkv(q, k, v) -> tuple[int, int, int, int, int]:
+    """One decoded token's q [B,H,K], k [B,Hk,K], v [B,Hk,V] with Hk dividing H (grouped
+    key/value heads); returns (B, H, Hk, K, V)."""
+    check_tensor("q", q, 3, "[B,H,K]")
+    check_tensor("k", k, 3, "[B,Hk,K]")
+    check_tensor("v", v, 3, "[B,Hk,V]")
+    B, H, K = q.shape
+    Hk, V = k.shape[1], v.shape[2]
+    if k.shape[0] != B or k.shape[2] != K or Hk == 0 or H % Hk:
+        raise ValueError(f"k: expected [B,Hk,K] with B = {B}, K = {K} and Hk dividing H = {H}, "
+                         f"got {list(k.shape)}")
+    if list(v.shape[:2]) != [B, Hk]:
+        raise ValueError(f"v: expected [B,Hk,V] = [{B}, {Hk}, V], got {list(v.shape)}")
+    return B, H, Hk, K, V

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from ..checks import check_same_device, check_tensor
+from ..checks import check_decode_qkv, check_same_device
 from .validate import BACKENDS, check_long_scale, check_top_k
 from .validate import resolve_backend as resolve_bsbr_backend
 
@@ -79,18 +79,9 @@ class RowsLayout:
 
 def check_rows_step(q, k, v, kbuf, vbuf, fill, F, h, salience, counts, layout, valid, out):
     """Validate `bsbr_rows_step` inputs; returns (B, H, Hk, K, V, C)."""
-    check_tensor("q", q, 3, "[B,H,K]")
-    check_tensor("k", k, 3, "[B,Hk,K]")
-    check_tensor("v", v, 3, "[B,Hk,V]")
     if not isinstance(layout, RowsLayout):
         raise TypeError(f"layout: expected a RowsLayout, got {type(layout).__name__}")
-    B, H, K = q.shape
-    Hk, V = k.shape[1], v.shape[2]
-    if k.shape[0] != B or k.shape[2] != K or Hk == 0 or H % Hk:
-        raise ValueError(f"k: expected [B,Hk,K] with B = {B}, K = {K} and Hk dividing H = {H}, "
-                         f"got {list(k.shape)}")
-    if list(v.shape[:2]) != [B, Hk]:
-        raise ValueError(f"v: expected [B,Hk,V] = [{B}, {Hk}, V], got {list(v.shape)}")
+    B, H, Hk, K, V = check_decode_qkv(q, k, v)
     if not isinstance(kbuf, torch.Tensor) or kbuf.dim() != 4 or list(kbuf.shape[:2]) != [B, H] \
             or kbuf.shape[3] != K:
         raise ValueError(f"kbuf: expected [B,H,C-1,K] = [{B}, {H}, C-1, {K}], got "

@@ -11,8 +11,10 @@ two launches per layer and token, one program per (row, head) in each.
                  oldest upwards, append at level 0) and fill back to 0.
 Every count the step reads (fill, the per-level slot counts) is read on the device, so the two
 launches replay from a CUDA graph unchanged. Slot moves are copies of [K, V] tiles inside one
-program; every tile of every slot is loaded and stored with the same layout, so a thread only
-rereads what it wrote itself (program order makes the in-place shifts safe).
+program, oldest slot first, so a shift never reads a slot it has already written; each move
+ends with a barrier, so the next one (which may read what it wrote: a merged slot, the
+archive) sees it from every warp. These moves run only when a chunk completes (every C tokens
+per row); the other steps only write the token into the buffer.
 """
 from __future__ import annotations
 
@@ -138,6 +140,7 @@ def _copy_slot(F, hs, sal, bh, S, K, V, dst, src, BK: tl.constexpr, BV: tl.const
     tl.store(hs + (bh * S + dst) * K + o_k, tl.load(hs + (bh * S + src) * K + o_k, mask=m_k),
              mask=m_k)
     tl.store(sal + bh * S + dst, tl.load(sal + bh * S + src))
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -151,6 +154,7 @@ def _zero_slot(F, hs, sal, bh, S, K, V, dst, BK: tl.constexpr, BV: tl.constexpr)
                  tl.zeros([BK, BV], tl.float32), mask=m_kv)
     tl.store(hs + (bh * S + dst) * K + o_k, tl.zeros([BK], tl.float32), mask=m_k)
     tl.store(sal + bh * S + dst, 0.)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -168,6 +172,7 @@ def _combine_slots(F, hs, sal, bh, S, K, V, dst, a, b, wa, BK: tl.constexpr, BV:
     hb = tl.load(hs + (bh * S + b) * K + o_k, mask=m_k)
     tl.store(hs + (bh * S + dst) * K + o_k, ha * wa + hb * (1. - wa), mask=m_k)
     tl.store(sal + bh * S + dst, tl.load(sal + bh * S + a) + tl.load(sal + bh * S + b))
+    tl.debug_barrier()
 
 
 @triton.jit

@@ -20,23 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_same_device, check_tensor, resolve_backend
+from ..checks import check_decode_qkv, check_same_device, resolve_backend
 from .api import BACKENDS
 from .normalised import check_normalised_options, feature
 
 
 def check_normalised_step(q, k, v, state, out) -> tuple[int, int, int, int, int]:
     """Validate `normalised_hebbian_step` inputs; returns (B, H, Hk, K, V)."""
-    check_tensor("q", q, 3, "[B,H,K]")
-    check_tensor("k", k, 3, "[B,Hk,K]")
-    check_tensor("v", v, 3, "[B,Hk,V]")
-    B, H, K = q.shape
-    Hk, V = k.shape[1], v.shape[2]
-    if k.shape[0] != B or k.shape[2] != K or Hk == 0 or H % Hk:
-        raise ValueError(f"k: expected [B,Hk,K] with B = {B}, K = {K} and Hk dividing H = {H}, "
-                         f"got {list(k.shape)}")
-    if list(v.shape[:2]) != [B, Hk]:
-        raise ValueError(f"v: expected [B,Hk,V] = [{B}, {Hk}, V], got {list(v.shape)}")
+    B, H, Hk, K, V = check_decode_qkv(q, k, v)
     want = [B, H, K, V + 1]
     if not isinstance(state, torch.Tensor) or state.dtype != torch.float32 \
             or list(state.shape) != want or not state.is_contiguous():

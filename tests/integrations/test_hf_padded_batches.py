@@ -7,24 +7,11 @@ lengths in one generate call."""
 import pytest
 import torch
 from helpers import assert_rel_close
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from test_hf_dropin import V, tiny
 
-import bsbr  # noqa: F401  (registers "bsbr")
 from glassbrain.hf import RecurrentCache, use_recurrent_cache
 
-V = 37
 KINDS = [("hebbian", None), ("bsbr", None), ("bsbr", [2, 2])]
-
-
-def tiny(arch: str):
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=V, n_positions=64, n_embd=24, n_layer=2, n_head=3,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        return GPT2LMHeadModel(cfg).eval()
-    cfg = LlamaConfig(vocab_size=V, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def drop_in(arch: str, kind: str, bank, decode: str = "auto"):
