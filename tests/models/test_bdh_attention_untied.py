@@ -91,3 +91,16 @@ def test_untied_query_is_causal_and_reaches_later_positions():
         a, b = attn(x), attn(x2)
     assert (a[:, :13] - b[:, :13]).abs().max() <= 1e-6
     assert ((a[:, 13:] - b[:, 13:]).abs().amax(-1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("untie,query,value", [("none", False, False), ("q", True, False),
+                                               ("v", False, True), ("qv", True, True)])
+def test_long_range_reaches_the_ablation(untie, query, value):
+    """`python -m experiments.long_range --hebbian-untie` builds the bdh mixer with it."""
+    from experiments import long_range
+    cfg = long_range.config_from_args(["--mixers", "bdh", "--hebbian-untie", untie,
+                                       "--d-model", "16", "--hebbian-neurons", "8"])
+    model = long_range.build_model(cfg, "bdh")
+    for blk in model.blocks:
+        assert (blk.mixer.encoder_q is not None) == query
+        assert (blk.mixer.W_v is not None) == value
