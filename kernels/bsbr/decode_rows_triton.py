@@ -189,7 +189,10 @@ def _after_room(counts, caps, base, LVL: tl.constexpr, L: tl.constexpr):
     """Level LVL's used slots once it has made room (one fewer for a fold at the top, two fewer
     for a merge below it)."""
     c = tl.load(counts + base + 1 + LVL)
-    gone = 1 if LVL == L - 1 else 2
+    if LVL == L - 1:
+        gone = 1
+    else:
+        gone = 2
     return tl.where(_full_up_to(counts, caps, base, LVL), c - gone, c)
 
 
@@ -219,27 +222,26 @@ def _rows_advance(k, v, kbuf, vbuf, fill, F, hs, sal, counts, caps, starts, vali
     if (f >= C1) & real:
         base = i_bh * (L + 1)
         if BOUNDED:
-            TOP: tl.constexpr = L - 1
-            if _full_up_to(counts, caps, base, TOP):
+            if _full_up_to(counts, caps, base, L - 1):
                 # the top level's least salient slot (the oldest among ties) → the archive
-                st = tl.load(starts + TOP)
-                cap = tl.load(caps + TOP)
+                st = tl.load(starts + (L - 1))
+                cap = tl.load(caps + (L - 1))
                 o_c = tl.arange(0, BC)
                 s_top = tl.load(sal + i_bh * S + st + o_c, mask=o_c < cap, other=float("inf"))
                 i = tl.argmin(s_top, 0)
                 arch = tl.load(counts + base).to(tl.float32)
                 _combine_slots(F, hs, sal, i_bh, S, K, V, 0, 0, st + i,
-                               arch / (arch + (1 << TOP)), BK, BV)
+                               arch / (arch + (1 << (L - 1))), BK, BV)
                 for j in range(i, cap - 1):
                     _copy_slot(F, hs, sal, i_bh, S, K, V, st + j, st + j + 1, BK, BV)
                 _zero_slot(F, hs, sal, i_bh, S, K, V, st + cap - 1, BK, BV)
-            for step in tl.static_range(L - 1):
-                LVL: tl.constexpr = L - 2 - step
-                if _full_up_to(counts, caps, base, LVL):
+            for step in tl.static_range(L - 1):      # level L - 2 - step, from the top down
+                if _full_up_to(counts, caps, base, L - 2 - step):
                     # the level's two oldest merge into one slot of the level above
-                    st = tl.load(starts + LVL)
-                    cap = tl.load(caps + LVL)
-                    dst = tl.load(starts + LVL + 1) + _after_room(counts, caps, base, LVL + 1, L)
+                    st = tl.load(starts + (L - 2 - step))
+                    cap = tl.load(caps + (L - 2 - step))
+                    dst = tl.load(starts + (L - 1 - step)) \
+                        + _after_room(counts, caps, base, L - 1 - step, L)
                     _combine_slots(F, hs, sal, i_bh, S, K, V, dst, st, st + 1, 0.5, BK, BV)
                     for j in range(0, cap - 2):
                         _copy_slot(F, hs, sal, i_bh, S, K, V, st + j, st + j + 2, BK, BV)
@@ -275,19 +277,16 @@ def _rows_advance(k, v, kbuf, vbuf, fill, F, hs, sal, counts, caps, starts, vali
                      mask=m_k[:, None] & m_v[None, :])
         # the counts after this chunk
         if BOUNDED:
-            TOP2: tl.constexpr = L - 1
             arch = tl.load(counts + base)
-            top_full = _full_up_to(counts, caps, base, TOP2)
-            tl.store(counts + base, tl.where(top_full, arch + (1 << TOP2), arch))
-            # top-down: a level's new count reads only its own and lower levels' old counts
-            for step in tl.static_range(L):
-                LV: tl.constexpr = L - 1 - step
-                c = _after_room(counts, caps, base, LV, L)
-                if LV == 0:
-                    c += 1
-                else:
-                    c += _full_up_to(counts, caps, base, LV - 1).to(tl.int32)
-                tl.store(counts + base + 1 + LV, c)
+            top_full = _full_up_to(counts, caps, base, L - 1)
+            tl.store(counts + base, tl.where(top_full, arch + (1 << (L - 1)), arch))
+            # top-down (level L - 1 - step): a level's new count reads only its own and the
+            # lower levels' old counts
+            for step in tl.static_range(L - 1):
+                c = _after_room(counts, caps, base, L - 1 - step, L) \
+                    + _full_up_to(counts, caps, base, L - 2 - step).to(tl.int32)
+                tl.store(counts + base + 1 + (L - 1 - step), c)
+            tl.store(counts + base + 1, _after_room(counts, caps, base, 0, L) + 1)
         else:
             tl.store(counts + base + 1, tl.load(counts + base + 1) + 1)
         tl.store(fill + i_bh, 0)
