@@ -31,14 +31,24 @@ local softmax or the routing; the bank holds plain F_j. Options, read from the m
     bsbr_bank         None (exact bank) or slots per level default None
                       of the bounded bank, e.g. [8, 4, 4]
 
-The cache layer holds a `BSBRState` (no meta-key buffer: hk = k): the bank of completed-chunk
-states and the keys/values of the current partial chunk (< C tokens), advanced by
-`bsbr.stream` (in place while autograd is off). By default the bank is exact and unbounded: it
-grows by one D×D slot per C tokens per head, which is D/(2C) of a KV cache's growth. With
-`bsbr_bank` set it is the bounded hierarchical bank of `bsbr.bank`: the cache then has one size
-at any length, and equals the exact bank while the completed chunks fit in level 0. A prompt
-runs through the chunked kernel in one call; a decoded token runs local attention over its
-partial chunk plus the routed readout of the bank (O(C + n) work, no re-run of the prefix).
+The cache layer holds a `BSBRRows` (no meta-key buffer: hk = k): per row of the batch, the bank
+of completed-chunk states and the keys/values of the current partial chunk (< C tokens), every
+per-row count (tokens in the partial chunk, slots used per level) on the device. By default the
+bank is exact and unbounded: it grows by one D×D slot per C tokens per head, which is D/(2C) of
+a KV cache's growth. With `bsbr_bank` set it is the bounded hierarchical bank of `bsbr.bank`:
+the cache then has one size at any length (so a decode step can be replayed from a CUDA graph,
+`glassbrain.hf.graph`), and equals the exact bank while the completed chunks fit in level 0.
+A prompt runs through the chunked kernel in one call, its completed chunks entering the bank
+at once (`bsbr.bank.fresh_bank`); a decoded token is `kernels.bsbr.bsbr_rows_step` (two
+launches: local attention over the partial chunk plus the routed readout of the bank, then the
+token into the partial chunk or a completed chunk into the bank; O(C + slots) work, no re-run
+of the prefix). Several tokens after an existing state run each row through `bsbr.stream`.
+
+Padding (a 2-D attention mask, left or right): each row is its own sequence of its real tokens,
+with its own chunk grid. A prompt packs the rows' real tokens into one `bsbr_attention` call
+(cu_seqlens); a padded decode token leaves its row unchanged. Each row is exactly what it is
+alone.
+
 Without a recurrent cache (an ordinary KV cache) the history is replayed into a bank on every
 call: correct for the exact bank, O(context) work per token.
 """
