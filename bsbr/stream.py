@@ -16,6 +16,13 @@ state with ``fill`` tokens in its partial chunk and n completed-chunk slots in i
 ``inplace=True`` writes the next state into the given one (its partial-chunk buffers, its
 bounded bank's tensors, its position) instead of building a new one: what a cache does with
 autograd off. Otherwise the given state is left as it was.
+
+Rows (the transformers cache, `BSBRRows`: every row at its own position, r = q, hk = k):
+`rows_prefill` runs B fresh rows' prompts (padded rows packed with cu_seqlens into one call,
+their chunks entering each row's bank at once), `rows_step` one token per row (the fused
+`kernels.bsbr.bsbr_rows_step`, nothing read back to the host), `rows_continue` several tokens
+after a state (each row through `bsbr_stream`), `padded_rows_attention` a padded batch without
+a state.
 """
 from __future__ import annotations
 
