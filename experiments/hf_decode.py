@@ -122,7 +122,8 @@ def build(cfg: HFDecodeConfig, name: str, impl: str):
     """A model of shape ``name`` (random weights, bf16 on CUDA) set up for ``impl``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    import bsbr  # noqa: F401  (registers "bsbr")
+    # importing bsbr registers attn_implementation "bsbr"
+    import bsbr  # noqa: F401
     from glassbrain.hf import use_recurrent_cache
     torch.manual_seed(cfg.seed)
     layers, width, heads, kv_heads, mlp = cfg.shapes[name]

@@ -125,5 +125,5 @@ def config_options(cls, config, prefix: str, overrides=None):
     return cls(**values)
 
 
-__all__ = ["PaddingMask", "padding_mask", "check_attention_call", "expand_kv_heads", "compute_dtype",
-           "config_options"]
+__all__ = ["PaddingMask", "padding_mask", "check_attention_call", "expand_kv_heads",
+           "compute_dtype", "config_options"]

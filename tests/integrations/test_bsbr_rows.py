@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_rel_close
 
-from bsbr import BankConfig, BSBRState, StreamSpec, bsbr_stream, empty_bank, push_chunks
+from bsbr import BankConfig, StreamSpec, bsbr_stream, empty_bank, push_chunks
 from bsbr.bank import bank_of_row, fresh_bank, fresh_plan, rows_layout, rows_of_banks
 from bsbr.stream import empty_state, rows_from, rows_grown, rows_step
 from kernels.bsbr import RowsLayout, bsbr_rows_step
