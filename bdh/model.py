@@ -246,7 +246,7 @@ class BDH(nn.Module):
         continues the same sequence (also after `save_state` / `load_state` in a new process).
         The model's train/eval mode is left as it is (call `model.eval()` to turn off dropout).
 
-        cuda_graph: decode through one captured CUDA graph per token (`bdh.decode_graph`)
+        cuda_graph: decode through one captured CUDA graph per token (`glassbrain.cuda_graph`)
         instead of ~90 eager launches. None (default) uses it on CUDA when nothing needs the
         eager path (eval mode or dropout 0, no probe) and at least 3 tokens are to be decoded.
 

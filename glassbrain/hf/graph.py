@@ -36,49 +36,13 @@ import weakref
 
 import torch
 
+from ..cuda_graph import CapturedStep
 from .cache import RecurrentCache, copy_state_, map_state, state_signature
 
 DECODE_MODES = ("auto", "graph", "eager")
 # Inputs a decode step may carry that the graph does not read as tensors.
 _STATIC_ONLY = ("use_cache", "return_dict", "logits_to_keep")
 _OFF = ("output_attentions", "output_hidden_states")
-
-# One side stream per device for every graph's eager first step (PyTorch keeps a cuBLAS
-# workspace per (handle, stream) for the life of the process: one stream, one workspace).
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
-
-
-class CapturedStep:
-    """``step()`` run once eagerly on a side stream (it compiles and warms every kernel, as
-    capture requires), then recorded as a CUDA graph. ``first`` is the eager run's result,
-    ``replay()`` runs the recorded step again and returns its (fixed) result. If the capture
-    fails (an op that cannot be captured), ``graph`` is None and ``error`` says why; the eager
-    run's result stands."""
-
-    def __init__(self, step, device: torch.device):
-        side = _side_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():
-            self.first = step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph, self.out, self.error = torch.cuda.CUDAGraph(), None, None
-        try:
-            with torch.cuda.graph(self.graph), torch.no_grad():
-                self.out = step()
-        except RuntimeError as exc:
-            self.graph, self.error = None, exc
-
-    def replay(self):
-        self.graph.replay()
-        return self.out
-
 
 class _Slot:
     """One batch size's decode buffers: token ids [B,1], position ids [B,1], one state per
@@ -166,7 +130,7 @@ class RecurrentDecoder:
             return step()
         if slot.graph is None:
             seen = [layer.seen for layer in cache.layers]
-            captured = CapturedStep(step, ids.device)
+            captured = CapturedStep(step, ids.device, strict=False)
             for layer, n in zip(cache.layers, seen):   # the capture ran the step's Python
                 layer.seen = n + 1                     # again: its token counts once
             if captured.graph is None:

@@ -1,5 +1,5 @@
 """Decoding with the RoPE position on the device, and the CUDA-graph decode step
-(bdh.decode_graph) against eager decoding."""
+(glassbrain.cuda_graph, through bdh.decode.BDHDecoder) against eager decoding."""
 import pytest
 import torch
 
@@ -81,7 +81,7 @@ def test_graph_decoding_equals_eager_decoding_on_gpu(dtype):
 
 @pytest.mark.gpu
 def test_repeated_graph_decoding_holds_no_memory():
-    """Each generate(cuda_graph=True) builds and drops a DecodeGraph: memory held afterwards must
+    """Each generate(cuda_graph=True) builds and drops a captured graph: memory held afterwards must
     not grow with the number of calls (a new side stream per graph once left a 32 MiB cuBLAS
     workspace behind per call)."""
     import gc
