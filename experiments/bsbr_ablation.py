@@ -248,7 +248,8 @@ def plot(result: dict, path: Path) -> None:
     chunks = list(dict.fromkeys(r["chunk"] for r in result["rows"]))
     for i, C in enumerate(chunks):
         rows = [r for r in result["rows"] if r["chunk"] == C]
-        pts = sorted((r["state bytes"] / 1024, r[f"acc T={L}"], r["bank"]) for r in rows)
+        pts = sorted((r["state bytes"] / 1024, r[f"acc T={L}"],
+                      "exact" if r["slots"] is None else f"{r['slots']} slots") for r in rows)
         a1.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, color=f"C{i}",
                 label=f"chunk {C}")
         for x, y, name in pts:
