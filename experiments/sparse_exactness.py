@@ -162,7 +162,8 @@ def summarise(per_step: list[dict]) -> dict:
             "last_max_rel": max(per_step[-1]["rel"]),
             "top1_differs": len(flips) / len(rel), "flips": flips,
             "median_rel_margin": margins[len(margins) // 2],
-            "max_flip_rel_margin": max((f["rel_margin"] for f in flips), default=None)}
+            "max_flip_rel_margin": max((f["rel_margin"] for f in flips), default=None),
+            "max_flip_margin": max((f["margin"] for f in flips), default=None)}
 
 
 def model_sets(cfg: ExactnessConfig, dtype: torch.dtype):
@@ -218,6 +219,7 @@ def table_rows(result: dict) -> list[dict]:
                      "level": LEVELS[c["dtype"]],
                      "top-1 differs": f"{100 * c['top1_differs']:.1f}%",
                      "largest margin at a flip": c["max_flip_rel_margin"],
+                     "(in logits)": c.get("max_flip_margin"),
                      "median margin": c["median_rel_margin"]})
     return rows
 
@@ -258,7 +260,8 @@ def write_outputs(result: dict, out: Path) -> None:
         f"{meta['date']} · {meta['device']} · commit {meta['commit']} · preset "
         f"{result['config']['preset']} · sparse backend {result['config']['backend']}",
         "rel = ‖l_sparse − l_dense‖ / ‖l_dense‖ per step and row; margins are the dense "
-        "top-2 gap over ‖l_dense‖ (a flip needs a margin ≤ √2·rel).",
+        "top-2 gap over ‖l_dense‖ (a flip needs a margin ≤ √2·rel), and in logits (in bf16 "
+        "a gap of 0 is a tie and 1/32 one unit in the last place at logits of 4 to 8).",
         markdown_table(table_rows(result))])
     write_text(out / "sparse_exactness.md", text + "\n")
     plot(result, out / "sparse_exactness.png")
