@@ -97,8 +97,9 @@ class AblationConfig:
 
 PRESETS = {
     "cpu": dict(threads=1),
-    # long_range's Zoology MQAR sizes (vocab 8192, d_model 128, T = 256, 8000 steps).
-    "h100": dict(device="cuda", **{k: v for k, v in lr.PRESETS["h100"].items()
+    # long_range's Zoology MQAR sizes (vocab 8192, d_model 128, T = 256, 8000 steps); the four
+    # small models share the GPU, one process each.
+    "h100": dict(device="cuda", jobs=4, **{k: v for k, v in lr.PRESETS["h100"].items()
                                    if k in ("vocab", "d_model", "n_layer", "n_head", "steps",
                                             "batch_size", "eval_batch", "lr",
                                             "weight_decay")},
