@@ -43,7 +43,8 @@ def gpt2_config(n_layer: int, n_embd: int, n_head: int, *, vocab_size: int = 256
 
 
 def gpt2_param_count(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
-    """Parameters of GPT2LMHeadModel (lm_head tied to wte): embeddings + 12d²+13d per block + final LN."""
+    """Parameters of GPT2LMHeadModel (lm_head tied to wte): embeddings + 12d²+13d per block +
+    final LN."""
     d = n_embd
     return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
 

@@ -14,4 +14,5 @@ from .varlen import VarlenStates
 __all__ = ["bsbr_attention", "chunk_local_attention", "chunk_states", "routed_readout_step",
            "bsbr_attention_ref", "chunk_local_attention_ref", "chunk_states_ref",
            "routed_readout_step_ref", "BACKENDS", "BSBRLaunch", "RoutingLaunch", "ReadoutLaunch",
-           "LocalLaunch", "StatesLaunch", "LAYOUTS", "VarlenStates"]
+           "LocalLaunch", "StatesLaunch", "LAYOUTS", "VarlenStates", "RowsLayout",
+           "bsbr_rows_step"]

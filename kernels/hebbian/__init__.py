@@ -8,7 +8,8 @@ from .naive import hebbian_quadratic, hebbian_recurrent
 from .torch_chunk import chunk_hebbian_torch
 
 __all__ = ["BACKENDS", "hebbian_attention", "hebbian_step", "normalised_hebbian_attention",
-           "check_normalised_options", "FEATURE_MAPS", "hebbian_quadratic",
+           "check_normalised_options", "FEATURE_MAPS", "normalised_hebbian_step",
+           "hebbian_quadratic",
            "hebbian_recurrent", "chunk_hebbian_torch", "SPARSE_BACKENDS", "compact_nonzero",
            "sparse_hebbian_step", "sparse_rows_matmul", "ChunkLaunch", "StepLaunch",
            "CompactLaunch", "SparseStepLaunch", "EncodeRopeLaunch", "EncodeGateLaunch",

@@ -84,8 +84,9 @@ def _walk(seqs, i_n, T, t0, NTS, IS_VARLEN: tl.constexpr):
     """What the state kernels' program for state row i_n walks in this segment: (first token,
     end of its sequence, chunks, buffer slot of the first, state row, starts from the carry,
     ends in the carry). Token positions stay int32 (masks on them cost half the registers of
-    int64 ones; positions < 2^31 are checked on the host): cast them at the address. Dense: row i_n, tokens t0 … of every row, no carries; varlen: row i_n
-    of the segment's sequence table (schedule.py)."""
+    int64 ones; positions < 2^31 are checked on the host): cast them at the address. Dense:
+    row i_n, tokens t0 … of every row, no carries; varlen: row i_n of the segment's sequence
+    table (schedule.py)."""
     if IS_VARLEN:
         p = seqs + 8 * i_n
         return (tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3),

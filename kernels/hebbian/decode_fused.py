@@ -179,8 +179,8 @@ def _row_counters(R: int, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # Under capture torch.zeros is recorded, not run: the memory would not be zero for an
         # eager call later, so do not cache it. The graph zeroes it on every replay (a memset
-        # node), which is correct. A warm-up call before capture (glassbrain.cuda_graph runs one) fills
-        # the cache and avoids this.
+        # node), which is correct. A warm-up call before capture (glassbrain.cuda_graph runs
+        # one) fills the cache and avoids this.
         return torch.zeros(R, dtype=torch.int32, device=device)
     c = torch.zeros(max(R, 1024, 2 * (c.numel() if c is not None else 0)), dtype=torch.int32,
                     device=device)

@@ -4,8 +4,8 @@ The readable reference is `kernels.rope.naive.rotate_reference` (PyTorch, row bl
 kernel computes the same function. Each program owns a block of BT positions × BP neuron
 pairs: it forms the exact phases of that block once — t·f_j in float64 (t < 2^53 is exact),
 reduced mod 1, then cast to float32 and scaled by 2π, so the angle is good to ~1e-6 rad at any
-position — and reuses the cos/sin tile for every batch·head row that shares those positions. No cos/sin table is
-materialised in memory and no float32 copy of a bf16 input is made.
+position — and reuses the cos/sin tile for every batch·head row that shares those positions.
+No cos/sin table is materialised in memory and no float32 copy of a bf16 input is made.
 
 inverse=True rotates by −φ: the transpose of the rotation, i.e. its gradient.
 """

@@ -236,8 +236,9 @@ def test_state_saved_in_one_process_continues_exactly_in_another(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["state.pt"], "the atomic write left a temp file"
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     torch.save(first[:, -1:], tmp_path / "tokens.pt")
-    subprocess.run([sys.executable, "-c", CONTINUE_SCRIPT, repr(SMALL), str(tmp_path / "weights.pt"),
-                    str(tmp_path / "state.pt"), str(tmp_path / "tokens.pt"), "12"],
+    subprocess.run([sys.executable, "-c", CONTINUE_SCRIPT, repr(SMALL),
+                    str(tmp_path / "weights.pt"), str(tmp_path / "state.pt"),
+                    str(tmp_path / "tokens.pt"), "12"],
                    check=True, timeout=120)
     rest = torch.load(tmp_path / "tokens.pt")
     assert rest.shape == (2, 13)

@@ -25,8 +25,9 @@ def random_chunks(B, n, dtype=torch.float64):
 
 
 class Simulation:
-    """Which chunks each slot holds, per (batch, head), by the bank's rules (`bsbr.bank`) written
-    out plainly: a list of levels, each a list of slots (oldest first), a slot = list of chunk ids."""
+    """Which chunks each slot holds, per (batch, head), by the bank's rules (`bsbr.bank`)
+    written out plainly: a list of levels, each a list of slots (oldest first), a slot = list
+    of chunk ids."""
 
     def __init__(self, cfg, salience):
         self.cfg, self.sal = cfg, salience            # salience(b, h, chunks) -> float

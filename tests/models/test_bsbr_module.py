@@ -19,9 +19,9 @@ def make(top_k=2, bank=None, dtype=torch.float64, **kw):
 
 
 def reference(attn: BSBRAttention, x: torch.Tensor) -> torch.Tensor:
-    """The BSBR formula (`bsbr.attention` docstring) with the routed term scaled by the module's λ (local + λ·long),
-    computed by the naive kernel references in float64 from the module's weights (no streaming,
-    no bank, one dense call)."""
+    """The BSBR formula (`bsbr.attention` docstring) with the routed term scaled by the module's
+    λ (local + λ·long), computed by the naive kernel references in float64 from the module's
+    weights (no streaming, no bank, one dense call)."""
     x = x.double()
     B, T, _ = x.shape
 

@@ -356,7 +356,8 @@ def test_fused_layer_needs_a_tileable_N(kernel_device):
 
 
 def test_bdh_sparse_step_device_position_and_forward_state(kernel_device):
-    """A device-held position (as the captured decoder passes it) and the model's public step agree."""
+    """A device-held position (as the captured decoder passes it) and the model's public step
+    agree."""
     model = tiny_bdh("torch", kernel_device)
     idx = torch.randint(0, 37, (3, 5), device=kernel_device)
     tok = torch.randint(0, 37, (3, 1), device=kernel_device)
@@ -478,8 +479,8 @@ def test_gpu_sparse_step_at_bdh_shape_and_in_a_cuda_graph():
 
 @pytest.mark.gpu
 def test_gpu_bdh_sparse_step_captured_in_a_cuda_graph():
-    """sparse_decode_step captured once (device-held position, as the captured decoder does) and replayed
-    for three tokens equals the dense eager step."""
+    """sparse_decode_step captured once (device-held position, as the captured decoder does)
+    and replayed for three tokens equals the dense eager step."""
     dev = torch.device("cuda")
     model = tiny_bdh("triton", dev)
     B = 3
