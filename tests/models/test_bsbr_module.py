@@ -299,9 +299,11 @@ def test_stream_in_place_equals_the_functional_state(bank):
     archive folds; a bounded bank and the partial-chunk buffers keep their tensors."""
     attn = make(top_k=2, bank=bank)
     x = torch.randn(2, 41, D, dtype=torch.float64)
-    K = D // H
-    q, k, v = (attn._heads(W(x), K) for W in (attn.W_q, attn.W_k, attn.W_v))
-    r, hk = attn._heads(attn.W_r(x), M), attn._heads(attn.W_h(x), M)
+    def heads(t):                                     # [B,T,H·d] -> [B,H,T,d]
+        return t.view(2, 41, H, -1).transpose(1, 2)
+
+    q, k, v = (heads(W(x)) for W in (attn.W_q, attn.W_k, attn.W_v))
+    r, hk = heads(attn.W_r(x)), heads(attn.W_h(x))
     functional, inplace = attn.init_state(2), attn.init_state(2)
     kept = [t.data_ptr() for t in (inplace.bank.F, inplace.bank.salience, inplace.k, inplace.hk)]
     with torch.no_grad():
