@@ -119,6 +119,16 @@ class ModelAdapter:
     def from_payload(self, payload: dict):
         raise NotImplementedError
 
+    def _check_header(self, payload) -> dict:
+        """Refuse a payload of another model family or configuration; returns this model's
+        state config."""
+        _expect(isinstance(payload, dict) and payload.get("kind") == self.kind,
+                f"expected a {self.kind} state")
+        cfg = self.model.state_config()
+        _expect(payload.get("config") == cfg, f"made by another configuration "
+                f"({payload.get('config')!r}, this model has {cfg!r})")
+        return cfg
+
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name,
                 "params": sum(p.numel() for p in self.model.parameters())}
@@ -241,11 +251,7 @@ class BDHAdapter(ModelAdapter):
                 "tensors": [S.detach().cpu() for S in state.layers]}
 
     def from_payload(self, payload: dict) -> BDHState:
-        _expect(isinstance(payload, dict) and payload.get("kind") == self.kind,
-                f"expected a {self.kind} state")
-        cfg = self.model.state_config()
-        _expect(payload.get("config") == cfg, f"made by another configuration "
-                f"({payload.get('config')!r}, this model has {cfg!r})")
+        cfg = self._check_header(payload)
         C = self.model.config
         tensors = payload.get("tensors")
         _expect(isinstance(tensors, list) and len(tensors) == C.n_layer,
@@ -331,11 +337,7 @@ class BSBRAdapter(ModelAdapter):
                             for t in _bsbr_layer_tensors(s)]}
 
     def from_payload(self, payload: dict) -> BSBRLMState:
-        _expect(isinstance(payload, dict) and payload.get("kind") == self.kind,
-                f"expected a {self.kind} state")
-        cfg = self.model.state_config()
-        _expect(payload.get("config") == cfg, f"made by another configuration "
-                f"({payload.get('config')!r}, this model has {cfg!r})")
+        self._check_header(payload)
         L = self.model.config.n_layer
         position = _position(payload.get("position"))
         tensors, levels, counts = (payload.get(k) for k in ("tensors", "levels", "counts"))
