@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..varlen import check_cu_seqlens, seq_lengths
+from ..varlen import checked_offsets, seq_lengths
 
 
 class VarlenStates(NamedTuple):
@@ -76,9 +76,8 @@ def chunk_row(cu_seqlens: torch.Tensor, total: int, chunk_size: int) -> ChunkRow
     """The row of the sequences cu_seqlens packs into ``total`` tokens (checked first). The
     sizes come from the offsets read on the host, the index tensors from cu_seqlens on its
     device (nothing is copied from the host)."""
-    check_cu_seqlens(cu_seqlens, total, cu_seqlens.device)
+    offsets = checked_offsets(cu_seqlens, total, cu_seqlens.device)     # the one host read
     C = chunk_size
-    offsets = cu_seqlens.tolist()
     host = [b - a for a, b in zip(offsets, offsets[1:])]
     lengths = seq_lengths(cu_seqlens)
     chunks = (lengths + C - 1) // C                      # row chunks of each sequence
