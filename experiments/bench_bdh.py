@@ -54,7 +54,7 @@ import torch
 
 from .harness import (POLICY, Flag, InDir, InFile, Int, Names, Optional, OutDir, PeakMemory,
                       Stopwatch, default_out, fail, free_memory, is_oom, markdown_table, option,
-                      parse_config, run_meta, time_call, write_json, write_text)
+                      parse_config, run_meta, time_call, train_step, write_json, write_text)
 
 ITEMS = ("train", "prefill", "generate", "sparse")
 COLUMNS = ["item", "impl", "shape", "ms", "tok/s", "peak GB", "vs official", "target", "meets",
@@ -197,14 +197,7 @@ def bench_train(b: Bench, impl: str, model, compiled: bool, sz: Sizes) -> None:
     x = torch.randint(0, 256, (sz.batch, sz.seq), device=dev)
     y = torch.randint(0, 256, (sz.batch, sz.seq), device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-
-    def step():
-        with autocast:
-            _, loss = fwd(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = train_step(fwd, opt, x, y, autocast)
     step()                                                  # compile / autotune, untimed
     sec, peak = timed(step, dev, b.policy)
     b.add(make_row("train step", impl, f"B{sz.batch} T{sz.seq}", sec, sz.batch * sz.seq, peak))

@@ -6,6 +6,7 @@ results and builds its command line through the names here.
 * memory (`experiments.measure`): `PeakMemory`, `is_oom`, `free_memory`, `rss_bytes`,
   `cuda_kernel_profile`;
 * comparison: `rel_err`, `loglog_slope`;
+* a model's training step to time: `train_step`;
 * results (`experiments.results`): run metadata, atomic JSON / text / figure / torch files,
   Markdown tables;
 * command lines (`experiments.cli`): a config dataclass's ArgumentParser and `validate`.
@@ -24,6 +25,18 @@ from .results import (commit_label, default_out, load_torch, markdown_table, run
                       save_figure, save_torch, write_json, write_text)
 from .timing import (DECODE_POLICY, POLICY, Stopwatch, Timing, TimingPolicy, sync, time_call,
                      torch_threads)
+
+
+def train_step(forward, optimizer, x, y, autocast):
+    """The step the training benchmarks time: forward with targets under ``autocast`` (a
+    context manager), backward, optimizer step, gradients freed."""
+    def step():
+        with autocast:
+            _, loss = forward(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -54,4 +67,4 @@ __all__ = ["Choice", "Device", "Flag", "Float", "InDir", "InFile", "Int", "Ints"
            "commit_label", "default_out", "load_torch", "markdown_table", "run_meta",
            "save_figure", "save_torch", "write_json", "write_text", "DECODE_POLICY", "POLICY",
            "Stopwatch", "Timing", "TimingPolicy", "sync", "time_call", "torch_threads",
-           "rel_err", "loglog_slope"]
+           "rel_err", "loglog_slope", "train_step"]

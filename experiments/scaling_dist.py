@@ -47,7 +47,8 @@ import torch.multiprocessing as mp
 from .distributed import DataParallel, init_process_group
 from .harness import (Choice, Device, Flag, Float, Int, Ints, OutDir, PeakMemory, TimingPolicy,
                       commit_label, default_out, free_memory, is_oom, markdown_table, option,
-                      parse_config, run_meta, save_figure, time_call, write_json, write_text)
+                      parse_config, run_meta, save_figure, time_call, train_step, write_json,
+                      write_text)
 from .train import BDH_OVERRIDES
 
 
@@ -119,14 +120,7 @@ def train_point(cfg: ScalingDistConfig, dp: DataParallel, device) -> dict:
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.dtype == "bfloat16")
-
-    def step():
-        with autocast:
-            _, loss = forward(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = train_step(forward, opt, x, y, autocast)
     with PeakMemory(device) as mem:
         timing = time_call(step, device, policy=fixed_calls(cfg.steps))
     ms = _slowest(timing.median_ms, device)
