@@ -24,3 +24,14 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str
     err = rel_err(out, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.1e}"
     return err
+
+
+def run_pieces(stream, x: torch.Tensor, cuts, state=None):
+    """Feed x[:, a:b] for consecutive cuts [0, ..., T] through ``stream`` (any module or model
+    on the streaming protocol), carrying the state: (the outputs joined along time, the final
+    state). Equal to one call of the whole sequence, by the protocol."""
+    outs = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        y, state = stream(x[:, a:b], state=state, return_state=True)
+        outs.append(y)
+    return torch.cat(outs, 1), state

@@ -4,20 +4,12 @@ constant state size past capacity."""
 import pytest
 import torch
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, run_pieces
 from kernels.bsbr import naive
 from bsbr import BankConfig, BSBRAttention, empty_bank, push_chunks, update_salience
 
 D, H, C, M = 24, 3, 4, 5
 K = D // H
-
-
-def run_pieces(attn, x, cuts, state=None):
-    ys = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        y, state = attn(x[:, a:b], state=state, return_state=True)
-        ys.append(y)
-    return torch.cat(ys, 1), state
 
 
 def random_chunks(B, n, dtype=torch.float64):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, run_pieces
 from bsbr import BankConfig, BSBRLM, BSBRLMConfig, BSBRLMState
 import bsbr.attention as attention_mod
 
@@ -11,14 +11,6 @@ def tiny(**kw):
     cfg = dict(n_layer=2, d_model=24, n_head=3, chunk_size=4, top_k=2, meta_dim=5)
     cfg.update(kw)
     return BSBRLM(BSBRLMConfig(**cfg)).double().eval()
-
-
-def run_pieces(model, idx, cuts):
-    logits, st = [], None
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        lg, st = model(idx[:, a:b], state=st, return_state=True)
-        logits.append(lg)
-    return torch.cat(logits, 1), st
 
 
 def test_forward_loss_and_backward():

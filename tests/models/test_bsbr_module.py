@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, run_pieces
 from kernels.bsbr import naive
 from bsbr import BankConfig, BSBRAttention, BSBRState
 import bsbr.stream as stream_mod
@@ -40,14 +40,6 @@ def reference(attn: BSBRAttention, x: torch.Tensor) -> torch.Tensor:
     o = o.transpose(1, 2).reshape(B, T, D)
     return o @ attn.W_o.weight.double().T + (0 if attn.W_o.bias is None
                                              else attn.W_o.bias.double())
-
-
-def run_pieces(attn, x, cuts, state=None):
-    ys = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        y, state = attn(x[:, a:b], state=state, return_state=True)
-        ys.append(y)
-    return torch.cat(ys, 1), state
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 3])
